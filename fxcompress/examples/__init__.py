@@ -1,0 +1,1 @@
+"""Bundled examples (the digits dataset and small CNNs)."""

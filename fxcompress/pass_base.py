@@ -1,0 +1,274 @@
+"""The pass protocol: :class:`Pass`, :class:`PassResult`, :class:`PassContext`.
+
+A pass is a frozen dataclass whose fields are its options.  It has a
+snake_case ``name`` equal to the file it lives in, a docstring saying what it
+establishes, and ``__call__(gm, ctx) -> PassResult``.  Options are validated
+when the pass is constructed (``__post_init__`` raises
+:class:`~fxcompress.errors.ConfigError`), so a pipeline fails before any work.
+
+Class attributes a pass may set:
+
+``requires``
+    names of passes that must run earlier in the same pipeline.
+``exact``
+    the rewrite must not change outputs beyond float round-off; the manager
+    checks it numerically under ``check="full"``.
+``eval_only``
+    the rewrite is only valid for a model in eval mode (e.g. folding
+    BatchNorm); the manager refuses a model in training mode.
+``changes_outputs``
+    whether output *values* may change (quantization does, fusion does not).
+    Output structure, shapes and dtypes never change, for any pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Mapping
+
+import torch
+from torch import fx
+
+from .errors import ConfigError
+
+__all__ = ["Pass", "PassResult", "PassContext", "function_pass", "module_path_of"]
+
+
+@dataclass
+class PassResult:
+    """What a pass returns.
+
+    ``modified`` is computed from what was actually rewritten, never asserted;
+    ``stats`` is a small JSON-able dict that the report shows.
+    """
+
+    gm: fx.GraphModule
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Base class of every pass.  Subclasses are ``@dataclass(frozen=True)``."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    exact: ClassVar[bool] = False
+    eval_only: ClassVar[bool] = False
+    changes_outputs: ClassVar[bool] = True
+
+    def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
+        raise NotImplementedError(f"pass {self.name!r} does not implement __call__")
+
+    # -- options -----------------------------------------------------------
+    @classmethod
+    def option_fields(cls) -> dict[str, dataclasses.Field]:
+        """The pass's options: its dataclass fields, by name."""
+        if not dataclasses.is_dataclass(cls):
+            return {}
+        return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+    def options(self) -> dict[str, Any]:
+        """The option values of this instance (JSON-able where the types are)."""
+        return {name: getattr(self, name) for name in self.option_fields()}
+
+    @classmethod
+    def doc(cls) -> str:
+        """The first paragraph of the docstring: what the pass establishes."""
+        text = inspect.getdoc(cls) or ""
+        return text.split("\n\n")[0].replace("\n", " ")
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{self.name}({opts})"
+
+
+def module_path_of(node: fx.Node) -> str:
+    """The dotted path of the module a node belongs to ('' for the root).
+
+    ``call_module`` nodes are their own target.  Other nodes use the innermost
+    entry of ``node.meta['nn_module_stack']`` that symbolic tracing records.
+    """
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1]
+        return path[0] if isinstance(path, tuple) else str(path)
+    if node.op == "get_attr":
+        return str(node.target).rpartition(".")[0]
+    return ""
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """A pattern matches a module path itself or anything inside it."""
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + ".*")
+
+
+@dataclass
+class PassContext:
+    """What a pass may need beyond the graph.
+
+    ``example_args``/``example_kwargs`` are the normalised example inputs;
+    ``store`` is a small dict for state that flows between passes.  ``scope``
+    and ``skip`` are set by the manager for the pass currently running; passes
+    ask :meth:`in_scope` instead of reading them.
+    """
+
+    example_args: tuple = ()
+    example_kwargs: dict = field(default_factory=dict)
+    calibration_data: Iterable | None = None
+    eval_fn: Callable[[torch.nn.Module], float] | None = None
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    backend: str = "x86"
+    seed: int = 0
+    progress: bool = True
+    store: dict[str, Any] = field(default_factory=dict)
+    scope: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
+
+    def in_scope(self, node_or_path: fx.Node | str) -> bool:
+        """Whether the current pass may touch this node (or module path).
+
+        With no ``scope`` everything is in scope; ``skip`` always wins.
+        Patterns are fnmatch-style module paths ("layer3.*", "fc").
+        """
+        path = node_or_path if isinstance(node_or_path, str) else module_path_of(node_or_path)
+        if any(_matches(path, p) for p in self.skip):
+            return False
+        return not self.scope or any(_matches(path, p) for p in self.scope)
+
+    def example_inputs(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` to call the model with."""
+        return self.example_args, self.example_kwargs
+
+
+def function_pass(
+    name: str | None = None,
+    *,
+    requires: tuple[str, ...] = (),
+    exact: bool = False,
+    eval_only: bool = False,
+    changes_outputs: bool = True,
+) -> Callable[[Callable], type[Pass]]:
+    """Turn ``def f(gm, ctx, *, opt=default, ...)`` into a pass class.
+
+    The keyword-only parameters (with defaults and annotations) become the
+    dataclass fields, i.e. the pass's options.  ``f`` may return a
+    :class:`PassResult`, or a ``GraphModule`` (then ``modified`` is computed by
+    comparing the printed graph before and after).
+    """
+
+    def wrap(fn: Callable) -> type[Pass]:
+        pass_name = name or fn.__name__
+        sig = inspect.signature(fn)
+        hints = inspect.get_annotations(fn, eval_str=False)
+        fields_ = []
+        for p in sig.parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            if p.default is inspect.Parameter.empty:
+                raise ConfigError(f"function pass {pass_name!r}: option {p.name!r} needs a default")
+            fields_.append((p.name, hints.get(p.name, Any), field(default=p.default)))
+
+        def __call__(self: Pass, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+            before = str(gm.graph)
+            out = fn(gm, ctx, **self.options())
+            if isinstance(out, PassResult):
+                return out
+            if not isinstance(out, fx.GraphModule):
+                raise TypeError(f"function pass {pass_name!r} returned {type(out).__name__}")
+            return PassResult(out, str(out.graph) != before, {})
+
+        cls = dataclasses.make_dataclass(
+            "".join(part.title() for part in pass_name.split("_")),
+            fields_,
+            bases=(Pass,),
+            frozen=True,
+            namespace={
+                "name": pass_name,
+                "requires": tuple(requires),
+                "exact": exact,
+                "eval_only": eval_only,
+                "changes_outputs": changes_outputs,
+                "__call__": __call__,
+                "__doc__": fn.__doc__ or f"Function pass {pass_name}.",
+                "__module__": fn.__module__,
+            },
+        )
+        return cls
+
+    return wrap
+
+
+def check_option_types(cls: type[Pass], options: Mapping[str, Any]) -> None:
+    """Raise ConfigError for unknown options or values of the wrong type."""
+    from .registry import close_matches  # local: registry imports this module
+
+    fields_ = cls.option_fields()
+    for key, value in options.items():
+        if key not in fields_:
+            valid = ", ".join(fields_) or "(none)"
+            hint = close_matches(key, fields_)
+            raise ConfigError(
+                f"pass {cls.name!r} has no option {key!r}{hint}; valid options: {valid}"
+            )
+        expected = _resolved_type(cls, key)
+        if expected is not None and not _isinstance_loose(value, expected):
+            raise ConfigError(
+                f"pass {cls.name!r}: option {key!r} must be {_type_name(expected)}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+
+
+def _resolved_type(cls: type, key: str) -> Any:
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an unresolvable annotation: skip the type check, keep the rest
+        return None
+    return hints.get(key)
+
+
+def _isinstance_loose(value: Any, tp: Any) -> bool:
+    """isinstance for the annotation forms options use (Union, Literal, tuple[...], ...)."""
+    import types
+    import typing
+
+    if tp is Any or tp is None:
+        return True
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_isinstance_loose(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (tuple, list, typing.Sequence):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return all(_isinstance_loose(v, args[0]) for v in value)
+        if origin is tuple and args:
+            return len(args) == len(value) and all(map(_isinstance_loose, value, args))
+        return not args or all(_isinstance_loose(v, args[0]) for v in value)
+    if origin in (dict, typing.Mapping):
+        return isinstance(value, dict)
+    if origin is not None:
+        return isinstance(value, origin)
+    try:
+        return isinstance(value, tp)
+    except TypeError:
+        return True
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

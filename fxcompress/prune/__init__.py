@@ -1,0 +1,1 @@
+"""Channel pruning analyses and slicing."""

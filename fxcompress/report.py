@@ -1,0 +1,155 @@
+"""The report of a pipeline run: one row per pass and a before/after summary.
+
+``str(report)`` renders tables with tabulate; :meth:`Report.to_dict`,
+:meth:`Report.to_json` and :meth:`Report.to_markdown` give the same content
+for machines and docs.  Figures are measured on the graph after each pass,
+never copied from what a pass claims.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import fx
+
+__all__ = ["Snapshot", "PassRow", "Report", "snapshot", "state_bytes", "weight_count"]
+
+_NON_WEIGHT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State tensors, each storage counted once (tied weights are not double counted)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.device.type != "meta" else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the state dict's tensors (what a safetensors file holds, headers aside)."""
+    return sum(t.numel() * t.element_size() for t in _unique_state(module).values())
+
+
+def weight_count(module: torch.nn.Module) -> int:
+    """Number of weight elements: parameters plus integer weight buffers of lowered modules.
+
+    Norm statistics and quantization scales/zero points are not weights.
+    """
+    total = 0
+    params = {id(p) for p in module.parameters()}
+    for name, t in _unique_state(module).items():
+        leaf = name.rpartition(".")[2]
+        if id(t) in params or (leaf.endswith(("weight", "bias")) and leaf not in _NON_WEIGHT_BUFFERS):
+            total += t.numel()
+    return total
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Size figures of one graph."""
+
+    nodes: int
+    parameters: int
+    state_bytes: int
+    macs: int
+
+
+def snapshot(gm: fx.GraphModule) -> Snapshot:
+    """Measure a shape-annotated graph (MACs need ``tensor_meta``)."""
+    from .macs import count_macs
+
+    return Snapshot(len(gm.graph.nodes), weight_count(gm), state_bytes(gm), count_macs(gm))
+
+
+@dataclass
+class PassRow:
+    """What one pass did: its figures afterwards, its time and its own stats."""
+
+    name: str
+    options: dict[str, Any]
+    after: Snapshot
+    seconds: float
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.4g}P{unit}"
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.3f}x" if before else "-"
+
+
+@dataclass
+class Report:
+    """Per-pass rows plus the figures before the first pass.
+
+    ``notes`` carries what a user must not miss: fallbacks taken, warnings.
+    """
+
+    before: Snapshot
+    rows: list[PassRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def after(self) -> Snapshot:
+        return self.rows[-1].after if self.rows else self.before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "before": asdict(self.before),
+            "after": asdict(self.after),
+            "passes": [asdict(r) for r in self.rows],
+            "notes": list(self.notes),
+            "metrics": dict(self.metrics),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def _pass_table(self) -> tuple[list[list[Any]], list[str]]:
+        headers = ["pass", "modified", "nodes", "parameters", "state", "MACs", "time", "stats"]
+        rows = [["(input)", "", self.before.nodes, _human(self.before.parameters),
+                 _human(self.before.state_bytes, "B"), _human(self.before.macs), "", ""]]
+        for r in self.rows:
+            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list)))
+            rows.append([r.name, "yes" if r.modified else "no", r.after.nodes, _human(r.after.parameters),
+                         _human(r.after.state_bytes, "B"), _human(r.after.macs), f"{r.seconds:.3f}s", stats])
+        return rows, headers
+
+    def _summary_table(self) -> tuple[list[list[Any]], list[str]]:
+        b, a = self.before, self.after
+        rows = [[k, getattr(b, k), getattr(a, k), _ratio(getattr(a, k), getattr(b, k))]
+                for k in ("nodes", "parameters", "state_bytes", "macs")]
+        rows += [[k, v.get("before", ""), v.get("after", ""), v.get("ratio", "")]
+                 for k, v in self.metrics.items() if isinstance(v, dict)]
+        return rows, ["", "before", "after", "after/before"]
+
+    def _render(self, fmt: str) -> str:
+        parts = [tabulate(*self._pass_table(), tablefmt=fmt), tabulate(*self._summary_table(), tablefmt=fmt)]
+        if self.notes:
+            parts.append("\n".join(f"- {n}" for n in self.notes))
+        return "\n\n".join(parts)
+
+    def to_markdown(self) -> str:
+        return self._render("github")
+
+    def __str__(self) -> str:
+        return self._render("simple")
