@@ -33,8 +33,11 @@ test: $(VENV)/.installed-test
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 tests
 
+# Every benchmark script (helpers start with "_"), then the page that joins their sections.
 bench: $(VENV)/.installed-bench
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in $(filter-out benchmarks/_% benchmarks/assemble_docs.py,$(wildcard benchmarks/*.py)); do \
+		$(PY) $$b || exit 1; done
+	$(PY) benchmarks/assemble_docs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,27 +1,32 @@
 """``fxcompress.run``: capture a copy of the model, run a pipeline, return the result.
 
 The caller's model is never mutated: ``run`` works on a deep copy (the only
-copy it makes), so the caller's parameters, buffers, structure and training
-flag are exactly as before, whatever the passes do.
+copy it makes; for a ``GraphModule`` the node metadata containers are copied
+too), so the caller's parameters, buffers, structure, node metadata and
+training flags are exactly as before, whatever the passes do.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import fx, nn
 
-from .capture import normalize_inputs, trace
+from .capture import gc_paused, normalize_inputs, trace
 from .errors import ConfigError
-from .manager import Check, PassManager, PipelineEntry
+from .manager import CHECKS, Check, PassManager, PipelineEntry
 from .pass_base import PassContext
 from .report import Report
 
-__all__ = ["run", "Result", "state_hash"]
+__all__ = ["run", "Result", "state_hash", "CHECK_ENV"]
+
+# Overrides the default check level of run() (tests set it to "full").
+CHECK_ENV = "FXCOMPRESS_CHECK"
 
 
 def state_hash(module: nn.Module) -> str:
@@ -32,7 +37,7 @@ def state_hash(module: nn.Module) -> str:
             continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return h.hexdigest()
 
 
@@ -50,11 +55,14 @@ class Result:
     pipeline: list[dict[str, Any]] = field(default_factory=list)
     source_state_hash: str = ""
 
-    def save(self, path: str, **kwargs: Any) -> None:
-        """Save as a signed-if-keyed artifact; see :func:`fxcompress.save`."""
-        from .artifact import save
+    def save(self, path: str, **kwargs: Any) -> str:
+        """Save as an artifact (signed when given a key); returns its id.
 
-        save(self, path, **kwargs)
+        See :func:`fxcompress.artifact.save` for the keyword arguments.
+        """
+        from .artifact import save  # imported on use: keeps `import fxcompress` light
+
+        return save(self, path, **kwargs)
 
     def __str__(self) -> str:
         return str(self.report)
@@ -68,7 +76,7 @@ def run(
     calibration_data: Iterable | None = None,
     eval_fn: Callable[[nn.Module], float] | None = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
-    check: Check = "shapes",
+    check: Check | None = None,
     progress: bool = True,
     tolerance: float = 1e-4,
     backend: str = "x86",
@@ -81,20 +89,29 @@ def run(
 
     ``model`` is an ``nn.Module`` (captured with :func:`fxcompress.trace`,
     using ``leaf_modules``/``concrete_args``/``autowrap``) or a ``GraphModule``.
-    The pipeline is validated before any work; see :class:`PassManager` for
-    ``check`` and ``tolerance``.  An empty pipeline returns an equivalent model.
+    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of
+    keyword inputs.  Pipeline entries are pass objects, pass names or classes,
+    or ``(name, {options, "scope": [...], "skip": [...]})``.
+
+    The pipeline is validated before any work (ConfigError).  ``check`` is
+    ``"full"``, ``"shapes"`` or ``"none"`` (see :class:`PassManager`); when it
+    is None, the environment variable ``FXCOMPRESS_CHECK`` decides, and
+    ``"shapes"`` when that is unset (the test suite sets it to ``"full"``).
+    ``tolerance`` bounds the norm-relative output change of ``exact`` passes.
     ``eval_fn(model) -> float`` (a task metric, e.g. top-1) is measured before
-    and after when given and shown in the report.
+    and after when given and shown in the report.  An empty pipeline returns
+    an equivalent model.  The caller's model is never mutated.  Capture,
+    copying and verification run with Python's cyclic garbage collector
+    paused (restored afterwards; passes run with it as the caller had it).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"run() takes an nn.Module or GraphModule, got {type(model).__name__}")
-    manager = PassManager(passes, check=check, tolerance=tolerance, progress=progress)
+    manager = PassManager(passes, check=_check_level(check), tolerance=tolerance, progress=progress)
     args, kwargs = normalize_inputs(example_inputs)
     source_hash = state_hash(model)
-    with torch.no_grad():
-        working = copy.deepcopy(model)
-    gm = trace(working, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
-               autowrap=autowrap)
+    gm = trace(_private_copy(model), example_inputs, leaf_modules=leaf_modules,
+               concrete_args=concrete_args, autowrap=autowrap)
+    manager.validate(gm)  # before eval_fn: a pipeline that cannot run costs nothing
     ctx = PassContext(example_args=args, example_kwargs=kwargs, calibration_data=calibration_data,
                       eval_fn=eval_fn, loss_fn=loss_fn, backend=backend, seed=seed, progress=progress)
     metric_before = eval_fn(gm) if eval_fn is not None else None
@@ -104,3 +121,32 @@ def run(
         report.metrics["task metric"] = {"before": metric_before, "after": after,
                                          "ratio": f"{after - metric_before:+.4g}"}
     return Result(gm, report, [s.describe() for s in manager.steps], source_hash)
+
+
+def _check_level(check: str | None) -> str:
+    """The check level: the argument, else $FXCOMPRESS_CHECK, else "shapes"."""
+    if check is not None:
+        if check not in CHECKS:
+            raise ConfigError(f"check must be one of {CHECKS}, got {check!r}")
+        return check
+    level = os.environ.get(CHECK_ENV, "shapes")
+    if level not in CHECKS:
+        raise ConfigError(f"environment variable {CHECK_ENV}={level!r} is not a check level; "
+                          f"use one of {CHECKS} or unset it")
+    return level
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy that shares nothing mutable with ``model``.
+
+    ``GraphModule`` deep copies share each node's nested metadata containers
+    (torch copies ``node.meta`` shallowly); passes annotate nodes in place, so
+    those containers are copied as well.
+    """
+    with torch.no_grad(), gc_paused():
+        working = copy.deepcopy(model)
+    if isinstance(working, fx.GraphModule):
+        for node in working.graph.nodes:
+            node.meta = {k: copy.deepcopy(v) if isinstance(v, (dict, list, set)) else v
+                         for k, v in node.meta.items()}
+    return working

@@ -8,28 +8,37 @@ Guarantees of :func:`trace`:
 
 * the returned ``GraphModule`` computes what the model computes on the
   example inputs (checked by running it once during shape propagation);
-* every node whose value is a tensor carries ``node.meta["tensor_meta"]``
-  (torch's own key), and every node carries ``node.meta["type"]``;
-* the module is in the same train/eval mode as the model; its submodules and
-  parameters are *shared* with the model (like ``symbolic_trace``) —
-  :func:`fxcompress.run` copies before it rewrites anything.
+* every node whose value is a tensor (or a container of tensors) carries
+  ``node.meta["tensor_meta"]`` (torch's own key, nested like the value), and
+  every node carries ``node.meta["type"]``;
+* the module is in the same train/eval mode as the model (the root flag is
+  copied; submodules keep their own flags);
+* its submodules and parameters are *shared* with the model (like
+  ``symbolic_trace``), but tracing and shape propagation never change the
+  model's state: buffers (BatchNorm running statistics, observer ranges) and
+  the global RNG are restored after the example run.  :func:`fxcompress.run`
+  copies the model before it rewrites anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import gc
+import inspect
 import math
-import sys
+import os
 import traceback
-from typing import Any, Callable, Iterable, Mapping
+import types
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
-from .errors import InputError, TraceError
+from .errors import ConfigError, InputError, TraceError
 
-__all__ = ["trace", "normalize_inputs", "propagate_shapes"]
+__all__ = ["trace", "normalize_inputs", "propagate_shapes", "record_meta", "tensor_metadata", "gc_paused"]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -37,6 +46,9 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, Mapping):
+        bad = [k for k in example_inputs if not isinstance(k, str)]
+        if bad:
+            raise InputError(f"keyword example inputs need str keys (argument names), got {bad}")
         return (), dict(example_inputs)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
@@ -46,17 +58,44 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     )
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the block (reference counting goes on).
+
+    A graph is a web of long-lived objects (nodes, modules, metadata), and
+    each full collection walks all of them: with the collector running,
+    capturing and checking a 16k-node graph took measurably more time per
+    node than a 1k-node one.  Used around graph-wide work only (capture,
+    copying, verification), never around a pass, whose loops (calibration,
+    fine-tuning) may create cyclic garbage.  Restores the caller's setting.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class _PathTracer(fx.Tracer):
     """A tracer that knows which module it is in, so errors can name it."""
 
-    def __init__(self, leaf_modules: Iterable[type | str], autowrap: Iterable[Callable]) -> None:
-        fns = tuple(f for f in autowrap if callable(f) and not isinstance(f, type(math)))
-        mods = tuple(m for m in autowrap if isinstance(m, type(math)))
+    def __init__(self, leaf_modules: Iterable[type | str], autowrap: Iterable[Callable | types.ModuleType]) -> None:
+        wrap = tuple(autowrap)
+        bad = [w for w in wrap if not (callable(w) or isinstance(w, types.ModuleType))]
+        if bad:
+            raise ConfigError(f"autowrap takes functions or Python modules, got {bad}")
+        fns = tuple(w for w in wrap if not isinstance(w, types.ModuleType))
+        mods = tuple(w for w in wrap if isinstance(w, types.ModuleType))
         super().__init__(autowrap_modules=(math, *mods), autowrap_functions=fns)
         leaves = tuple(leaf_modules)
+        bad = [x for x in leaves if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
+        if bad:
+            raise ConfigError(f"leaf_modules takes nn.Module types or module-path patterns, got {bad}")
         self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self._leaf_paths = tuple(x for x in leaves if isinstance(x, str))
-        self.path_stack: list[str] = []
+        self._path_stack: list[str] = []
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -67,26 +106,47 @@ class _PathTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        self.path_stack.append(self.path_of_module(m))
+        self._path_stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
+            # The innermost module unwinds first: remember it, not its parents.
             if self.failed_in is None:
-                self.failed_in = self.path_stack[-1]
+                self.failed_in = self._path_stack[-1]
             raise
         finally:
-            self.path_stack.pop()
+            self._path_stack.pop()
 
 
-def _user_frame(tb: Any) -> str:
-    """The innermost traceback frame outside torch: where the model's code failed."""
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(__file__) + os.sep
+
+
+def _user_frame(tb: types.TracebackType | None) -> str:
+    """The innermost traceback frame outside torch and fxcompress: where the model's code failed."""
     frames = traceback.extract_tb(tb)
-    torch_dir = torch.__file__.rpartition("/")[0]
-    mine = __file__.rpartition("/")[0]
     for frame in reversed(frames):
-        if not frame.filename.startswith((torch_dir, mine)):
-            return f"{frame.filename}:{frame.lineno}: {frame.line}"
-    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "<unknown>"
+        if not frame.filename.startswith((_TORCH_DIR, _OWN_DIR)):
+            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "<unknown location>"
+
+
+def _trace_error(model: nn.Module, tracer: _PathTracer, exc: Exception) -> TraceError:
+    where = tracer.failed_in
+    location = _user_frame(exc.__traceback__)
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if where:
+        place = f"in module {where!r} ({type(model.get_submodule(where)).__name__})"
+        leaf_hint = f"keep that module whole with leaf_modules=[{where!r}] (or its type), "
+    else:
+        place = "in its top-level forward"
+        leaf_hint = ""
+    return TraceError(
+        f"cannot trace {type(model).__name__} {place} at {location} ({type(exc).__name__}: {reason}). "
+        f"Remedies: {leaf_hint}fix the argument that drives the control flow with "
+        f"concrete_args={{name: value}}, or record the offending function as one node with "
+        f"autowrap=(fn,)"
+    )
 
 
 def trace(
@@ -95,87 +155,196 @@ def trace(
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
-    autowrap: Iterable[Callable] = (),
+    autowrap: Iterable[Callable | types.ModuleType] = (),
 ) -> fx.GraphModule:
     """Capture ``model`` into a shape-annotated ``GraphModule``.
 
-    ``leaf_modules`` are module types or path patterns kept whole (their
-    ``forward`` is not traced into); ``concrete_args`` fixes arguments (e.g. a
-    flag that drives control flow); ``autowrap`` lists functions (or Python
-    modules) whose calls are recorded as single nodes instead of being traced.
+    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of
+    keyword inputs.  ``leaf_modules`` are module types or fnmatch path patterns
+    ("encoder.*") kept whole (their ``forward`` is recorded as one node);
+    ``concrete_args`` fixes arguments by name (e.g. a flag that drives control
+    flow; the graph asserts the value and takes it as the default).  Arguments
+    of ``forward`` that the example inputs leave out are fixed to their
+    defaults the same way, so ``if mask is None`` takes the branch the example
+    inputs take.  ``autowrap`` lists functions (or Python modules) whose calls
+    are recorded as single nodes instead of being traced into.
+
+    A ``GraphModule`` is already captured: it is annotated in place and
+    returned (capture options are then an error, not silently ignored).
+
     Raises :class:`TraceError` naming the module path and source line where
-    tracing failed, and :class:`InputError` when the example inputs do not fit.
+    tracing failed and the remedy to try, :class:`InputError` when the example
+    inputs do not fit the model, :class:`ConfigError` for malformed options.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() takes an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
+    with gc_paused():
+        return _capture(model, args, kwargs, leaf_modules, concrete_args, autowrap)
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Iterable[type | str],
+             concrete_args: dict[str, Any] | None,
+             autowrap: Iterable[Callable | types.ModuleType]) -> fx.GraphModule:
+    """:func:`trace`'s work, once the inputs are normalised."""
     if isinstance(model, fx.GraphModule):
+        if tuple(leaf_modules) or concrete_args or tuple(autowrap):
+            raise ConfigError(
+                "leaf_modules, concrete_args and autowrap apply to tracing, but the model is already a "
+                "GraphModule; capture the original nn.Module with them instead"
+            )
         gm = model
     else:
         tracer = _PathTracer(leaf_modules, autowrap)
         try:
-            graph = tracer.trace(model, concrete_args=concrete_args)
+            concrete = _with_defaults(model, args, kwargs, concrete_args)
+            graph = tracer.trace(model, concrete_args=concrete)
         except Exception as exc:  # any failure inside user code while tracing
-            where = tracer.failed_in
-            where_txt = f"in module {where!r} ({type(model.get_submodule(where)).__name__})" if where else "in the top-level forward"
-            raise TraceError(
-                f"cannot trace {type(model).__name__} {where_txt} at "
-                f"{_user_frame(sys.exc_info()[2])}: {type(exc).__name__}: {exc}. "
-                f"Remedies: keep that module whole with leaf_modules=[{where or type(model).__name__!r}], "
-                f"fix a control-flow argument with concrete_args={{...}}, or wrap the offending "
-                f"function with autowrap=(fn,)"
-            ) from exc
+            raise _trace_error(model, tracer, exc) from exc
+        _name_concrete_placeholders(model, graph, concrete or {})
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-        gm.train(model.training)
+        _copy_training_flags(model, gm)
     propagate_shapes(gm, args, kwargs)
     return gm
+
+
+def _with_defaults(model: nn.Module, args: tuple, kwargs: dict,
+                   concrete_args: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``concrete_args`` plus the defaults of the forward arguments no example input gives."""
+    concrete = dict(concrete_args or {})
+    params = list(inspect.signature(model.forward).parameters.values())
+    for p in params[len(args):]:
+        if (p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+                and p.name not in kwargs and p.name not in concrete):
+            concrete[p.name] = p.default
+    return concrete or None
+
+
+def _name_concrete_placeholders(model: nn.Module, graph: fx.Graph, concrete: dict[str, Any]) -> None:
+    """Give fixed arguments their own name back and their fixed value as default.
+
+    torch.fx renames them ("flag" -> "flag_1") and makes them required; then
+    ``gm(x)`` and ``gm(x, flag=...)`` would both fail where ``model(x)`` works.
+    """
+    params = list(inspect.signature(model.forward).parameters.values())
+    placeholders = graph.find_nodes(op="placeholder")
+    if len(params) != len(placeholders):  # *args/**kwargs: leave fx's names alone
+        return
+    for param, node in zip(params, placeholders):
+        if param.name in concrete:
+            node.target = param.name
+            node.args = node.args or (concrete[param.name],)
+
+
+def _copy_training_flags(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Give the root and the containers GraphModule creates the model's train/eval flags.
+
+    Called submodules are the model's own objects and already have theirs;
+    the containers on their paths ("layer1", "layer1.0") are fresh
+    ``nn.Module()`` objects in training mode, and ``gm.train(flag)`` would
+    overwrite the flags of the shared modules too (and so the model's).
+    """
+    gm.training = model.training
+    for name, module in gm.named_modules():
+        if not name:
+            continue
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if original is not module:
+            module.training = original.training
 
 
 def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None) -> Any:
     """Run ``gm`` once on the inputs and record ``tensor_meta``/``type`` on every node.
 
-    Returns the output.  Raises :class:`InputError` when the inputs do not fit
-    the model, naming the node that failed.  Runs under ``no_grad``.
+    Returns the output.  Runs under ``no_grad`` and leaves the module's state
+    as it was: buffers written during the run (BatchNorm statistics in
+    training mode, observer ranges) are restored, and so is the global RNG, so
+    two propagations of the same graph compute the same values even in
+    training mode.  Raises :class:`InputError` when the inputs do not fit the
+    model, naming the node that failed.
     """
     kwargs = kwargs or {}
-    env_args = _bind_placeholders(gm, args, kwargs)
+    values = _bind_placeholders(gm, args, kwargs)
     interp = _MetaRecorder(gm)
-    with torch.no_grad():
+    with torch.no_grad(), _rng_forked(values), _buffers_restored(gm):
         try:
-            return interp.run(*env_args)
-        except InputError:
-            raise
+            return interp.run(*values)
         except Exception as exc:
             node = interp.current
-            shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in env_args]
+            where = f"node {node.name!r} ({node.op} {_target_name(node)})" if node is not None else "the graph"
+            shapes = "[" + ", ".join(_describe_value(v) for v in values) + "]"
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
             raise InputError(
-                f"the example inputs do not fit the model: node {node.name!r} "
-                f"({node.op} {node.target}) failed with {type(exc).__name__}: {str(exc).splitlines()[0]}. "
-                f"Inputs given: {shapes}; check their shape, dtype and number"
+                f"the example inputs do not fit the model: {where} failed with "
+                f"{type(exc).__name__}: {first_line}. Inputs given: {shapes}; check their shape, "
+                f"dtype and number"
             ) from exc
+
+
+def _target_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return type(value).__name__
+
+
+@contextlib.contextmanager
+def _rng_forked(values: list[Any]) -> Iterator[None]:
+    """Fork the CPU RNG (and that of any CUDA device an input lives on)."""
+    cuda = sorted({v.device.index or 0 for v in values if isinstance(v, torch.Tensor) and v.is_cuda})
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        yield
+
+
+@contextlib.contextmanager
+def _buffers_restored(gm: nn.Module) -> Iterator[None]:
+    """Restore every buffer (object and values) after the block.
+
+    Buffers are small next to the weights (running statistics, observer
+    ranges), so one copy per propagation costs little; it is what lets the
+    manager re-run the graph after every pass without feeding the example
+    inputs into statistics.
+    """
+    saved = [(m, name, buf, buf.clone()) for m in gm.modules()
+             for name, buf in m._buffers.items() if buf is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buf, values in saved:
+                buf.copy_(values)
+                module._buffers[name] = buf
 
 
 def _bind_placeholders(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     """Map positional + keyword inputs onto the graph's placeholders, in order."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [str(p.target).lstrip("*") for p in placeholders]
+    if len(args) > len(placeholders):
+        raise InputError(f"the model takes {len(placeholders)} inputs {names}, got {len(args)} positional inputs")
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise InputError(f"unknown keyword inputs {unknown}; the model takes {names}")
     values: list[Any] = list(args)
-    if len(values) > len(placeholders):
-        raise InputError(f"the model takes {len(placeholders)} inputs, got {len(values)} positional inputs")
-    for node in placeholders[len(values):]:
-        name = str(node.target).lstrip("*")
+    for node, name in zip(placeholders[len(args):], names[len(args):]):
         if name in kwargs:
             values.append(kwargs[name])
-        elif node.args:  # a default value recorded by the tracer
+        elif node.args:  # the default value the tracer recorded
             values.append(node.args[0])
         else:
-            raise InputError(f"missing example input {name!r} (inputs: {[str(p.target) for p in placeholders]})")
-    unknown = set(kwargs) - {str(p.target).lstrip("*") for p in placeholders}
-    if unknown:
-        raise InputError(f"unknown keyword inputs {sorted(unknown)}; the model takes {[str(p.target) for p in placeholders]}")
+            raise InputError(f"missing example input {name!r}; the model takes {names}")
     return values
 
 
 class _MetaRecorder(fx.Interpreter):
+    """An interpreter that records metadata on each node as it runs it."""
+
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.current: fx.Node | None = None
@@ -187,15 +356,36 @@ class _MetaRecorder(fx.Interpreter):
         return result
 
 
+_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """torch's ``TensorMetadata`` of a tensor, as ``ShapeProp`` records it.
+
+    Same fields and values as ``torch.fx.passes.shape_prop._extract_tensor_metadata``
+    for dense tensors, but the memory format comes from the C++ contiguity
+    checks: torch's own goes through Python reference code (symbolic-shape
+    safe, which concrete tensors do not need) and was most of capture's time.
+    """
+    if t.layout is not torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    memory_format = next((f for f in _MEMORY_FORMATS if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), memory_format, False, {})
+
+
 def record_meta(node: fx.Node, value: Any) -> None:
-    """Store torch's ``tensor_meta`` (nested like the value) and ``type`` on a node."""
+    """Store torch's ``tensor_meta`` (nested like the value) and ``type`` on a node.
+
+    Passes use it to annotate nodes they create; a node whose value holds no
+    tensor has no ``tensor_meta``.
+    """
     found = False
 
     def extract(obj: Any) -> Any:
         nonlocal found
         if isinstance(obj, torch.Tensor):
             found = True
-            return _extract_tensor_metadata(obj)
+            return tensor_metadata(obj)
         return obj
 
     meta = fx.node.map_aggregate(value, extract)

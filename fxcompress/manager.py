@@ -1,45 +1,56 @@
 """PassManager: checks a pipeline before any work, then verifies after every pass.
 
 Before any work (all :class:`ConfigError`): unknown pass names (with close
-matches), unknown or ill-typed options (with the valid ones), unmet
-``requires``, ``scope``/``skip`` patterns that match no module, an
-``eval_only`` pass given a model in training mode.
+matches), unknown or ill-typed options (with the valid ones), options a pass
+rejects (its ``__post_init__``), unmet ``requires``, ``scope``/``skip``
+patterns that match no module, an ``eval_only`` pass given a model with any
+module in training mode.
 
 After each pass, by ``check`` level:
 
-``"none"``   ``graph.lint()`` and one recompile; shapes are re-propagated (later
-             passes and the report need them) but nothing is compared.
+``"none"``   ``graph.lint()``, one recompile, and shape propagation (later
+             passes and the report need the shapes; a graph that no longer
+             runs on the example inputs fails here).  Nothing is compared.
 ``"shapes"`` also: the output structure, shapes and dtypes are unchanged.
-``"full"``   also: no tensor node lost its ``tensor_meta`` and every recorded
-             shape is still true; outputs of ``exact`` passes equal the previous
-             outputs within ``tolerance`` (norm-relative); the stage invariants
+``"full"``   also: every node that computes a tensor kept true ``tensor_meta``
+             through the pass (a rewrite copies the metadata of the node it
+             replaces and annotates the nodes it creates); outputs of
+             ``exact`` passes equal the previous outputs within ``tolerance``
+             (norm-relative, per floating-point output); the stage invariants
              of :mod:`fxcompress.verify`.
 
 Any failure raises :class:`PassError` naming the pass, the passes before it,
-and the reason.  Tests always run with ``check="full"``.
+and the reason; an fxcompress error the pass raises itself keeps its type and
+gains the same prefix.  Every check is linear in the number of nodes (plus
+one pass over the state for the finite-values invariant) and runs with the
+cyclic garbage collector paused (:func:`~fxcompress.capture.gc_paused`), so
+verification time grows linearly with the graph.  Tests always run with
+``check="full"``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence, Union
 
 import torch
 from torch import fx
 
-from .capture import propagate_shapes
+from .capture import gc_paused, propagate_shapes
 from .errors import ConfigError, FxCompressError, InputError, PassError
-from .pass_base import Pass, PassContext, check_option_types, module_path_of
-from .registry import close_matches, get_pass
+from .pass_base import Pass, PassContext, PassResult, check_option_types, close_matches, module_path_of, path_matches
+from .registry import get_pass
 from .report import PassRow, Report, snapshot
 from .verify import verify
 
-__all__ = ["PassManager", "Step", "PipelineEntry", "normalize_pipeline", "relative_error"]
+__all__ = ["PassManager", "Step", "PipelineEntry", "Check", "CHECKS", "HISTORY_KEY", "normalize_pipeline",
+           "relative_error"]
 
-PipelineEntry = Union[Pass, str, tuple]
+PipelineEntry = Union[Pass, str, type, tuple]
 Check = Literal["full", "shapes", "none"]
-CHECKS = ("full", "shapes", "none")
+CHECKS: tuple[str, ...] = ("full", "shapes", "none")
+# gm.meta key listing the passes already run on a graph, so that `requires` holds across run() calls.
 HISTORY_KEY = "fxcompress_history"
 
 
@@ -52,6 +63,7 @@ class Step:
     skip: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
+        """``{"name", "options"[, "scope"][, "skip"]}``: the entry as a recipe would spell it."""
         d: dict[str, Any] = {"name": self.pass_.name, "options": self.pass_.options()}
         if self.scope:
             d["scope"] = list(self.scope)
@@ -70,6 +82,28 @@ def _patterns(value: Any, where: str) -> tuple[str, ...]:
     raise ConfigError(f"{where} must be a module-name pattern or a list of them, got {value!r}")
 
 
+def _resolve(entry: Any, options: dict[str, Any], i: int) -> Pass:
+    """A pass object from a pipeline entry and its options."""
+    if isinstance(entry, Pass):
+        if options:
+            raise ConfigError(f"entry {i}: give options to the pass object itself, not beside it: {options}")
+        check_option_types(type(entry), entry.options())
+        return entry
+    if isinstance(entry, str) or (isinstance(entry, type) and issubclass(entry, Pass)):
+        cls = get_pass(entry) if isinstance(entry, str) else entry
+        options = check_option_types(cls, options)
+        try:
+            return cls(**options)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"pass {cls.name!r}: invalid options {options}: {exc}") from exc
+    raise ConfigError(
+        f"entry {i} is {entry!r}: a pipeline entry is a pass object, a pass name or class, "
+        f"or (name, {{options, 'scope': [...], 'skip': [...]}})"
+    )
+
+
 def normalize_pipeline(entries: Sequence[PipelineEntry]) -> list[Step]:
     """Resolve names and options into :class:`Step` objects; ConfigError on anything wrong."""
     if isinstance(entries, (str, Pass)) or not isinstance(entries, (list, tuple)):
@@ -81,30 +115,12 @@ def normalize_pipeline(entries: Sequence[PipelineEntry]) -> list[Step]:
             entry, options = entry[0], dict(entry[1])
         scope = _patterns(options.pop("scope", None), f"entry {i}: scope")
         skip = _patterns(options.pop("skip", None), f"entry {i}: skip")
-        if isinstance(entry, Pass):
-            if options:
-                raise ConfigError(f"entry {i}: give options to the pass object itself, not beside it: {options}")
-            pass_ = entry
-        elif isinstance(entry, str) or (isinstance(entry, type) and issubclass(entry, Pass)):
-            cls = get_pass(entry) if isinstance(entry, str) else entry
-            check_option_types(cls, options)
-            try:
-                pass_ = cls(**options)
-            except ConfigError:
-                raise
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"pass {cls.name!r}: invalid options {options}: {exc}") from exc
-        else:
-            raise ConfigError(
-                f"entry {i} is {entry!r}: a pipeline entry is a pass object, a pass name, "
-                f"or (name, {{options}})"
-            )
-        steps.append(Step(pass_, scope, skip))
+        steps.append(Step(_resolve(entry, options, i), scope, skip))
     return steps
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖a‖ in float64 (0 when both are zero)."""
+    """‖a − b‖ / ‖a‖ in float64 (the absolute ‖a − b‖ when ‖a‖ is 0)."""
     a64, b64 = a.detach().double(), b.detach().double()
     denom = a64.norm().item()
     diff = (a64 - b64).norm().item()
@@ -112,11 +128,11 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _flatten(value: Any, path: str = "out") -> list[tuple[str, Any]]:
-    """Leaves of a nested output with their paths; containers recorded by type."""
+    """Leaves of a nested output with their paths; containers recorded by type and keys/length."""
     if isinstance(value, torch.Tensor):
         return [(path, value)]
     if isinstance(value, dict):
-        out = [(path, ("dict", tuple(value.keys())))]
+        out: list[tuple[str, Any]] = [(path, ("dict", tuple(value.keys())))]
         for k, v in value.items():
             out += _flatten(v, f"{path}[{k!r}]")
         return out
@@ -132,14 +148,25 @@ def _spec(leaves: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [(p, (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v) for p, v in leaves]
 
 
+def _first_line(exc: BaseException) -> str:
+    # torch's lint errors end with the whole printed graph: keep the sentence that matters.
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PassManager:
-    """Runs an ordered list of passes with verification after each one."""
+    """Runs an ordered list of passes with verification after each one.
+
+    The constructor resolves the pipeline (names, options) and raises
+    ConfigError before any work; :meth:`validate` adds the checks that need
+    the graph; :meth:`run` does both and then the passes.
+    """
 
     def __init__(self, passes: Sequence[PipelineEntry], *, check: Check = "full",
                  tolerance: float = 1e-4, progress: bool = False) -> None:
         if check not in CHECKS:
             raise ConfigError(f"check must be one of {CHECKS}, got {check!r}")
-        if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float)) and tolerance >= 0):
             raise ConfigError(f"tolerance must be a non-negative number, got {tolerance!r}")
         self.steps = normalize_pipeline(passes)
         self.check = check
@@ -148,9 +175,10 @@ class PassManager:
 
     # -- before any work ---------------------------------------------------
     def validate(self, gm: fx.GraphModule) -> None:
-        """Everything that can be checked without running a pass."""
-        done = list(getattr(gm, "meta", {}).get(HISTORY_KEY, []))
-        paths = {name for name, _ in gm.named_modules()} | {module_path_of(n) for n in gm.graph.nodes}
+        """Everything that can be checked without running a pass (ConfigError)."""
+        done = list(gm.meta.get(HISTORY_KEY, []))
+        paths: set[str] | None = None
+        training = next((name or "(root)" for name, m in gm.named_modules() if m.training), None)
         for i, step in enumerate(self.steps):
             p = step.pass_
             missing = [r for r in p.requires if r not in done]
@@ -159,115 +187,149 @@ class PassManager:
                     f"pass {p.name!r} (entry {i}) requires {missing} to run earlier in the pipeline; "
                     f"add {missing} before it (passes so far: {done or 'none'})"
                 )
-            if p.eval_only and gm.training:
+            if p.eval_only and training is not None:
                 raise ConfigError(
-                    f"pass {p.name!r} is only valid in eval mode (it folds statistics that training "
-                    f"would keep updating) but the model is in training mode; call model.eval() first"
+                    f"pass {p.name!r} (entry {i}) is only valid in eval mode, but module {training!r} of the "
+                    f"model is in training mode; call model.eval() first"
                 )
-            for kind, pats in (("scope", step.scope), ("skip", step.skip)):
-                for pat in pats:
-                    if not any(PassContext(scope=(pat,)).in_scope(path) for path in paths):
-                        raise ConfigError(
-                            f"pass {p.name!r} (entry {i}): {kind} pattern {pat!r} matches no module"
-                            f"{close_matches(pat, paths)}"
-                        )
+            if step.scope or step.skip:
+                if paths is None:
+                    paths = {name for name, _ in gm.named_modules()} | {module_path_of(n) for n in gm.graph.nodes}
+                for kind, patterns in (("scope", step.scope), ("skip", step.skip)):
+                    for pattern in patterns:
+                        if not any(path_matches(path, pattern) for path in paths):
+                            raise ConfigError(
+                                f"pass {p.name!r} (entry {i}): {kind} pattern {pattern!r} matches no module"
+                                f"{close_matches(pattern, sorted(paths))}"
+                            )
             done.append(p.name)
 
     # -- the run -------------------------------------------------------------
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, Report]:
-        """Run every pass on ``gm`` (rewritten in place where passes do so)."""
+        """Validate, then run every pass on ``gm`` (rewritten in place where passes do so).
+
+        Returns the final graph and the report.  ``gm.meta[HISTORY_KEY]`` lists
+        every pass run on the graph so far.
+        """
         self.validate(gm)
         args, kwargs = ctx.example_inputs()
-        outputs = propagate_shapes(gm, args, kwargs)
-        reference_spec = _spec(_flatten(outputs))
-        report = Report(before=snapshot(gm))
-        history = getattr(gm, "meta", {}).setdefault(HISTORY_KEY, []) if hasattr(gm, "meta") else []
-        steps: Iterable[Step] = self.steps
+        with gc_paused():
+            outputs = propagate_shapes(gm, args, kwargs)
+            report = Report(before=snapshot(gm))
+        reference = _spec(_flatten(outputs))
+        history = list(gm.meta.get(HISTORY_KEY, []))
+        steps: Any = self.steps
         if self.progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(self.steps, desc="fxcompress", unit="pass", leave=False)
-        for step in steps:
-            before = [s.pass_.name for s in self.steps[: self.steps.index(step)]]
-            ctx.scope, ctx.skip = step.scope, step.skip
+        for index, step in enumerate(steps):
+            before = [s.pass_.name for s in self.steps[:index]]
             start = time.perf_counter()
-            try:
-                result = step.pass_(gm, ctx)
-            except FxCompressError:
-                raise
-            except Exception as exc:
-                raise self._error(step, before, f"raised {type(exc).__name__}: {exc}") from exc
-            finally:
-                ctx.scope, ctx.skip = (), ()
+            result = self._call(step, before, gm, ctx)
             seconds = time.perf_counter() - start
             gm = result.gm
-            outputs = self._check(step, before, gm, ctx, outputs, reference_spec)
-            new_history = list(history) + [step.pass_.name]
-            if hasattr(gm, "meta"):
-                gm.meta[HISTORY_KEY] = new_history
-            history = new_history
-            report.rows.append(PassRow(step.pass_.name, step.pass_.options(), snapshot(gm),
+            with gc_paused():
+                outputs = self._check(step, before, gm, ctx, outputs, reference)
+                after = snapshot(gm)
+            history.append(step.pass_.name)
+            gm.meta[HISTORY_KEY] = list(history)
+            report.rows.append(PassRow(step.pass_.name, step.pass_.options(), after,
                                        seconds, bool(result.modified), dict(result.stats)))
             report.notes.extend(f"{step.pass_.name}: {n}" for n in result.stats.get("notes", []))
         return gm, report
 
+    def _call(self, step: Step, before: list[str], gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Run one pass with its scope set; any failure becomes an error naming it."""
+        ctx.scope, ctx.skip = step.scope, step.skip
+        try:
+            result = step.pass_(gm, ctx)
+        except FxCompressError as exc:
+            raise _with_prefix(exc, self._where(step, before)) from exc
+        except Exception as exc:
+            raise self._error(step, before, f"raised {type(exc).__name__}: {_first_line(exc)}") from exc
+        finally:
+            ctx.scope, ctx.skip = (), ()
+        if not isinstance(result, PassResult):
+            raise self._error(step, before,
+                              f"returned {type(result).__name__} instead of a PassResult(gm, modified, stats)")
+        if not isinstance(result.gm, fx.GraphModule):
+            raise self._error(step, before, f"returned {type(result.gm).__name__}, not a GraphModule")
+        return result
+
+    @staticmethod
+    def _where(step: Step, before: list[str]) -> str:
+        after = f"after {', '.join(before)}" if before else "the first pass"
+        return f"pass {step.pass_.name!r} ({after})"
+
     def _error(self, step: Step, before: list[str], reason: str) -> PassError:
-        after = f"after {', '.join(before)}" if before else "as the first pass"
-        return PassError(f"pass {step.pass_.name!r} ({after}) failed: {reason}")
+        return PassError(f"{self._where(step, before)} failed: {reason}")
 
     def _check(self, step: Step, before: list[str], gm: fx.GraphModule, ctx: PassContext,
-               previous: Any, reference_spec: list) -> Any:
-        if not isinstance(gm, fx.GraphModule):
-            raise self._error(step, before, f"returned {type(gm).__name__}, not a GraphModule")
+               previous: Any, reference: list) -> Any:
+        """Verify ``gm`` after ``step``; return its outputs on the example inputs."""
         try:
             gm.graph.lint()
         except Exception as exc:
-            raise self._error(step, before, f"the graph does not lint: {exc}") from exc
+            raise self._error(step, before, f"the graph does not lint: {_first_line(exc)}") from exc
         gm.recompile()
+        recorded = {n: n.meta.get("tensor_meta") for n in gm.graph.nodes} if self.check == "full" else {}
         args, kwargs = ctx.example_inputs()
-        recorded = {n: n.meta.get("tensor_meta") for n in gm.graph.nodes}
         try:
             outputs = propagate_shapes(gm, args, kwargs)
         except InputError as exc:
             raise self._error(step, before, f"the rewritten graph no longer runs: {exc}") from exc
-        if self.check == "full":
-            self._compare_metadata(step, before, recorded)
         if self.check == "none":
             return outputs
-        new, old = _flatten(outputs), _flatten(previous)
-        if _spec(new) != reference_spec:
-            diff = [f"{p}: {a} -> {b}" for (p, a), (_, b) in zip(reference_spec, _spec(new)) if a != b]
+        if self.check == "full":
+            self._compare_metadata(step, before, recorded)
+        new = _flatten(outputs)
+        if _spec(new) != reference:
+            diff = [f"{p}: {a} -> {b}" for (p, a), (_, b) in zip(reference, _spec(new)) if a != b]
             raise self._error(step, before, "the output structure, shapes or dtypes changed: "
-                              + ("; ".join(diff[:5]) or f"{len(reference_spec)} -> {len(new)} leaves"))
+                              + ("; ".join(diff[:5]) or f"{len(reference)} -> {len(new)} leaves"))
         if self.check == "full":
             if step.pass_.exact:
-                for (path, a), (_, b) in zip(old, new):
-                    if isinstance(a, torch.Tensor) and a.is_floating_point():
-                        err = relative_error(a, b)
-                        if not err <= self.tolerance:
-                            raise self._error(step, before, f"an exact pass changed {path} by "
-                                              f"{err:.3g} (norm-relative; tolerance {self.tolerance:g})")
+                self._compare_values(step, before, _flatten(previous), new)
             stage, problems = verify(gm)
             if problems:
                 raise self._error(step, before, f"{stage}-stage invariants broken: " + "; ".join(problems[:5]))
         return outputs
 
+    def _compare_values(self, step: Step, before: list[str], old: list, new: list) -> None:
+        """An exact pass keeps every floating-point output within ``tolerance`` (norm-relative)."""
+        for (path, a), (_, b) in zip(old, new):
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                err = relative_error(a, b)
+                if not err <= self.tolerance:  # NaN fails too
+                    raise self._error(step, before, f"an exact pass changed {path} by {err:.3g} "
+                                      f"(norm-relative; tolerance {self.tolerance:g})")
+
     def _compare_metadata(self, step: Step, before: list[str], recorded: dict) -> None:
-        """Every tensor node must have kept true ``tensor_meta`` through the pass."""
+        """Every node that computes a tensor must have kept true ``tensor_meta`` through the pass."""
         for node, old in recorded.items():
             new = node.meta.get("tensor_meta")
             if new is None or node.op == "output":
                 continue
             if old is None:
-                raise self._error(step, before, f"node {node.name!r} ({node.op} {node.target}) lost its "
-                                  f"tensor_meta: a rewrite must copy the metadata of the node it replaces")
+                raise self._error(step, before, f"node {node.name!r} ({node.op} {node.target}) has no "
+                                  f"tensor_meta: a rewrite must copy the metadata of the node it replaces "
+                                  f"and annotate the nodes it creates (fxcompress.capture.record_meta)")
             if _meta_shapes(old) != _meta_shapes(new):
-                raise self._error(step, before, f"node {node.name!r} records shape {_meta_shapes(old)} "
-                                  f"but computes {_meta_shapes(new)}: a rewrite left stale metadata")
+                raise self._error(step, before, f"node {node.name!r} records {_meta_shapes(old)} but computes "
+                                  f"{_meta_shapes(new)}: a rewrite left stale metadata")
+
+
+def _with_prefix(exc: FxCompressError, where: str) -> FxCompressError:
+    """The same error type (a CalibrationError stays one), its message prefixed with the pass."""
+    try:
+        return type(exc)(f"{where}: {exc}")
+    except TypeError:  # a subclass whose constructor takes more than a message
+        return PassError(f"{where} failed: {type(exc).__name__}: {exc}")
 
 
 def _meta_shapes(meta: Any) -> Any:
-    """The shapes inside a (nested) tensor_meta; TensorMetadata is itself a NamedTuple."""
+    """The (shape, dtype) pairs inside a (nested) tensor_meta; TensorMetadata is itself a NamedTuple."""
     if hasattr(meta, "shape") and hasattr(meta, "dtype"):
         return (tuple(meta.shape), meta.dtype)
     if isinstance(meta, (list, tuple)):

@@ -9,13 +9,15 @@ when the pass is constructed (``__post_init__`` raises
 Class attributes a pass may set:
 
 ``requires``
-    names of passes that must run earlier in the same pipeline.
+    names of passes that must run earlier in the same pipeline (or in an
+    earlier :func:`fxcompress.run` on the same graph).
 ``exact``
     the rewrite must not change outputs beyond float round-off; the manager
     checks it numerically under ``check="full"``.
 ``eval_only``
     the rewrite is only valid for a model in eval mode (e.g. folding
-    BatchNorm); the manager refuses a model in training mode.
+    BatchNorm); the manager refuses, with a ConfigError, a model with any
+    module in training mode.
 ``changes_outputs``
     whether output *values* may change (quantization does, fusion does not).
     Output structure, shapes and dtypes never change, for any pass.
@@ -24,17 +26,29 @@ Class attributes a pass may set:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import inspect
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import fx
 
-from .errors import ConfigError
+from .errors import ConfigError, PassError
 
-__all__ = ["Pass", "PassResult", "PassContext", "function_pass", "module_path_of"]
+__all__ = [
+    "Pass",
+    "PassResult",
+    "PassContext",
+    "function_pass",
+    "module_path_of",
+    "check_option_types",
+    "close_matches",
+    "path_matches",
+]
 
 
 @dataclass
@@ -42,7 +56,8 @@ class PassResult:
     """What a pass returns.
 
     ``modified`` is computed from what was actually rewritten, never asserted;
-    ``stats`` is a small JSON-able dict that the report shows.
+    ``stats`` is a small JSON-able dict that the report shows (a ``"notes"``
+    list in it is copied into the report's notes).
     """
 
     gm: fx.GraphModule
@@ -89,21 +104,22 @@ def module_path_of(node: fx.Node) -> str:
     """The dotted path of the module a node belongs to ('' for the root).
 
     ``call_module`` nodes are their own target.  Other nodes use the innermost
-    entry of ``node.meta['nn_module_stack']`` that symbolic tracing records.
+    entry of ``node.meta['nn_module_stack']`` that symbolic tracing records,
+    and ``get_attr`` nodes the module that owns the attribute.
     """
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack")
     if stack:
-        path = list(stack.values())[-1]
+        path = next(reversed(stack.values()))
         return path[0] if isinstance(path, tuple) else str(path)
     if node.op == "get_attr":
         return str(node.target).rpartition(".")[0]
     return ""
 
 
-def _matches(path: str, pattern: str) -> bool:
-    """A pattern matches a module path itself or anything inside it."""
+def path_matches(path: str, pattern: str) -> bool:
+    """A pattern matches a module path itself or anything inside it ("layer3" covers "layer3.0.conv1")."""
     return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + ".*")
 
 
@@ -133,45 +149,56 @@ class PassContext:
         """Whether the current pass may touch this node (or module path).
 
         With no ``scope`` everything is in scope; ``skip`` always wins.
-        Patterns are fnmatch-style module paths ("layer3.*", "fc").
+        Patterns are fnmatch-style module paths ("layer3.*", "fc"); a pattern
+        also covers everything inside the module it names.
         """
         path = node_or_path if isinstance(node_or_path, str) else module_path_of(node_or_path)
-        if any(_matches(path, p) for p in self.skip):
+        if any(path_matches(path, p) for p in self.skip):
             return False
-        return not self.scope or any(_matches(path, p) for p in self.scope)
+        return not self.scope or any(path_matches(path, p) for p in self.scope)
 
     def example_inputs(self) -> tuple[tuple, dict]:
         """``(args, kwargs)`` to call the model with."""
         return self.example_args, self.example_kwargs
 
 
+def close_matches(word: str, candidates: Iterable[str]) -> str:
+    """A ' (did you mean ...?)' suffix for error messages, or ''."""
+    found = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(f) for f in found)}?)" if found else ""
+
+
+# -- function passes ---------------------------------------------------------------
 def function_pass(
-    name: str | None = None,
+    name: str | Callable | None = None,
     *,
     requires: tuple[str, ...] = (),
     exact: bool = False,
     eval_only: bool = False,
     changes_outputs: bool = True,
-) -> Callable[[Callable], type[Pass]]:
-    """Turn ``def f(gm, ctx, *, opt=default, ...)`` into a pass class.
+) -> Any:
+    """Turn ``def f(gm, ctx, *, opt: T = default, ...)`` into a pass class.
 
-    The keyword-only parameters (with defaults and annotations) become the
-    dataclass fields, i.e. the pass's options.  ``f`` may return a
-    :class:`PassResult`, or a ``GraphModule`` (then ``modified`` is computed by
-    comparing the printed graph before and after).
+    Usable bare (``@function_pass``) or with arguments
+    (``@function_pass("my_pass", exact=True)``); the pass name defaults to the
+    function's name.  The keyword-only parameters (annotations and defaults)
+    become the dataclass fields, i.e. the pass's options; any other parameter
+    besides ``gm`` and ``ctx`` is a ConfigError, as is an option without a
+    default or with a mutable default (use a tuple).  ``f`` returns a
+    :class:`PassResult`, or the ``GraphModule`` (then ``modified`` is whether
+    the printed graph changed: a rewrite of weights alone must return a
+    PassResult to say so).  The class is not registered: pass it to
+    :func:`fxcompress.register` to use it by name, or put it in a pipeline
+    directly.
     """
+    if callable(name):  # used bare: @function_pass
+        return function_pass()(name)
 
     def wrap(fn: Callable) -> type[Pass]:
         pass_name = name or fn.__name__
-        sig = inspect.signature(fn)
-        hints = inspect.get_annotations(fn, eval_str=False)
-        fields_ = []
-        for p in sig.parameters.values():
-            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
-                continue
-            if p.default is inspect.Parameter.empty:
-                raise ConfigError(f"function pass {pass_name!r}: option {p.name!r} needs a default")
-            fields_.append((p.name, hints.get(p.name, Any), field(default=p.default)))
+        if not (pass_name.isidentifier() and pass_name == pass_name.lower()):
+            raise ConfigError(f"function pass name must be snake_case, got {pass_name!r}")
+        fields_ = _option_fields_of(fn, pass_name)
 
         def __call__(self: Pass, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             before = str(gm.graph)
@@ -179,10 +206,11 @@ def function_pass(
             if isinstance(out, PassResult):
                 return out
             if not isinstance(out, fx.GraphModule):
-                raise TypeError(f"function pass {pass_name!r} returned {type(out).__name__}")
+                raise PassError(f"function pass {pass_name!r} must return a GraphModule or a PassResult, "
+                                f"got {type(out).__name__}")
             return PassResult(out, str(out.graph) != before, {})
 
-        cls = dataclasses.make_dataclass(
+        return dataclasses.make_dataclass(
             "".join(part.title() for part in pass_name.split("_")),
             fields_,
             bases=(Pass,),
@@ -198,46 +226,79 @@ def function_pass(
                 "__module__": fn.__module__,
             },
         )
-        return cls
 
     return wrap
 
 
-def check_option_types(cls: type[Pass], options: Mapping[str, Any]) -> None:
-    """Raise ConfigError for unknown options or values of the wrong type."""
-    from .registry import close_matches  # local: registry imports this module
+def _option_fields_of(fn: Callable, pass_name: str) -> list[tuple[str, Any, Any]]:
+    """The dataclass fields of a function pass: its keyword-only parameters."""
+    try:
+        hints = inspect.get_annotations(fn, eval_str=True)
+    except Exception:  # an annotation naming something local: keep the strings, skip type checks
+        hints = inspect.get_annotations(fn)
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    if len(positional) != 2 or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in positional):
+        raise ConfigError(
+            f"function pass {pass_name!r} must be def {fn.__name__}(gm, ctx, *, option=default, ...): "
+            f"options are keyword-only, after '*'"
+        )
+    fields_ = []
+    for p in params[2:]:
+        if p.default is inspect.Parameter.empty:
+            raise ConfigError(f"function pass {pass_name!r}: option {p.name!r} needs a default")
+        if isinstance(p.default, (list, dict, set)):
+            raise ConfigError(f"function pass {pass_name!r}: option {p.name!r} has a mutable default "
+                              f"{p.default!r}; use a tuple or None")
+        fields_.append((p.name, hints.get(p.name, Any), field(default=p.default)))
+    return fields_
 
+
+# -- option checking ----------------------------------------------------------------
+def check_option_types(cls: type[Pass], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate option names and types; return the options with lists made tuples.
+
+    Raises ConfigError for an unknown option (listing the valid ones, with
+    close matches) or a value of the wrong type.  A list given for a
+    ``tuple[...]`` option (as JSON and TOML recipes spell it) becomes a tuple,
+    so the frozen pass stays hashable.
+    """
     fields_ = cls.option_fields()
+    hints = _type_hints(cls)
+    out = {}
     for key, value in options.items():
         if key not in fields_:
             valid = ", ".join(fields_) or "(none)"
-            hint = close_matches(key, fields_)
             raise ConfigError(
-                f"pass {cls.name!r} has no option {key!r}{hint}; valid options: {valid}"
+                f"pass {cls.name!r} has no option {key!r}{close_matches(key, fields_)}; valid options: {valid}"
             )
-        expected = _resolved_type(cls, key)
+        expected = hints.get(key)
         if expected is not None and not _isinstance_loose(value, expected):
             raise ConfigError(
                 f"pass {cls.name!r}: option {key!r} must be {_type_name(expected)}, "
                 f"got {type(value).__name__} {value!r}"
             )
+        out[key] = tuple(value) if isinstance(value, list) and _wants_tuple(expected) else value
+    return out
 
 
-def _resolved_type(cls: type, key: str) -> Any:
-    import typing
-
+def _type_hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of the option fields; unresolvable ones are left out (not checked)."""
     try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # an unresolvable annotation: skip the type check, keep the rest
-        return None
-    return hints.get(key)
+        return typing.get_type_hints(cls)
+    except Exception:
+        return {f.name: f.type for f in dataclasses.fields(cls) if not isinstance(f.type, str)} \
+            if dataclasses.is_dataclass(cls) else {}
+
+
+def _wants_tuple(tp: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_wants_tuple(a) for a in typing.get_args(tp))
+    return tp is tuple or typing.get_origin(tp) is tuple
 
 
 def _isinstance_loose(value: Any, tp: Any) -> bool:
     """isinstance for the annotation forms options use (Union, Literal, tuple[...], ...)."""
-    import types
-    import typing
-
     if tp is Any or tp is None:
         return True
     origin = typing.get_origin(tp)
@@ -252,7 +313,7 @@ def _isinstance_loose(value: Any, tp: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (tuple, list, typing.Sequence):
+    if origin in (tuple, list, typing.Sequence) or tp in (tuple, list):
         if not isinstance(value, (tuple, list)):
             return False
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
@@ -260,15 +321,20 @@ def _isinstance_loose(value: Any, tp: Any) -> bool:
         if origin is tuple and args:
             return len(args) == len(value) and all(map(_isinstance_loose, value, args))
         return not args or all(_isinstance_loose(v, args[0]) for v in value)
-    if origin in (dict, typing.Mapping):
+    if origin in (dict, typing.Mapping) or tp is dict:
         return isinstance(value, dict)
     if origin is not None:
-        return isinstance(value, origin)
+        try:
+            return isinstance(value, origin)
+        except TypeError:
+            return True
     try:
         return isinstance(value, tp)
-    except TypeError:
+    except TypeError:  # a typing construct isinstance cannot check: accept, __post_init__ decides
         return True
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None or isinstance(tp, types.UnionType):
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -1,51 +1,79 @@
 """The pass registry: names to pass classes.
 
-Three sources, in this order of precedence:
+Three sources:
 
-1. passes registered in-process with :func:`register` (user passes);
-2. built-in passes, one module per pass in ``fxcompress.passes`` (the
-   top-level ``passes/`` folder), imported lazily the first time a name is
-   looked up — file name == pass name;
-3. third-party passes advertised through the entry-point group
-   ``fxcompress.passes`` (``name = "pkg.module:PassClass"``).
+1. built-in passes, one module per pass in ``fxcompress.passes`` (the
+   top-level ``passes/`` folder), imported lazily the first time their name
+   is looked up: file name == pass name;
+2. third-party passes advertised through the entry-point group
+   ``fxcompress.passes`` (``name = "pkg.module:PassClass"``), loaded lazily
+   the same way;
+3. passes registered in-process with :func:`register` (user passes).
+
+A name belongs to one pass: :func:`register` refuses a name that a built-in,
+an entry point or another registered class already uses, so no pass can be
+shadowed silently.  Looking names up never imports anything but the one pass
+asked for.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from importlib import metadata
-from typing import Iterable
+from types import ModuleType
 
 from .errors import ConfigError
-from .pass_base import Pass
+from .pass_base import Pass, close_matches
 
-__all__ = ["register", "get_pass", "available_passes", "close_matches"]
+__all__ = ["ENTRY_POINT_GROUP", "register", "get_pass", "available_passes", "close_matches"]
 
 ENTRY_POINT_GROUP = "fxcompress.passes"
+_BUILTIN_PACKAGE = "fxcompress.passes"
 _registered: dict[str, type[Pass]] = {}
 
 
-def register(cls: type[Pass]) -> type[Pass]:
-    """Register a pass class under its ``name`` (usable as a decorator)."""
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _check_pass_class(cls: object, where: str) -> type[Pass]:
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
-        raise ConfigError(f"register() takes a Pass subclass, got {cls!r}")
-    if not cls.name or not cls.name.isidentifier() or cls.name.lower() != cls.name:
-        raise ConfigError(f"pass class {cls.__qualname__} needs a snake_case `name`, got {cls.name!r}")
-    existing = _registered.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ConfigError(
-            f"a pass named {cls.name!r} is already registered ({existing.__module__}); choose another name"
-        )
-    _registered[cls.name] = cls
+        raise ConfigError(f"{where}: expected a Pass subclass, got {cls!r}")
+    if not (cls.name and cls.name.isidentifier() and cls.name == cls.name.lower()):
+        raise ConfigError(f"{where}: pass class {cls.__qualname__} needs a snake_case `name`, got {cls.name!r}")
     return cls
 
 
-def _builtin_names() -> list[str]:
-    import fxcompress.passes as builtins
+def register(cls: type[Pass]) -> type[Pass]:
+    """Register a pass class under its ``name`` (usable as a decorator); returns the class.
 
-    return sorted(m.name for m in pkgutil.iter_modules(builtins.__path__) if not m.name.startswith("_"))
+    Registering the same class again is a no-op.  A name already used by a
+    different registered class, a built-in pass or an installed entry point
+    is a ConfigError naming the owner.
+    """
+    cls = _check_pass_class(cls, "register()")
+    name = cls.name
+    existing = _registered.get(name)
+    if existing is cls:
+        return cls
+    builtin = f"{_BUILTIN_PACKAGE}.{name}"
+    if existing is not None:
+        owner = f"the built-in pass {builtin}" if existing.__module__ == builtin else _qualified(existing)
+    elif name in _builtin_names() and cls.__module__ != builtin:
+        owner = f"the built-in pass {builtin}"
+    elif name in (eps := _entry_points()) and eps[name].value != _qualified(cls):
+        owner = f"the entry point {eps[name].value}"
+    else:
+        _registered[name] = cls
+        return cls
+    raise ConfigError(f"cannot register {_qualified(cls)}: the pass name {name!r} is taken by {owner}; "
+                      f"choose another name")
+
+
+def _builtin_names() -> list[str]:
+    package = importlib.import_module(_BUILTIN_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
 
 
 def _entry_points() -> dict[str, metadata.EntryPoint]:
@@ -53,39 +81,41 @@ def _entry_points() -> dict[str, metadata.EntryPoint]:
 
 
 def available_passes() -> list[str]:
-    """Every pass name that :func:`get_pass` can resolve, sorted."""
+    """Every pass name that :func:`get_pass` can resolve, sorted (imports nothing)."""
     return sorted(set(_registered) | set(_builtin_names()) | set(_entry_points()))
 
 
-def close_matches(word: str, candidates: Iterable[str]) -> str:
-    """A ' (did you mean ...?)' suffix for error messages, or ''."""
-    found = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(repr(f) for f in found)}?)" if found else ""
-
-
 def get_pass(name: str) -> type[Pass]:
-    """The pass class registered under ``name``; ConfigError with close matches if none."""
+    """The pass class named ``name``; ConfigError with close matches if there is none."""
+    if not isinstance(name, str):
+        raise ConfigError(f"a pass name is a str, got {type(name).__name__} {name!r}")
     if name in _registered:
         return _registered[name]
     if name in _builtin_names():
-        module = importlib.import_module(f"fxcompress.passes.{name}")
+        module = importlib.import_module(f"{_BUILTIN_PACKAGE}.{name}")
         return register(_pass_class_in(module, name))
     eps = _entry_points()
     if name in eps:
-        cls = eps[name].load()
-        if not (isinstance(cls, type) and issubclass(cls, Pass)) or cls.name != name:
-            raise ConfigError(
-                f"entry point {name!r} ({eps[name].value}) must name a Pass subclass whose name is {name!r}"
-            )
+        where = f"entry point {name!r} ({eps[name].value}) of group {ENTRY_POINT_GROUP!r}"
+        try:
+            cls = eps[name].load()
+        except Exception as exc:
+            raise ConfigError(f"{where} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        cls = _check_pass_class(cls, where)
+        if cls.name != name:
+            raise ConfigError(f"{where} names a pass called {cls.name!r}; the entry point name must equal it")
         return register(cls)
     known = available_passes()
     raise ConfigError(
-        f"unknown pass {name!r}{close_matches(name, known)}; registered passes: {', '.join(known)}"
+        f"unknown pass {name!r}{close_matches(name, known)}; available passes: {', '.join(known) or '(none)'}"
     )
 
 
-def _pass_class_in(module: object, name: str) -> type[Pass]:
+def _pass_class_in(module: ModuleType, name: str) -> type[Pass]:
+    """The Pass subclass named ``name`` defined in a built-in pass module."""
     for value in vars(module).values():
-        if isinstance(value, type) and issubclass(value, Pass) and value.name == name:
+        if (isinstance(value, type) and issubclass(value, Pass) and value.name == name
+                and value.__module__ == module.__name__):
             return value
-    raise ConfigError(f"built-in pass module {module.__name__} defines no Pass named {name!r}")
+    raise ConfigError(f"built-in pass module {module.__name__} defines no Pass named {name!r}; "
+                      f"a built-in pass's name must equal its file name")

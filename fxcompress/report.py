@@ -36,23 +36,27 @@ def _unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _weights_and_bytes(module: torch.nn.Module) -> tuple[int, int]:
+    """(weight elements, state bytes) from one walk over the state (it is O(modules), not free)."""
+    params = {id(p) for p in module.parameters()}
+    weights = nbytes = 0
+    for name, t in _unique_state(module).items():
+        nbytes += t.numel() * t.element_size()
+        leaf = name.rpartition(".")[2]
+        if id(t) in params or (leaf.endswith(("weight", "bias")) and leaf not in _NON_WEIGHT_BUFFERS):
+            weights += t.numel()
+    return weights, nbytes
+
+
 def state_bytes(module: torch.nn.Module) -> int:
     """Bytes of the state dict's tensors (what a safetensors file holds, headers aside)."""
-    return sum(t.numel() * t.element_size() for t in _unique_state(module).values())
+    return _weights_and_bytes(module)[1]
 
 
 def weight_count(module: torch.nn.Module) -> int:
-    """Number of weight elements: parameters plus integer weight buffers of lowered modules.
-
-    Norm statistics and quantization scales/zero points are not weights.
-    """
-    total = 0
-    params = {id(p) for p in module.parameters()}
-    for name, t in _unique_state(module).items():
-        leaf = name.rpartition(".")[2]
-        if id(t) in params or (leaf.endswith(("weight", "bias")) and leaf not in _NON_WEIGHT_BUFFERS):
-            total += t.numel()
-    return total
+    """Number of weight elements: parameters plus the weight/bias buffers of lowered modules
+    (e.g. int8 weights).  Norm statistics and quantization scales/zero points are not weights."""
+    return _weights_and_bytes(module)[0]
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ def snapshot(gm: fx.GraphModule) -> Snapshot:
     """Measure a shape-annotated graph (MACs need ``tensor_meta``)."""
     from .macs import count_macs
 
-    return Snapshot(len(gm.graph.nodes), weight_count(gm), state_bytes(gm), count_macs(gm))
+    weights, nbytes = _weights_and_bytes(gm)
+    return Snapshot(len(gm.graph.nodes), weights, nbytes, count_macs(gm))
 
 
 @dataclass
@@ -90,6 +95,13 @@ def _human(n: float, unit: str = "") -> str:
             return f"{n:.4g}{suffix}{unit}"
         n /= 1000
     return f"{n:.4g}P{unit}"
+
+
+def _stat(key: str, value: Any) -> str:
+    """One stat for the table: ``key=value``, a dict inline as ``key(k=v, ...)``."""
+    if isinstance(value, dict):
+        return f"{key}(" + ", ".join(f"{k}={v}" for k, v in value.items()) + ")"
+    return f"{key}={value}"
 
 
 def _ratio(after: float, before: float) -> str:
@@ -129,7 +141,7 @@ class Report:
         rows = [["(input)", "", self.before.nodes, _human(self.before.parameters),
                  _human(self.before.state_bytes, "B"), _human(self.before.macs), "", ""]]
         for r in self.rows:
-            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if not isinstance(v, (dict, list)))
+            stats = ", ".join(_stat(k, v) for k, v in r.stats.items() if k != "notes" and v != {})
             rows.append([r.name, "yes" if r.modified else "no", r.after.nodes, _human(r.after.parameters),
                          _human(r.after.state_bytes, "B"), _human(r.after.macs), f"{r.seconds:.3f}s", stats])
         return rows, headers

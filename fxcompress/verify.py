@@ -40,9 +40,13 @@ def role_of(module: nn.Module) -> str | None:
 
 
 def _called_modules(gm: fx.GraphModule) -> Iterable[tuple[fx.Node, nn.Module]]:
+    """``call_module`` nodes with their modules (missing targets are ``_targets_exist``'s report)."""
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            yield node, gm.get_submodule(str(node.target))
+            try:
+                yield node, gm.get_submodule(str(node.target))
+            except AttributeError:
+                continue
 
 
 def stage_of(gm: fx.GraphModule) -> str:
@@ -83,7 +87,7 @@ def _no_leftovers_after_lowering(gm: fx.GraphModule, stage: str) -> list[str]:
     """A lowered graph holds no observer or fake-quant; a folded one no observer."""
     forbidden = {"lowered": ("observer", "fake_quant"), "folded": ("observer",)}.get(stage, ())
     return [
-        f"node {node.name!r}: a {role_of(m)} module ({type(m).__name__}) is left in a {stage} graph"
+        f"node {node.name!r}: module {type(m).__name__} (role {role_of(m)}) is left in a {stage} graph"
         for node, m in _called_modules(gm)
         if role_of(m) in forbidden
     ]
@@ -93,14 +97,21 @@ def _no_leftovers_after_lowering(gm: fx.GraphModule, stage: str) -> list[str]:
 def _mutations_are_last_uses(gm: fx.GraphModule, stage: str) -> list[str]:
     """A node that writes into one of its inputs (``mutates_args`` on its module,
     e.g. oneDNN's fused residual ``sum``) must be that input's last reader:
-    anything reading the tensor afterwards would see the overwritten values."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    anything reading the tensor afterwards would see the overwritten values.
+    The input must also be computed by the graph: overwriting a placeholder
+    or a ``get_attr`` would change the caller's input or the model's state."""
+    order: dict[fx.Node, int] | None = None
     problems = []
     for node, module in _called_modules(gm):
         for index in getattr(module, "mutates_args", ()):
             if index >= len(node.args) or not isinstance(node.args[index], fx.Node):
                 continue
             victim = node.args[index]
+            if victim.op in ("placeholder", "get_attr"):
+                problems.append(f"node {node.name!r} overwrites {victim.op} {victim.name!r} in place")
+                continue
+            if order is None:  # built once, and only for graphs that have mutating modules
+                order = {n: i for i, n in enumerate(gm.graph.nodes)}
             late = [u.name for u in victim.users if u is not node and order[u] > order[node]]
             if late:
                 problems.append(

@@ -1,1 +1,28 @@
-"""Bundled examples (the digits dataset and small CNNs)."""
+"""Small, self-contained examples that run anywhere without downloads.
+
+:mod:`fxcompress.examples.digits` trains small CNNs on scikit-learn's bundled
+8x8 digits images in a few seconds on a CPU: the model behind ``fxcompress
+demo``, the tutorials and the benchmarks that need a real task metric.
+"""
+
+from fxcompress.examples.digits import (
+    DigitsCNN,
+    DigitsData,
+    DigitsResNet,
+    accuracy,
+    load_digits_data,
+    pretrained_digits_cnn,
+    pretrained_digits_resnet,
+    train,
+)
+
+__all__ = [
+    "DigitsCNN",
+    "DigitsData",
+    "DigitsResNet",
+    "accuracy",
+    "load_digits_data",
+    "pretrained_digits_cnn",
+    "pretrained_digits_resnet",
+    "train",
+]

@@ -1,1 +1,56 @@
-"""Quantization runtime."""
+"""Quantization runtime: specs, qparams arithmetic, observers, fake quantization.
+
+Pure tensor and module code (no graph passes): plain int8/uint8 storage,
+float32 scales and int32 zero points; no ``torch.ao.quantization`` and no
+quantized dtypes.  See ``docs/quantization.md``.
+"""
+
+from fxcompress.quant.fake_quant import FakeQuantize
+from fxcompress.quant.hist_observers import (
+    HistogramObserver,
+    HistogramRangeObserver,
+    MSEObserver,
+    PercentileObserver,
+)
+from fxcompress.quant.observer_base import Observer
+from fxcompress.quant.observers import (
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    PerChannelMSEObserver,
+    make_observer,
+)
+from fxcompress.quant.qparams import (
+    apply_per_qparam,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    pack_int,
+    quantize,
+    reduction_view,
+    unpack_int,
+)
+from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
+
+__all__ = [
+    "QuantSpec",
+    "default_weight_spec",
+    "default_activation_spec",
+    "compute_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "pack_int",
+    "unpack_int",
+    "reduction_view",
+    "apply_per_qparam",
+    "Observer",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "HistogramRangeObserver",
+    "HistogramObserver",
+    "PercentileObserver",
+    "MSEObserver",
+    "PerChannelMSEObserver",
+    "make_observer",
+    "FakeQuantize",
+]

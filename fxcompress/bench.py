@@ -1,0 +1,287 @@
+"""Side-by-side comparison of an original model and its compressed version.
+
+:func:`compare` measures, for both models on the same inputs: weight count,
+MACs, serialized size, latency per thread count, the task metric (when an
+``eval_fn`` is given), and how well the compressed outputs agree with the
+original ones.  :class:`Comparison` renders a table (``str``/:meth:`table`)
+and a dict (:meth:`to_dict`).
+
+Guarantees: neither model is modified (parameters, buffers, structure,
+training flag, graph metadata); torch's intra-op thread count is restored
+afterwards; latencies come from ``torch.utils.benchmark`` with the two models
+measured in alternating rounds, so that drift (thermal, frequency, other
+processes) affects both alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import logging
+
+import torch
+from tabulate import tabulate
+from torch import fx, nn
+
+# torch.utils.benchmark imports torch.utils.cpp_extension, which logs a warning about a
+# missing CUDA runtime on CPU-only machines; it is irrelevant to CPU timing.
+_cpp_log = logging.getLogger("torch.utils.cpp_extension")
+_level = _cpp_log.level
+_cpp_log.setLevel(logging.ERROR)
+try:
+    from torch.utils.benchmark import Measurement, Timer
+finally:
+    _cpp_log.setLevel(_level)
+
+from .capture import normalize_inputs, propagate_shapes, trace
+from .errors import InputError
+from .report import weight_count
+
+__all__ = ["Latency", "ModelFigures", "Agreement", "Comparison", "compare", "agreement", "serialized_bytes"]
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Seconds per call at one thread count: median and interquartile range of the timed blocks."""
+
+    threads: int
+    median: float
+    iqr: float
+    blocks: int
+
+
+@dataclass
+class ModelFigures:
+    """What one model costs; ``metric`` is ``eval_fn(model)`` when an eval function was given."""
+
+    parameters: int
+    macs: int
+    serialized_bytes: int
+    latency: dict[int, Latency] = field(default_factory=dict)
+    metric: float | None = None
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely the compressed outputs follow the original ones.
+
+    ``sqnr_db`` is 10·log10(Σ ref² / Σ (ref − out)²) over every floating-point
+    output (``inf`` when identical); ``top1_agreement`` is the fraction of rows
+    whose argmax matches, for classifier-like outputs (the first output is
+    2-D with more than one class), else None.
+    """
+
+    sqnr_db: float
+    max_abs_error: float
+    top1_agreement: float | None
+
+
+@dataclass
+class Comparison:
+    """The result of :func:`compare`."""
+
+    original: ModelFigures
+    compressed: ModelFigures
+    agreement: Agreement
+    threads: tuple[int, ...]
+
+    def speedup(self, threads: int) -> float:
+        """Original median latency / compressed median latency at ``threads`` threads."""
+        return self.original.latency[threads].median / self.compressed.latency[threads].median
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data; an SQNR of identical outputs stays ``inf`` (JSON: ``Infinity``)."""
+
+        def figures(f: ModelFigures) -> dict[str, Any]:
+            d = asdict(f)
+            d["latency"] = {str(t): asdict(lat) for t, lat in f.latency.items()}
+            return d
+
+        return {
+            "threads": list(self.threads),
+            "original": figures(self.original),
+            "compressed": figures(self.compressed),
+            "speedup": {str(t): self.speedup(t) for t in self.threads},
+            "agreement": asdict(self.agreement),
+        }
+
+    def table(self, tablefmt: str = "simple") -> str:
+        """Two tables (tabulate): costs side by side, then agreement."""
+        a, b = self.original, self.compressed
+        rows = [
+            ["parameters", f"{a.parameters:,}", f"{b.parameters:,}", _ratio(b.parameters, a.parameters)],
+            ["MACs", _human(a.macs), _human(b.macs), _ratio(b.macs, a.macs)],
+            ["serialized", _human(a.serialized_bytes, "B"), _human(b.serialized_bytes, "B"),
+             _ratio(b.serialized_bytes, a.serialized_bytes)],
+        ]
+        for t in self.threads:
+            rows.append([f"latency, {t} thread{'s' if t > 1 else ''}", _ms(a.latency[t]), _ms(b.latency[t]),
+                         f"speedup {self.speedup(t):.2f}x"])
+        if a.metric is not None or b.metric is not None:
+            delta = f"{b.metric - a.metric:+.4g}" if a.metric is not None and b.metric is not None else ""
+            rows.append(["task metric", _num(a.metric), _num(b.metric), delta])
+        costs = tabulate(rows, headers=["", "original", "compressed", "change"], tablefmt=tablefmt)
+        g = self.agreement
+        top1 = "-" if g.top1_agreement is None else f"{100 * g.top1_agreement:.2f}%"
+        agree = tabulate([["SQNR", f"{g.sqnr_db:.2f} dB"], ["max abs error", f"{g.max_abs_error:.4g}"],
+                          ["top-1 agreement", top1]], headers=["output agreement", ""], tablefmt=tablefmt)
+        return f"{costs}\n\n{agree}"
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def compare(
+    original: nn.Module,
+    compressed: nn.Module,
+    inputs: Any,
+    *,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    threads: tuple[int, ...] = (1, 2),
+    min_run_time: float = 1.0,
+    rounds: int = 4,
+) -> Comparison:
+    """Measure ``original`` and ``compressed`` side by side on ``inputs``.
+
+    ``inputs`` is one batch, given like ``example_inputs`` of
+    :func:`fxcompress.run` (a tensor, a tuple, or a dict of keyword inputs).
+    For each thread count in ``threads`` the two models are timed in
+    ``rounds`` alternating rounds of ``min_run_time / rounds`` seconds each
+    (the order flips every round); ``threads=()`` skips timing.  MACs are
+    counted on a shape-annotated graph (a model that is not a ``GraphModule``
+    is captured with :func:`fxcompress.trace`).  Both models must be in eval
+    mode, since measuring a model in training mode would update its
+    BatchNorm statistics.
+    """
+    args, kwargs = normalize_inputs(inputs)
+    for role, model in (("original", original), ("compressed", compressed)):
+        if not isinstance(model, nn.Module):
+            raise InputError(f"compare(): {role} must be an nn.Module, got {type(model).__name__}")
+        if model.training:
+            raise InputError(f"compare(): the {role} model is in training mode; measuring it would "
+                             f"update its BatchNorm statistics and randomise dropout: call .eval() first")
+    if not all(isinstance(t, int) and t >= 1 for t in threads):
+        raise InputError(f"compare(): threads must be positive integers, got {threads!r}")
+    if min_run_time <= 0 or rounds < 1:
+        raise InputError(f"compare(): min_run_time must be > 0 and rounds >= 1, got {min_run_time}, {rounds}")
+
+    with torch.inference_mode():
+        ref, out = original(*args, **kwargs), compressed(*args, **kwargs)
+    figures = [ModelFigures(weight_count(m), _macs(m, args, kwargs), serialized_bytes(m)) for m in (original, compressed)]
+    for t, (lat_a, lat_b) in _latencies(original, compressed, args, kwargs, threads, min_run_time, rounds).items():
+        figures[0].latency[t], figures[1].latency[t] = lat_a, lat_b
+    if eval_fn is not None:
+        figures[0].metric, figures[1].metric = float(eval_fn(original)), float(eval_fn(compressed))
+    return Comparison(figures[0], figures[1], agreement(ref, out), tuple(threads))
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    """Size of ``torch.save(model.state_dict())``.
+
+    Caches that lowered modules keep outside their state dict (prepacked
+    kernel weights) are rebuilt on load and therefore not counted.
+    """
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+def agreement(reference: Any, output: Any) -> Agreement:
+    """Compare two (nested) model outputs of the same structure; see :class:`Agreement`."""
+    ref, out = _tensor_leaves(reference), _tensor_leaves(output)
+    if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+        raise InputError(f"the two models' outputs differ in structure: "
+                         f"{[tuple(a.shape) for a in ref]} vs {[tuple(b.shape) for b in out]}")
+    signal = noise = 0.0
+    max_abs = 0.0
+    for a, b in zip(ref, out):
+        if not (a.is_floating_point() or b.is_floating_point()):
+            continue
+        a64, b64 = a.double(), b.double()
+        signal += a64.square().sum().item()
+        noise += (a64 - b64).square().sum().item()
+        if a.numel():
+            max_abs = max(max_abs, (a64 - b64).abs().max().item())
+    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal else -math.inf)
+    top1 = None
+    if ref and ref[0].dim() == 2 and ref[0].shape[1] > 1 and ref[0].is_floating_point():
+        top1 = (ref[0].argmax(1) == out[0].argmax(1)).double().mean().item()
+    return Agreement(sqnr, max_abs, top1)
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value.detach()]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensor_leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensor_leaves(v)]
+    return []
+
+
+def _macs(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """MACs on a shape-annotated graph, without touching ``model``'s own graph metadata."""
+    from .macs import count_macs
+
+    if isinstance(model, fx.GraphModule):
+        # A private graph copy: re-annotating shapes must not rewrite the caller's node.meta.
+        gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
+        propagate_shapes(gm, args, kwargs)
+    else:
+        gm = trace(model, kwargs or args)  # normalize_inputs yields args or kwargs, never both
+    return count_macs(gm)
+
+
+def _latencies(a: nn.Module, b: nn.Module, args: tuple, kwargs: dict, threads: tuple[int, ...],
+               min_run_time: float, rounds: int) -> dict[int, tuple[Latency, Latency]]:
+    saved = torch.get_num_threads()
+    results = {}
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            calls = [_caller(m, args, kwargs) for m in (a, b)]
+            for call in calls:  # warm-up: lazily built kernel caches, allocator, first-call paths
+                call()
+            timers = [Timer("call()", globals={"call": c}, num_threads=t) for c in calls]
+            measured: list[list[Measurement]] = [[], []]
+            for r in range(rounds):
+                order = (0, 1) if r % 2 == 0 else (1, 0)  # flip so neither model always runs first
+                for i in order:
+                    measured[i].append(timers[i].blocked_autorange(min_run_time=min_run_time / rounds))
+            merged = [Measurement.merge(ms)[0] for ms in measured]
+            results[t] = tuple(Latency(t, m.median, m.iqr, len(m.times)) for m in merged)
+    finally:
+        torch.set_num_threads(saved)
+    return results
+
+
+def _caller(model: nn.Module, args: tuple, kwargs: dict) -> Callable[[], Any]:
+    def call() -> Any:
+        with torch.inference_mode():
+            return model(*args, **kwargs)
+
+    return call
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.4g}P{unit}"
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.3f}x" if before else "-"
+
+
+def _ms(lat: Latency) -> str:
+    return f"{lat.median * 1e3:.3f} ms ± {lat.iqr * 1e3:.3f}"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"

@@ -1,0 +1,149 @@
+"""The base class of the lowered integer modules: plain-tensor state, rebuildable kernel cache.
+
+oneDNN's prepacked weights are opaque tensors: they cannot be deep-copied, pickled,
+``torch.save``-d or put in safetensors. A lowered module therefore keeps only plain
+tensors as state (int8/uint8 weights, float32 scales and biases, int32 zero points as in
+:mod:`fxcompress.quant.qparams`) and holds everything derived from them (packed weights,
+Python scalars, dequantized reference weights) in ``self._cache``, a plain attribute that is
+
+* never in ``state_dict()``;
+* dropped by ``load_state_dict``, ``.to()``/``.float()``/any ``_apply``, ``copy.copy``,
+  ``copy.deepcopy`` and pickling;
+* rebuilt lazily on the next call.
+
+Edit state tensors in place only through ``load_state_dict``, or call
+:meth:`LoweredModule.reset_cache` afterwards.
+
+Every subclass declares the ``"lowered"`` stage role (``fxc_role``, read by
+:mod:`fxcompress.verify`) and is registered with :mod:`fxcompress.artifact` when its class
+is created, so lowered graphs save and load as artifacts: stored as ``config()`` plus
+``state_dict()``, rebuilt by the constructor and ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from fxcompress.artifact.modules import register_module, supported_modules
+from fxcompress.errors import ConfigError
+
+__all__ = ["BACKENDS", "LoweredModule", "as_pair", "check_qparams", "summarize"]
+
+#: ``x86``: oneDNN/aten integer kernels where their preconditions hold, reference elsewhere.
+#: ``reference``: portable torch ops only (dequantize, float compute, requantize).
+BACKENDS = ("x86", "reference")
+# Per-input-shape cache entries kept at most (each may hold a packed weight copy);
+# string keys (scalars, reference weights) are not counted.
+_MAX_SHAPES = 8
+
+
+def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """An int or a 2-sequence of ints as a pair (conv/pool hyper-parameters)."""
+    if isinstance(value, int):
+        return (value, value)
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2:
+        raise ConfigError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def check_qparams(scale: float, zero_point: int, what: str) -> None:
+    """Raise :class:`ConfigError` unless ``(scale, zero_point)`` is a valid uint8 qparam pair."""
+    if not (0.0 < float(scale) < float("inf")):
+        raise ConfigError(f"{what} scale must be positive and finite, got {float(scale)}")
+    if not 0 <= int(zero_point) <= 255:
+        raise ConfigError(f"{what} zero point must be in [0, 255] (uint8), got {int(zero_point)}")
+
+
+def summarize(t: torch.Tensor) -> str:
+    """A short text for a scale/zero-point tensor in a ``repr``."""
+    if t.numel() == 1:
+        return f"{t.item():.4g}"
+    f = t.float()
+    return f"[{f.min().item():.3g}..{f.max().item():.3g}]x{t.numel()}"
+
+
+class LoweredModule(nn.Module):
+    """Base of every lowered module.
+
+    Guarantees: ``state_dict()`` holds plain tensors only; ``type(m)(**m.config())``
+    followed by ``load_state_dict(m.state_dict())`` rebuilds an equal module; copies and
+    loads never carry a stale or opaque kernel cache.
+    """
+
+    #: The verifier's stage role: a graph holding one of these is a lowered graph.
+    fxc_role = "lowered"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The registry fills its torch.nn entries lazily, and (fxcompress.artifact.modules
+        # as of this writing) skips that once anything is registered: fill them first.
+        supported_modules()
+        register_module(cls)  # artifact name: "<module>.<qualname>", imported on load
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self._cache: dict[Any, Any] | None = None
+
+    def config(self) -> dict[str, Any]:
+        """The constructor keyword arguments (JSON-serialisable) that rebuild this module."""
+        raise NotImplementedError(f"{type(self).__name__} must define config()")
+
+    def _fxc_config(self) -> dict[str, Any]:
+        return self.config()
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> LoweredModule:
+        module = cls(**config)
+        module.load_state_dict(state)
+        return module
+
+    def reset_cache(self) -> None:
+        """Forget packed weights and derived scalars; the next call rebuilds them."""
+        self._cache = None
+
+    def register_qparams(self, prefix: str) -> None:
+        """Register ``{prefix}_scale`` (float32, 0-d) and ``{prefix}_zero_point`` (int32, 0-d)."""
+        self.register_buffer(f"{prefix}_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer(f"{prefix}_zero_point", torch.zeros((), dtype=torch.int32))
+
+    def set_qparams(self, prefix: str, scale: float | torch.Tensor, zero_point: int | torch.Tensor) -> None:
+        """Validate and store a uint8 qparam pair registered by :meth:`register_qparams`."""
+        scale, zero_point = float(scale), int(zero_point)
+        check_qparams(scale, zero_point, f"{type(self).__name__} {prefix}")
+        getattr(self, f"{prefix}_scale").fill_(scale)
+        getattr(self, f"{prefix}_zero_point").fill_(zero_point)
+        self._cache = None
+
+    def qparams(self, prefix: str) -> tuple[float, int]:
+        """A registered qparam pair as Python scalars."""
+        return (float(getattr(self, f"{prefix}_scale")), int(getattr(self, f"{prefix}_zero_point")))
+
+    @staticmethod
+    def remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+        """Store a per-shape cache entry, evicting the oldest beyond a few shapes; returns ``value``."""
+        shapes = [k for k in cache if not isinstance(k, str)]
+        if len(shapes) >= _MAX_SHAPES:
+            del cache[shapes[0]]
+        cache[key] = value
+        return value
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LoweredModule:
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Drops the opaque oneDNN tensors so copy/deepcopy/pickle work; rebuilt lazily.
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state

@@ -1,0 +1,221 @@
+"""uint8 ops between int8 convs: max pool, adaptive average pool, residual add.
+
+They keep activations uint8 (channels-last) so consecutive int8 ops never round-trip
+through float. Why these implementations (torch 2.14.1, 1 thread, see
+benchmarks/kernels.py): aten's uint8 ``max_pool2d`` raises on channels-last input and
+is ~180x slower than ATen's ``quantized::max_pool2d`` on NCHW; aten has no uint8
+average pool and uint8 ``+`` wraps around; ``onednn::qadd`` reads its uint8 inputs as
+int8 on its vectorised path (wrong for values > 127), so it is not used. Average pooling
+with equal windows and same-shape adds therefore run as oneDNN depthwise int8 convs with
+all-ones weights (exact integer sums, requantized inside the kernel; the add uses the
+fused ``sum``), other cases take the float reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxcompress.errors import InputError, LoweringError
+from fxcompress.quant.kernels import QConvKernel, Support, supports_qconv
+from fxcompress.quant.lowered_base import LoweredModule, as_pair, summarize
+from fxcompress.quant.uint8 import dequantize_uint8, max_pool2d_uint8, quantize_uint8, supports_uint8_max_pool2d
+
+__all__ = ["QuantMaxPool2d", "QuantAdaptiveAvgPool2d", "QuantAdd"]
+
+_REFERENCE_ONLY = Support(False, "backend='reference' was requested")
+
+
+def _check_uint8_4d(x: torch.Tensor, where: str) -> None:
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise InputError(f"{where} expects a 4-D uint8 activation, got {x.dim()}-D {x.dtype}")
+
+
+class QuantMaxPool2d(LoweredModule):
+    """Exact max pool of a uint8 activation; the qparams pass through unchanged (no state)."""
+
+    def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+                 padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                 ceil_mode: bool = False, *, backend: str = "x86") -> None:
+        super().__init__(backend)
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else as_pair(stride, "stride")
+        self.padding, self.dilation = as_pair(padding, "padding"), as_pair(dilation, "dilation")
+        self.ceil_mode = bool(ceil_mode)
+
+    @classmethod
+    def from_float(cls, pool: nn.MaxPool2d, *, backend: str = "x86") -> QuantMaxPool2d:
+        if not isinstance(pool, nn.MaxPool2d) or pool.return_indices:
+            raise LoweringError(f"QuantMaxPool2d.from_float needs an nn.MaxPool2d without indices, got {pool!r}")
+        return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                   backend=backend)
+
+    def config(self) -> dict[str, Any]:
+        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation),
+                "ceil_mode": self.ceil_mode, "backend": self.backend}
+
+    def kernel_support(self) -> Support:
+        """Whether ATen's uint8 ``quantized::max_pool2d`` runs, or why the views version does."""
+        if self.backend == "reference":
+            return _REFERENCE_ONLY
+        if not supports_uint8_max_pool2d():
+            return Support(False, "this torch build has no quantized::max_pool2d CPU kernel")
+        return Support(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_uint8_4d(x, "QuantMaxPool2d")
+        return max_pool2d_uint8(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                self.ceil_mode, use_kernel=self.backend == "x86")
+
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, ceil_mode={self.ceil_mode}, bits=8 (qparams pass "
+                f"through), backend={self.backend}")
+
+
+class QuantAdaptiveAvgPool2d(LoweredModule):
+    """uint8 adaptive average pool with requantization to the output qparams."""
+
+    def __init__(self, output_size: int | Sequence[int], *, backend: str = "x86") -> None:
+        super().__init__(backend)
+        self.output_size = as_pair(output_size, "output_size")
+        self.register_qparams("input")
+        self.register_qparams("output")
+
+    @classmethod
+    def from_float(cls, pool: nn.AdaptiveAvgPool2d, input_scale: float | torch.Tensor,
+                   input_zero_point: int | torch.Tensor, output_scale: float | torch.Tensor,
+                   output_zero_point: int | torch.Tensor, *, backend: str = "x86") -> QuantAdaptiveAvgPool2d:
+        size = pool.output_size
+        if isinstance(size, Sequence) and None in size:
+            raise LoweringError(f"QuantAdaptiveAvgPool2d needs a fixed output size, got {size}")
+        m = cls(size, backend=backend)  # type: ignore[arg-type]
+        m.set_qparams("input", input_scale, input_zero_point)
+        m.set_qparams("output", output_scale, output_zero_point)
+        return m
+
+    def config(self) -> dict[str, Any]:
+        return {"output_size": list(self.output_size), "backend": self.backend}
+
+    def _window(self, shape: Sequence[int]) -> tuple[int, int] | None:
+        (oh, ow), (h, w) = self.output_size, shape[2:]
+        return (h // oh, w // ow) if h % oh == 0 and w % ow == 0 else None
+
+    def kernel_support(self, input_shape: Sequence[int]) -> Support:
+        """Whether the depthwise-conv kernel runs for this ``(N, C, H, W)`` input, or why not."""
+        if self.backend == "reference":
+            return _REFERENCE_ONLY
+        window = self._window(input_shape)
+        if window is None:
+            return Support(False, f"input {tuple(input_shape[2:])} does not split into equal windows "
+                                  f"for output {self.output_size}")
+        return supports_qconv((input_shape[1], 1, *window), input_shape, stride=window,
+                              padding=(0, 0), dilation=(1, 1), groups=input_shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_uint8_4d(x, "QuantAdaptiveAvgPool2d")
+        cache = self._cache if self._cache is not None else self._init_cache()
+        run = cache.get(x.shape[1:])
+        if run is None:
+            run = self.remember(cache, x.shape[1:], self._select(cache, x.shape))
+        return run(x)
+
+    def _init_cache(self) -> dict[Any, Any]:
+        self._cache = {"in": self.qparams("input"), "out": self.qparams("output")}
+        return self._cache
+
+    def _select(self, cache: dict[Any, Any], shape: torch.Size) -> Callable[[torch.Tensor], torch.Tensor]:
+        (xs, xzp), (os_, ozp) = cache["in"], cache["out"]
+        if not self.kernel_support(shape):
+            return lambda x: quantize_uint8(
+                F.adaptive_avg_pool2d(dequantize_uint8(x, xs, xzp), self.output_size), os_, ozp)
+        c, (kh, kw) = shape[1], self._window(shape)
+        # Weights 1 with scale 1/(kh*kw): the kernel sums exactly in int32, then scales.
+        return QConvKernel(torch.ones(c, 1, kh, kw, dtype=torch.int8), torch.full((c,), 1.0 / (kh * kw)),
+                           None, input_shape=shape, input_scale=xs, input_zero_point=xzp,
+                           stride=(kh, kw), padding=(0, 0), dilation=(1, 1), groups=c,
+                           output_scale=os_, output_zero_point=ozp)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, bits=8, in=({summarize(self.input_scale)}, "
+                f"{int(self.input_zero_point)}), out=({summarize(self.output_scale)}, "
+                f"{int(self.output_zero_point)}), backend={self.backend}")
+
+
+class QuantAdd(LoweredModule):
+    """``requant(deq(a) + deq(b))`` (optionally ReLU-ed) of two uint8 activations.
+
+    Same-shape 4-D inputs run as a oneDNN depthwise 1x1 int8 conv of ``a`` (weights 1)
+    with ``b`` fused as ``sum``; ``b`` is copied first because that kernel writes into it.
+    Other shapes (broadcasting, other ranks) take the float reference.
+    """
+
+    def __init__(self, *, relu: bool = False, backend: str = "x86") -> None:
+        super().__init__(backend)
+        self.relu = bool(relu)
+        self.register_qparams("input")
+        self.register_qparams("other")
+        self.register_qparams("output")
+
+    @classmethod
+    def from_qparams(cls, input_qparams: tuple[float, int], other_qparams: tuple[float, int],
+                     output_qparams: tuple[float, int], *, relu: bool = False,
+                     backend: str = "x86") -> QuantAdd:
+        """Build from ``(scale, zero_point)`` pairs of ``a``, ``b`` and the result."""
+        m = cls(relu=relu, backend=backend)
+        m.set_qparams("input", *input_qparams)
+        m.set_qparams("other", *other_qparams)
+        m.set_qparams("output", *output_qparams)
+        return m
+
+    def config(self) -> dict[str, Any]:
+        return {"relu": self.relu, "backend": self.backend}
+
+    def kernel_support(self, a_shape: Sequence[int], b_shape: Sequence[int]) -> Support:
+        """Whether the fused depthwise-conv kernel runs for these input shapes, or why not."""
+        if self.backend == "reference":
+            return _REFERENCE_ONLY
+        if tuple(a_shape) != tuple(b_shape) or len(a_shape) != 4:
+            return Support(False, f"only same-shape 4-D adds are fused, got {tuple(a_shape)} + {tuple(b_shape)}")
+        return supports_qconv((a_shape[1], 1, 1, 1), a_shape, stride=(1, 1), padding=(0, 0),
+                              dilation=(1, 1), groups=a_shape[1], post_op="relu" if self.relu else "none",
+                              residual=True)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dtype != torch.uint8 or b.dtype != torch.uint8:
+            raise InputError(f"QuantAdd expects uint8 activations, got {a.dtype} and {b.dtype}")
+        cache = self._cache if self._cache is not None else self._init_cache()
+        key = (a.shape[1:], b.shape)
+        run = cache.get(key)
+        if run is None:
+            run = self.remember(cache, key, self._select(cache, a.shape, b.shape))
+        return run(a, b)
+
+    def _init_cache(self) -> dict[Any, Any]:
+        self._cache = {"q": (self.qparams("input"), self.qparams("other"), self.qparams("output"))}
+        return self._cache
+
+    def _select(self, cache: dict[Any, Any], a_shape: torch.Size,
+                b_shape: torch.Size) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        (sa, za), (sb, zb), (so, zo) = cache["q"]
+        if not self.kernel_support(a_shape, b_shape):
+            def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                y = dequantize_uint8(a, sa, za) + dequantize_uint8(b, sb, zb)
+                return quantize_uint8(y.relu_() if self.relu else y, so, zo)
+            return reference
+        c = a_shape[1]
+        kernel = QConvKernel(torch.ones(c, 1, 1, 1, dtype=torch.int8), torch.ones(c), None,
+                             input_shape=a_shape, input_scale=sa, input_zero_point=za, stride=(1, 1),
+                             padding=(0, 0), dilation=(1, 1), groups=c,
+                             post_op="relu" if self.relu else "none", output_scale=so,
+                             output_zero_point=zo, residual_scale=sb, residual_zero_point=zb)
+        return lambda a, b: kernel.add_(a, b.clone(memory_format=torch.channels_last))
+
+    def extra_repr(self) -> str:
+        return (f"relu={self.relu}, bits=8, a=({summarize(self.input_scale)}, {int(self.input_zero_point)}), "
+                f"b=({summarize(self.other_scale)}, {int(self.other_zero_point)}), "
+                f"out=({summarize(self.output_scale)}, {int(self.output_zero_point)}), backend={self.backend}")

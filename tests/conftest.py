@@ -1,0 +1,59 @@
+"""Shared test fixtures.
+
+Conventions every test file relies on:
+
+* **Full checks, always.**  An autouse fixture makes ``check="full"`` (and
+  ``progress=False``) the default of :func:`fxcompress.run` for the duration
+  of every test, so each pipeline a test runs is linted, shape-checked,
+  numerically checked for exact passes and stage-verified after every pass.
+  A test that is *about* a lower check level passes ``check=`` explicitly.
+* **Determinism.**  Every test starts from the same global RNG state
+  (``torch``, ``random``); data and weights should still come from seeded
+  generators where the test can say so.
+* **Norm-relative errors.**  Compare outputs with the ``rel_err`` fixture,
+  ‖a − b‖ / ‖a‖, never element-wise.
+* **One torch thread per test process.**  ``make test`` runs two xdist
+  workers on two cores, and OpenMP's spinning barriers make multi-threaded
+  kernels many times slower on a loaded machine (measured: 10x on the zoo).
+  A test about threading sets its own thread count.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import pytest
+import torch
+
+import fxcompress.api
+from fxcompress.manager import relative_error
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def full_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``check="full"`` and ``progress=False`` the defaults of ``fxcompress.run``.
+
+    ``fxcompress.run`` is ``fxcompress.api.run`` (one function object), so
+    patching its keyword defaults reaches every caller, however it was imported.
+    """
+    defaults = fxcompress.api.run.__kwdefaults__
+    monkeypatch.setitem(defaults, "check", "full")
+    monkeypatch.setitem(defaults, "progress", False)
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """Seed the global RNGs before every test; the seed is also available as a fixture."""
+    value = 0
+    torch.manual_seed(value)
+    random.seed(value)
+    return value
+
+
+@pytest.fixture
+def rel_err() -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """``rel_err(a, b)``: ‖a − b‖ / ‖a‖ in float64 (the manager's own measure)."""
+    return relative_error

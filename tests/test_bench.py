@@ -1,0 +1,100 @@
+"""fxcompress.bench.compare: what it measures and what it must not touch (no timing assertions)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import fxcompress
+from fxcompress.bench import agreement, compare, serialized_bytes
+from fxcompress.errors import InputError
+from fxcompress.examples.digits import accuracy, load_digits_data, pretrained_digits_cnn
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_data(0), pretrained_digits_cnn(0)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_identical_models_agree_perfectly(digits) -> None:
+    data, model = digits
+    x = data.test_x[:16]
+    c = compare(model, copy.deepcopy(model), x, threads=(1,), min_run_time=0.02, rounds=2)
+    assert c.agreement.sqnr_db == math.inf
+    assert c.agreement.max_abs_error == 0.0
+    assert c.agreement.top1_agreement == 1.0
+    assert c.original.parameters == c.compressed.parameters == sum(p.numel() for p in model.parameters())
+    assert c.original.serialized_bytes == c.compressed.serialized_bytes == serialized_bytes(model)
+    assert c.original.macs == c.compressed.macs > 0
+    d = c.to_dict()
+    assert set(d) == {"threads", "original", "compressed", "speedup", "agreement"}
+    assert set(d["original"]) == {"parameters", "macs", "serialized_bytes", "latency", "metric"}
+    assert set(d["original"]["latency"]["1"]) == {"threads", "median", "iqr", "blocks"}
+    assert d["original"]["latency"]["1"]["median"] > 0 and set(d["speedup"]) == {"1"}
+    json.dumps(d)  # plain data throughout
+
+
+def test_fused_model_comparison_with_task_metric(digits) -> None:
+    data, model = digits
+    x = data.test_x[:16]
+    fused = fxcompress.run(model, ["fuse_conv_bn", "eliminate_dead_nodes"], (x,)).model
+    c = compare(model, fused, (x,), eval_fn=lambda m: accuracy(m, data.test_x, data.test_y), threads=())
+    assert c.agreement.sqnr_db > 80 and c.agreement.top1_agreement == 1.0
+    assert c.compressed.parameters < c.original.parameters  # the BatchNorm affine parameters are gone
+    assert c.compressed.serialized_bytes < c.original.serialized_bytes
+    assert c.compressed.macs == c.original.macs  # fusion does not change the MAC count
+    assert c.original.metric == c.compressed.metric == accuracy(model, data.test_x, data.test_y)
+    assert c.original.latency == {} and c.to_dict()["speedup"] == {}
+    text = str(c)
+    for label in ("parameters", "MACs", "serialized", "task metric", "SQNR", "top-1 agreement"):
+        assert label in text
+    assert "latency" not in text
+
+
+def test_compare_touches_neither_model_nor_the_thread_count(digits) -> None:
+    data, model = digits
+    x = data.test_x[:8]
+    fused = fxcompress.run(model, ["fuse_conv_bn"], (x,)).model
+    before = (_state(model), _state(fused), fused.code, {n.name: dict(n.meta) for n in fused.graph.nodes})
+    threads = torch.get_num_threads()
+    c = compare(model, fused, x, threads=(threads + 1,), min_run_time=0.02, rounds=2)
+    assert torch.get_num_threads() == threads
+    assert set(c.original.latency) == {threads + 1}
+    for old, new in zip(before[:2], (model.state_dict(), fused.state_dict())):
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    assert fused.code == before[2]
+    assert {n.name: n.meta for n in fused.graph.nodes} == before[3]
+    assert not model.training and not fused.training
+
+
+def test_agreement_closed_form() -> None:
+    ref = torch.tensor([[3.0, 1.0], [0.0, 2.0], [1.0, 4.0]])
+    out = torch.tensor([[3.0, 1.0], [2.5, 2.0], [1.0, 3.0]])  # row 1 flips its argmax
+    g = agreement(ref, out)
+    assert g.sqnr_db == pytest.approx(10 * math.log10(31.0 / (2.5**2 + 1.0)))
+    assert g.max_abs_error == pytest.approx(2.5)
+    assert g.top1_agreement == pytest.approx(2 / 3)
+    # Nested outputs pool signal and noise; a feature map is not classifier-like.
+    maps = agreement({"a": torch.ones(1, 2, 3, 3), "b": (torch.ones(2),)},
+                     {"a": torch.ones(1, 2, 3, 3), "b": (torch.zeros(2),)})
+    assert maps.sqnr_db == pytest.approx(10 * math.log10(20 / 2)) and maps.top1_agreement is None
+
+
+def test_bad_input() -> None:
+    model = torch.nn.Linear(4, 3).eval()
+    with pytest.raises(InputError, match="differ in structure"):
+        agreement(torch.ones(2, 3), (torch.ones(2, 3), torch.ones(1)))
+    with pytest.raises(InputError, match=r"training mode.*call .eval\(\)"):
+        compare(torch.nn.Linear(4, 3), model, torch.ones(2, 4))
+    with pytest.raises(InputError, match="threads must be positive integers"):
+        compare(model, model, torch.ones(2, 4), threads=(0,))
+    with pytest.raises(InputError, match="must be an nn.Module"):
+        compare(model, lambda x: x, torch.ones(2, 4))
