@@ -2,9 +2,9 @@
 
 Conventions every test file relies on:
 
-* **Full checks, always.**  An autouse fixture makes ``check="full"`` (and
-  ``progress=False``) the default of :func:`fxcompress.run` for the duration
-  of every test, so each pipeline a test runs is linted, shape-checked,
+* **Full checks, always.**  An autouse fixture sets ``FXCOMPRESS_CHECK=full``
+  for every test, which makes ``check="full"`` the default of
+  :func:`fxcompress.run`: each pipeline a test runs is linted, shape-checked,
   numerically checked for exact passes and stage-verified after every pass.
   A test that is *about* a lower check level passes ``check=`` explicitly.
 * **Determinism.**  Every test starts from the same global RNG state
@@ -26,7 +26,7 @@ from typing import Callable
 import pytest
 import torch
 
-import fxcompress.api
+from fxcompress.api import CHECK_ENV
 from fxcompress.manager import relative_error
 
 torch.set_num_threads(1)
@@ -34,14 +34,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def full_checks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``check="full"`` and ``progress=False`` the defaults of ``fxcompress.run``.
-
-    ``fxcompress.run`` is ``fxcompress.api.run`` (one function object), so
-    patching its keyword defaults reaches every caller, however it was imported.
-    """
-    defaults = fxcompress.api.run.__kwdefaults__
-    monkeypatch.setitem(defaults, "check", "full")
-    monkeypatch.setitem(defaults, "progress", False)
+    """Make ``check="full"`` the default of ``fxcompress.run`` (through ``$FXCOMPRESS_CHECK``)."""
+    monkeypatch.setenv(CHECK_ENV, "full")
 
 
 @pytest.fixture(autouse=True)
