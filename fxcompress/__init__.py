@@ -14,6 +14,8 @@ from .manager import PassManager
 from .pass_base import Pass, PassContext, PassResult, function_pass
 from .registry import available_passes, get_pass, register
 from .report import Report
+from .train import finetune
+from .artifact import load, save, verify
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,10 @@ __all__ = [
     "register",
     "get_pass",
     "available_passes",
+    "finetune",
+    "save",
+    "load",
+    "verify",
     "errors",
     "__version__",
 ]

@@ -1,0 +1,207 @@
+"""Label tensors: channel indices mapped through ops by running the ops themselves.
+
+A *label tensor* has a node's shape and holds, at every element, the atom of
+the channel it belongs to (``-1`` where there is none).  Ops that only move
+elements (reshape, view, flatten, permute, transpose, getitem, split, chunk)
+are executed on labels, and the dims along which the result varies are its
+channel dims: offsets, flattening, shuffles and head splits are mapped by
+torch itself.  :class:`LabelOps` is the part of the
+:class:`~fxcompress.prune.rules.Analyzer` that does this; it relies on the
+analyzer's ``spaces``/``values`` tables and its ``union``/``freeze``/``unknown``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..ops import Kind, OpInfo
+from .groups import EMPTY, Space
+from .sizes import CountedSize, annotate_sizes, provenance
+
+__all__ = ["LabelOps", "meta_shape", "shape_arguments"]
+
+
+def meta_shape(meta: Any) -> tuple[int, ...] | None:
+    """The shape in a ``tensor_meta`` entry, or None for non-tensors."""
+    return tuple(meta.shape) if hasattr(meta, "shape") and hasattr(meta, "dtype") else None
+
+
+class LabelOps:
+    """Label-tensor execution and the checks on run-time sizes (a mixin of the analyzer)."""
+
+    def labels(self, node: fx.Node) -> Any:
+        space = self.spaces.get(node)
+        meta = node.meta.get("tensor_meta")
+        if isinstance(space, tuple):
+            return tuple(self._expand(s, m) for s, m in zip(space, meta))
+        if isinstance(space, Space):
+            return self._expand(space, meta)
+        return self.values.get(node)
+
+    @staticmethod
+    def _expand(space: Space | None, meta: Any) -> Any:
+        shape = meta_shape(meta)
+        if shape is None or space is None:
+            return None
+        if space.empty:
+            return torch.full((), -1, dtype=torch.long).expand(shape)
+        view = [shape[d] if d in space.dims else 1 for d in range(len(shape))]
+        return space.ids.reshape(view).expand(shape)
+
+    def from_labels(self, labels: torch.Tensor, node: fx.Node) -> Space:
+        """The space of a label tensor: the dims along which the atoms vary."""
+        if labels.dim() == 0 or labels.numel() == 0:
+            return EMPTY
+        first = labels
+        dims = []
+        for d in range(labels.dim()):
+            if labels.shape[d] > 1 and not (labels == labels.narrow(d, 0, 1)).all():
+                dims.append(d)
+        for d in range(labels.dim()):
+            if d not in dims:
+                first = first.narrow(d, 0, 1)
+        ids = first.reshape([labels.shape[d] for d in dims]).clone() if dims else first.reshape(())
+        if not dims:
+            if int(ids) >= 0:  # one channel broadcast everywhere: keep it, its size cannot change
+                self.freeze(ids, f"{node.name}: a single channel spread over a tensor")
+            return EMPTY
+        if (ids < 0).any():
+            self.freeze(ids, f"{node.name}: channels mixed with fixed positions")
+            return EMPTY
+        return Space(tuple(dims), ids)
+
+    def execute(self, node: fx.Node, dense: bool = False) -> Any:
+        """Run ``node`` on label tensors (for tensor inputs) and concrete values.
+
+        ``dense`` materialises the (broadcast) label tensors first, for ops
+        such as ``view`` that need real strides.
+        """
+        def value(n: fx.Node) -> Any:
+            v = self.labels(n)
+            return v.contiguous() if dense and isinstance(v, torch.Tensor) else v
+
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if node.op == "call_module":
+            return self.gm.get_submodule(str(node.target))(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    def _size_value(self, node: fx.Node) -> Any:
+        """Evaluate a non-tensor node; sizes read off channel dims become :class:`CountedSize`."""
+        value = self.execute(node)
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        space = self.space(src)
+        if space.empty:
+            return value
+        reads_size = (node.op == "call_method" and node.target == "size") or (
+            node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+        if not reads_size:
+            return value
+        index = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else node.kwargs.get("dim")
+        ndim = len(meta_shape(src.meta["tensor_meta"]))
+        return annotate_sizes(value, space.dims, space.ids, index % ndim if isinstance(index, int) else None)
+
+    def _check_counted_sizes(self, info: OpInfo) -> None:
+        """A channel count read at run time may only shape a tensor holding those same channels."""
+        node = info.node
+        counted = provenance([self.values.get(a) for a in node.all_input_nodes])
+        if not counted:
+            return
+        x = self.space(info.inputs[0] if info.inputs else None)
+        mine = None if x.empty else torch.unique(x.ids)
+        for atoms in counted:
+            if info.kind is Kind.RESHAPE and mine is not None and torch.equal(torch.unique(atoms), mine):
+                continue
+            self.freeze(atoms, f"{info.op} at node {node.name}: shaped by a channel count read at run time")
+
+    def label_op(self, info: OpInfo) -> None:
+        """Reshape/permute/identity/getitem/split: run the op on labels."""
+        node = info.node
+        before = self.space(info.inputs[0] if info.inputs else None)
+        try:
+            out = self.execute(node, dense=info.op in ("view", "reshape"))
+        except Exception as exc:
+            self.unknown(info, f"{info.op} at node {node.name}: cannot map channels ({type(exc).__name__})")
+            return
+        if isinstance(out, (tuple, list)):
+            self.spaces[node] = tuple(self.from_labels(o, node) if isinstance(o, torch.Tensor) else None
+                                      for o in out)
+            return
+        space = self._with_counted_dims(info, self.from_labels(out, node), tuple(out.shape))
+        if len(space.dims) > len(before.dims):
+            self._keep_rectangular(info, space)
+        self.spaces[node] = space
+
+    def _with_counted_dims(self, info: OpInfo, space: Space, shape: tuple[int, ...]) -> Space:
+        """Add size-1 dims sized by a run-time channel count (``c // g`` when ``c == g``).
+
+        Labels cannot vary along a size-1 dim, but such a dim is still part of
+        the split channel dim: its size changes when channels go.
+        """
+        sizes = _literal_sizes(info)
+        if space.empty or sizes is None:
+            return space
+        counted = {d: self.values.get(s) if isinstance(s, fx.Node) else s for d, s in sizes.items()}
+        extra = [d for d, s in counted.items()
+                 if isinstance(s, CountedSize) and d not in space.dims and d < len(shape) and shape[d] == 1]
+        if not extra:
+            return space
+        dims = tuple(sorted(space.dims + tuple(extra)))
+        return Space(dims, space.ids.reshape([shape[d] for d in dims]))
+
+    def _keep_rectangular(self, info: OpInfo, space: Space) -> None:
+        """A channel dim split into several dims (channel shuffle, head split).
+
+        Removing channels must leave a rectangle, so along every dim but one
+        (the free one) the positions are joined.  The free dim is the one whose
+        size is computed at run time (``-1`` or from ``x.size()``); if every
+        size is a literal, the last one, whose literal is then updated.
+        """
+        node = info.node
+        literal = _literal_sizes(info)
+        free = [d for d in space.dims if literal is None or not _is_literal(literal.get(d))]
+        keep_free = free[-1] if free else space.dims[-1]
+        ids = space.ids
+        for axis, d in enumerate(space.dims):
+            if d == keep_free:
+                continue
+            moved = ids.movedim(axis, 0)
+            for k in range(1, moved.shape[0]):
+                self.union(moved[0], moved[k])
+        if literal is not None:
+            self.resized.append(node)
+
+def _is_literal(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v != -1
+
+
+def shape_arguments(node: fx.Node) -> tuple[int, list] | None:
+    """(first output dim, size list) of a view/reshape/unflatten node, or None."""
+    info_name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if info_name in ("view", "reshape"):
+        rest = list(node.args[1:])
+        if "shape" in node.kwargs:
+            rest = [node.kwargs["shape"]]
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+            return 0, list(rest[0])
+        return 0, rest
+    if info_name == "unflatten":
+        dim, sizes = (list(node.args[1:3]) + [node.kwargs.get("dim"), node.kwargs.get("sizes")])[:2]
+        ndim = len(meta_shape(node.args[0].meta["tensor_meta"]))
+        return (dim % ndim if isinstance(dim, int) else 0), list(sizes or [])
+    return None
+
+
+def _literal_sizes(info: OpInfo) -> dict[int, Any] | None:
+    found = shape_arguments(info.node)
+    if found is None:
+        return None
+    start, sizes = found
+    return {start + i: s for i, s in enumerate(sizes)}
+
+

@@ -1,0 +1,122 @@
+"""The ``prune_channels`` pass: structured channel pruning, physically."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+from torch import fx
+
+from fxcompress.capture import propagate_shapes
+from fxcompress.errors import ConfigError
+from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.prune import (CRITERIA, apply_removal, build_channel_graph, select, taylor_terms,
+                              unit_scores, unused_patterns)
+from fxcompress.prune.selection import group_ratio
+from fxcompress.verify import stage_of
+
+__all__ = ["PruneChannels"]
+
+
+def _check_ratio(name: str, value: Any) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+        raise ConfigError(f"prune_channels: {name} must be a number in [0, 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class PruneChannels(Pass):
+    """Removes ``ratio`` of the channels of every dependency group, physically.
+
+    Channels that must go together (a conv's outputs, the BatchNorm after it,
+    every consumer's inputs, everything joined by residual adds, SE multiplies,
+    concatenation offsets, grouped convs, flatten heads, channel shuffles) form
+    units; units are scored by ``importance`` over all their members and the
+    least important are removed by slicing weights, biases and norm parameters
+    and replacing modules with smaller ones; literal shape arguments are
+    updated and shapes re-propagated.  Output shapes never change; channels
+    whose semantics are unknown, or that touch layers outside ``scope``/``skip``,
+    are frozen (``stats["frozen"]`` says why).
+
+    Options: ``ratio`` in [0, 1); ``importance`` one of l1, l2, taylor (needs
+    ``loss_fn`` and ``calibration_data``), bn_scale, random, or a function
+    ``fn(tensor, dim) -> scores``; ``round_to`` keeps unit counts multiples of
+    N; ``global_ranking`` ranks all groups together (no group losing more than
+    ``max_ratio``); ``min_channels`` per sliced space; ``layer_ratios`` maps
+    module-name patterns to ratios; ``seed`` drives ``random``.
+    """
+
+    name = "prune_channels"
+    exact = False
+    changes_outputs = True
+
+    ratio: float = 0.5
+    importance: Union[str, Callable] = "l2"
+    round_to: int = 1
+    global_ranking: bool = False
+    max_ratio: float = 0.9
+    min_channels: int = 1
+    layer_ratios: dict = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_ratio("ratio", self.ratio)
+        if not (isinstance(self.max_ratio, (int, float)) and 0 < self.max_ratio < 1):
+            raise ConfigError(f"prune_channels: max_ratio must be a number in (0, 1), got {self.max_ratio!r}")
+        for key, name in (("round_to", self.round_to), ("min_channels", self.min_channels)):
+            if not isinstance(name, int) or isinstance(name, bool) or name < 1:
+                raise ConfigError(f"prune_channels: {key} must be an int >= 1, got {name!r}")
+        if not (callable(self.importance) or self.importance in CRITERIA):
+            raise ConfigError(f"prune_channels: importance must be one of {CRITERIA} or a function "
+                              f"fn(tensor, dim) -> scores, got {self.importance!r}")
+        if not isinstance(self.layer_ratios, dict):
+            raise ConfigError(f"prune_channels: layer_ratios must map module patterns to ratios, "
+                              f"got {type(self.layer_ratios).__name__}")
+        for pattern, r in self.layer_ratios.items():
+            if not isinstance(pattern, str):
+                raise ConfigError(f"prune_channels: layer_ratios keys are module-name patterns, got {pattern!r}")
+            _check_ratio(f"layer_ratios[{pattern!r}]", r)
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        stage = stage_of(gm)
+        if stage != "float":
+            raise ConfigError(f"prune_channels: the graph is already {stage} (it holds quantization modules); "
+                              f"prune first, then quantize (see recipes.prune_then_int8)")
+        taylor = taylor_terms(gm, ctx.calibration_data, ctx.loss_fn) if self.importance == "taylor" else None
+        cg = build_channel_graph(gm, ctx.in_scope)
+        unused = unused_patterns(cg, self.layer_ratios)
+        if unused:
+            raise ConfigError(f"prune_channels: layer_ratios patterns {unused} match no prunable layer "
+                              f"(layers: {', '.join(m for g in cg.groups for m in g.modules[:1])})")
+        stats: dict[str, Any] = {"groups": len(cg.groups), "units": cg.n_units}
+        frozen = _frozen_summary(cg)
+        stats["frozen"] = frozen
+        prunable = cg.prunable()
+        if not prunable.any():
+            stats["notes"] = ["every channel group is frozen; the model is returned unchanged: "
+                              + "; ".join(f"{r} ({n} units)" for r, n in list(frozen.items())[:5])]
+            return PassResult(gm, False, stats)
+        scores = unit_scores(gm, cg, self.importance, taylor=taylor, seed=self.seed)
+        removed = select(cg, scores, ratio=self.ratio, layer_ratios=self.layer_ratios,
+                         global_ranking=self.global_ranking, max_ratio=self.max_ratio,
+                         round_to=self.round_to, min_channels=self.min_channels)
+        stats["removed_units"] = int(removed.sum())
+        stats["removed_channels"] = int(removed[cg.unit_of].sum())
+        stats["per_group"] = {
+            g.name: f"{int((~removed[g.units]).sum())}/{len(g.units)}" for g in cg.groups
+            if removed[g.units].any() or group_ratio(g, self.ratio, self.layer_ratios) > 0
+        }
+        if not removed.any():
+            return PassResult(gm, False, stats)
+        stats.update(apply_removal(gm, cg, removed))
+        gm.recompile()
+        propagate_shapes(gm, ctx.example_args, ctx.example_kwargs)  # tensor_meta is true again
+        return PassResult(gm, True, stats)
+
+
+def _frozen_summary(cg: Any) -> dict[str, int]:
+    """Frozen units per reason (the node-specific part kept short), most frequent first."""
+    counts: dict[str, int] = {}
+    for g in cg.groups:
+        for reason, n in g.frozen.items():
+            counts[reason] = counts.get(reason, 0) + n
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,87 @@
+"""Importance criteria, checked against hand computations on the trained digits CNN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxcompress.capture import trace
+from fxcompress.errors import ConfigError
+from fxcompress.examples.digits import load_digits_data, pretrained_digits_cnn
+from fxcompress.prune import build_channel_graph, taylor_terms, unit_scores
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits_data()
+    gm = trace(pretrained_digits_cnn(), (data.test_x[:4],))
+    return gm, build_channel_graph(gm), data
+
+
+def _conv_units(cg):
+    """Units of the `conv` group (conv.0 -> BN conv.1 -> flatten -> fc1), in channel order."""
+    return cg.unit_of[cg.params[("conv.0", "weight", 0)].ids]
+
+
+def test_l2_sums_every_member_of_the_unit(digits):
+    gm, cg, _ = digits
+    conv, bn, fc1 = gm.get_submodule("conv.0"), gm.get_submodule("conv.1"), gm.get_submodule("fc1")
+    # each conv channel feeds 2x2 = 4 consecutive fc1 inputs through the flatten
+    expected = (conv.weight.pow(2).sum(dim=(1, 2, 3)) + bn.weight.pow(2) + bn.bias.pow(2)
+                + fc1.weight.pow(2).reshape(64, 32, 4).sum(dim=(0, 2))).sqrt()
+    scores = unit_scores(gm, cg, "l2")
+    assert torch.allclose(scores[_conv_units(cg)].float(), expected.detach(), rtol=1e-5)
+
+
+def test_l1_and_bn_scale(digits):
+    gm, cg, _ = digits
+    conv, bn, fc1 = gm.get_submodule("conv.0"), gm.get_submodule("conv.1"), gm.get_submodule("fc1")
+    l1 = (conv.weight.abs().sum(dim=(1, 2, 3)) + bn.weight.abs() + bn.bias.abs()
+          + fc1.weight.abs().reshape(64, 32, 4).sum(dim=(0, 2)))
+    assert torch.allclose(unit_scores(gm, cg, "l1")[_conv_units(cg)].float(), l1.detach(), rtol=1e-5)
+    bn_scale = unit_scores(gm, cg, "bn_scale")
+    assert torch.allclose(bn_scale[_conv_units(cg)].float(), bn.weight.abs().detach(), rtol=1e-6)
+    # fc1's hidden units have no norm: they fall back to l2
+    hidden = cg.unit_of[cg.params[("fc1", "weight", 0)].ids]
+    assert torch.equal(bn_scale[hidden], unit_scores(gm, cg, "l2")[hidden])
+
+
+def test_custom_function_is_called_per_member(digits):
+    gm, cg, _ = digits
+    counts = unit_scores(gm, cg, lambda t, dim: torch.ones(t.shape[dim]))
+    # conv.0 row + BN weight + BN bias + 4 fc1 columns
+    assert torch.equal(counts[_conv_units(cg)], torch.full((32,), 7.0, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="one per index"):
+        unit_scores(gm, cg, lambda t, dim: torch.ones(3))
+
+
+def test_random_is_seeded(digits):
+    gm, cg, _ = digits
+    a, b = unit_scores(gm, cg, "random", seed=1), unit_scores(gm, cg, "random", seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, unit_scores(gm, cg, "random", seed=2))
+
+
+def test_taylor_accumulates_weight_times_gradient(digits):
+    gm, cg, data = digits
+    batches = [(data.train_x[i:i + 32], data.train_y[i:i + 32]) for i in (0, 32)]
+    terms = taylor_terms(gm, batches, F.cross_entropy)
+    conv = gm.get_submodule("conv.0")
+    expected = torch.zeros_like(conv.weight)
+    for x, y in batches:
+        grad, = torch.autograd.grad(F.cross_entropy(gm(x), y), [conv.weight])
+        expected += (conv.weight * grad).abs()
+    assert torch.allclose(terms[id(conv.weight)], expected, rtol=1e-4, atol=1e-9)
+    assert all(p.grad is None for p in gm.parameters())
+    scores = unit_scores(gm, cg, "taylor", taylor=terms)
+    assert (scores[_conv_units(cg)] > 0).all()
+
+
+def test_taylor_needs_a_loss_and_data(digits):
+    gm, cg, data = digits
+    with pytest.raises(ConfigError, match="loss_fn and calibration_data"):
+        taylor_terms(gm, None, F.cross_entropy)
+    with pytest.raises(ConfigError, match="loss_fn and calibration_data"):
+        taylor_terms(gm, [(data.train_x[:4], data.train_y[:4])], None)
+    with pytest.raises(ConfigError, match="unknown importance"):
+        unit_scores(gm, cg, "l3")
