@@ -42,7 +42,7 @@ from torch import fx, nn
 
 from fxcompress.errors import InputError
 
-__all__ = ["KINDS", "count_macs", "macs_by_kind"]
+__all__ = ["KINDS", "count_macs", "macs_by_kind", "register_module"]
 
 KINDS: tuple[str, ...] = ("conv", "linear", "matmul", "attention", "other")
 
@@ -276,6 +276,18 @@ _WRAPPED: dict[str, _Counter] = {
     "torchvision.models.swin_transformer.shifted_window_attention": _shifted_window_attention,
 }
 
+_REGISTERED: dict[type[nn.Module], _Counter] = {}
+
+
+def register_module(cls: type[nn.Module], counter: _Counter) -> None:
+    """Count a module type of fxcompress's own (or yours): ``counter(gm, node) -> {kind: macs}``.
+
+    ``kind`` is one of :data:`KINDS`.  Registered types are consulted before
+    the built-in table (subclasses included); register when the class is defined.
+    """
+    _REGISTERED[cls] = counter
+
+
 _MODULES: tuple[tuple[type[nn.Module], _Counter], ...] = (
     (nn.modules.conv._ConvNd, _conv_module),
     (nn.Linear, _linear_module),
@@ -288,7 +300,7 @@ _MODULES: tuple[tuple[type[nn.Module], _Counter], ...] = (
 def _counter_for(gm: fx.GraphModule, node: fx.Node) -> _Counter | None:
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
-        return next((c for cls, c in _MODULES if isinstance(module, cls)), None)
+        return next((c for cls, c in (*_REGISTERED.items(), *_MODULES) if isinstance(module, cls)), None)
     if node.op == "call_method":
         return _METHODS.get(str(node.target))
     if node.op == "call_function":

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
+import torch
 from torch import fx
 
 from fxcompress.capture import propagate_shapes
 from fxcompress.errors import ConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.prune import (CRITERIA, apply_removal, build_channel_graph, select, taylor_terms,
+from fxcompress.prune import (CRITERIA, ChannelGraph, apply_removal, build_channel_graph, select, taylor_terms,
                               unit_scores, unused_patterns)
 from fxcompress.prune.selection import group_ratio
 from fxcompress.verify import stage_of
@@ -37,12 +38,18 @@ class PruneChannels(Pass):
     whose semantics are unknown, or that touch layers outside ``scope``/``skip``,
     are frozen (``stats["frozen"]`` says why).
 
+    Attention layers (``nn.MultiheadAttention``) lose whole heads, at
+    ``head_ratio`` (default ``ratio``), and their input and output widths
+    prune with the residual stream; such a layer becomes a
+    ``PrunedMultiheadAttention`` (``fxcompress.prune.attention``).
+
     Options: ``ratio`` in [0, 1); ``importance`` one of l1, l2, taylor (needs
     ``loss_fn`` and ``calibration_data``), bn_scale, random, or a function
     ``fn(tensor, dim) -> scores``; ``round_to`` keeps unit counts multiples of
     N; ``global_ranking`` ranks all groups together (no group losing more than
     ``max_ratio``); ``min_channels`` per sliced space; ``layer_ratios`` maps
-    module-name patterns to ratios; ``seed`` drives ``random``.
+    module-name patterns to ratios; ``head_ratio`` in [0, 1) or None;
+    ``seed`` drives ``random``.
     """
 
     name = "prune_channels"
@@ -56,10 +63,13 @@ class PruneChannels(Pass):
     max_ratio: float = 0.9
     min_channels: int = 1
     layer_ratios: dict = field(default_factory=dict)
+    head_ratio: Optional[float] = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_ratio("ratio", self.ratio)
+        if self.head_ratio is not None:
+            _check_ratio("head_ratio", self.head_ratio)
         if not (isinstance(self.max_ratio, (int, float)) and 0 < self.max_ratio < 1):
             raise ConfigError(f"prune_channels: max_ratio must be a number in (0, 1), got {self.max_ratio!r}")
         for key, name in (("round_to", self.round_to), ("min_channels", self.min_channels)):
@@ -81,40 +91,51 @@ class PruneChannels(Pass):
         if stage != "float":
             raise ConfigError(f"prune_channels: the graph is already {stage} (it holds quantization modules); "
                               f"prune first, then quantize (see recipes.prune_then_int8)")
+        # gradients are measured on the graph as it is, before anything is analysed or sliced
         taylor = taylor_terms(gm, ctx.calibration_data, ctx.loss_fn) if self.importance == "taylor" else None
+        # which channels (and attention heads) must go together, and which must stay
         cg = build_channel_graph(gm, ctx.in_scope)
         unused = unused_patterns(cg, self.layer_ratios)
         if unused:
             raise ConfigError(f"prune_channels: layer_ratios patterns {unused} match no prunable layer "
                               f"(layers: {', '.join(m for g in cg.groups for m in g.modules[:1])})")
-        stats: dict[str, Any] = {"groups": len(cg.groups), "units": cg.n_units}
         frozen = _frozen_summary(cg)
-        stats["frozen"] = frozen
-        prunable = cg.prunable()
-        if not prunable.any():
+        stats: dict[str, Any] = {"groups": len(cg.groups), "units": cg.n_units, "frozen": frozen}
+        if not cg.prunable().any():
             stats["notes"] = ["every channel group is frozen; the model is returned unchanged: "
                               + "; ".join(f"{r} ({n} units)" for r, n in list(frozen.items())[:5])]
             return PassResult(gm, False, stats)
+        # the least important units of every group go
         scores = unit_scores(gm, cg, self.importance, taylor=taylor, seed=self.seed)
-        removed = select(cg, scores, ratio=self.ratio, layer_ratios=self.layer_ratios,
+        removed = select(cg, scores, ratio=self.ratio, layer_ratios=self.layer_ratios, head_ratio=self.head_ratio,
                          global_ranking=self.global_ranking, max_ratio=self.max_ratio,
                          round_to=self.round_to, min_channels=self.min_channels)
-        stats["removed_units"] = int(removed.sum())
-        stats["removed_channels"] = int(removed[cg.unit_of].sum())
-        stats["per_group"] = {
-            g.name: f"{int((~removed[g.units]).sum())}/{len(g.units)}" for g in cg.groups
-            if removed[g.units].any() or group_ratio(g, self.ratio, self.layer_ratios) > 0
-        }
+        stats.update(self._removed_summary(cg, removed))
         if not removed.any():
             return PassResult(gm, False, stats)
+        # slice physically, then prove the graph still holds by propagating shapes through it
         stats.update(apply_removal(gm, cg, removed))
         gm.recompile()
         propagate_shapes(gm, ctx.example_args, ctx.example_kwargs)  # tensor_meta is true again
         return PassResult(gm, True, stats)
 
+    def _removed_summary(self, cg: ChannelGraph, removed: torch.Tensor) -> dict[str, Any]:
+        """Units, channels and heads removed, and kept/total units of every group that was asked to shrink."""
+        is_head = torch.zeros(cg.n_units, dtype=torch.bool)
+        for g in cg.groups:
+            is_head[g.units] = g.heads
+        return {
+            "removed_units": int(removed.sum()),
+            "removed_channels": int((removed & ~is_head)[cg.unit_of].sum()),
+            "removed_heads": int((removed & is_head).sum()),
+            "per_group": {g.name: f"{int((~removed[g.units]).sum())}/{len(g.units)}" for g in cg.groups
+                          if removed[g.units].any()
+                          or group_ratio(g, self.ratio, self.layer_ratios, self.head_ratio) > 0},
+        }
 
-def _frozen_summary(cg: Any) -> dict[str, int]:
-    """Frozen units per reason (the node-specific part kept short), most frequent first."""
+
+def _frozen_summary(cg: ChannelGraph) -> dict[str, int]:
+    """Frozen units per reason, most frequent first."""
     counts: dict[str, int] = {}
     for g in cg.groups:
         for reason, n in g.frozen.items():

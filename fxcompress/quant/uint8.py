@@ -71,6 +71,7 @@ def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tens
     fake-quant graph) for a float32 ``scale``. Keeps the memory format of a contiguous
     or channels-last input; computes in float32 whatever the input's float dtype.
     """
+    x = x.detach()  # integer codes carry no gradient; the chunked path writes with out=
     if x.dtype != torch.float32:
         x = x.float()
     bias = zero_point + _MAGIC

@@ -1,0 +1,264 @@
+"""Quantized weighted layers at each stage: observed, fake-quantized, folded.
+
+A conv, linear or embedding module that ``insert_observers`` quantizes is
+replaced, at the same module path, by a wrapper holding the original module
+and its weight quantizer.  The graph keeps its ``call_module`` node and the
+node's target, so scope patterns, metadata and the surrounding graph are
+untouched; only the module changes, stage by stage:
+
+* :class:`ObservedLayer` (role ``observer``): the float module plus a
+  calibrated weight observer; computes exactly what the float module computes.
+* :class:`FakeQuantLayer` (role ``fake_quant``): the float module plus a
+  :class:`~fxcompress.quant.fake_quant.FakeQuantize` for its weight; computes
+  with ``dequantize(quantize(weight))`` and trains through it (QAT).
+* :class:`FoldedLayer` (role ``folded``): integer weight storage (``weight``:
+  int8/uint8, or 4-/2-bit values packed into uint8), ``weight_scale`` and
+  ``weight_zero_point`` buffers, and the original module emptied of its weight
+  (it keeps its float ``bias`` and its hyperparameters).  Computes with the
+  dequantized weight: the reference semantics the lowering pass replaces with
+  integer kernels.
+
+Each wrapper describes itself (:func:`fxcompress.ops.describe`) as the op of
+the module it wraps, so analyses still see a conv / linear / embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxcompress.ops import Kind, describe, register_module
+from fxcompress.quant.fake_quant import FakeQuantize
+from fxcompress.quant.observer_base import Observer
+from fxcompress.quant.qparams import dequantize, pack_int, quantize, unpack_int
+from fxcompress.quant.spec import QuantSpec
+
+__all__ = [
+    "WEIGHTED_TYPES",
+    "layer_support",
+    "weighted_forward",
+    "ObservedLayer",
+    "FakeQuantLayer",
+    "FoldedLayer",
+    "QUANTIZED_LAYERS",
+]
+
+_EPS = torch.finfo(torch.float32).eps
+_CONV_TRANSPOSE: dict[int, Callable[..., torch.Tensor]] = {
+    1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d,
+}
+#: Module types whose weight fxcompress quantizes, with the ``forward`` they must keep.
+WEIGHTED_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear, nn.Embedding,
+)
+
+
+def layer_support(module: nn.Module) -> str | None:
+    """Why ``module``'s weight cannot be quantized by a layer wrapper, or None if it can.
+
+    Accepted: the torch conv / transposed conv / linear / embedding classes
+    and subclasses that keep torch's ``forward`` (such as
+    ``NonDynamicallyQuantizableLinear``), without hooks or parametrizations,
+    with zero padding for transposed convs and no ``max_norm`` for embeddings
+    (it renormalises the weight in place).
+    """
+    if getattr(type(module), "fxc_role", None) is not None:
+        return f"already quantized ({type(module).__name__})"
+    base = next((t for t in WEIGHTED_TYPES if isinstance(module, t)), None)
+    if base is None:
+        return f"{type(module).__name__} is not a conv, linear or embedding module"
+    if type(module).forward is not base.forward:
+        return f"{type(module).__name__} overrides forward"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "the module has forward hooks"
+    if nn.utils.parametrize.is_parametrized(module):
+        return "the weight is parametrized"
+    if not isinstance(getattr(module, "weight", None), torch.Tensor) or not module.weight.is_floating_point():
+        return "the module has no floating-point weight"
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return "embedding with max_norm renormalises its weight in place"
+    return None
+
+
+def weighted_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """What ``module`` computes on ``x``, with ``weight`` and ``bias`` in place of its own."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        fn = _CONV_TRANSPOSE[len(module.kernel_size)]
+        return fn(x, weight, bias, module.stride, module.padding, module.output_padding,
+                  module.groups, module.dilation)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module._conv_forward(x, weight, bias)
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    return F.embedding(x, weight, module.padding_idx, None, module.norm_type,
+                       module.scale_grad_by_freq, module.sparse)
+
+
+class ObservedLayer(nn.Module):
+    """A float conv / linear / embedding with a calibrated weight observer.
+
+    The observer sees the weight once, when the layer is built (a weight is a
+    constant), and ``weight_scale`` / ``weight_zero_point`` hold its qparams
+    from then on.  ``forward`` is the float module's.
+    """
+
+    fxc_role = "observer"
+
+    def __init__(self, module: nn.Module, observer: Observer) -> None:
+        super().__init__()
+        self.module = module
+        self.weight_observer = observer
+        with torch.no_grad():
+            observer(module.weight.detach())
+        scale, zero_point = observer.calculate_qparams()
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", zero_point)
+        self.train(module.training)  # a wrapper follows the mode of the module it wraps
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.weight_observer.spec
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight's ``(scale, zero_point)``."""
+        return self.weight_scale, self.weight_zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+class FakeQuantLayer(nn.Module):
+    """A conv / linear / embedding computing with its fake-quantized weight (QAT).
+
+    Gradients reach the float weight through the straight-through estimator
+    (and the scale, when learnable); the bias stays float.
+    """
+
+    fxc_role = "fake_quant"
+
+    def __init__(self, module: nn.Module, fake_quant: FakeQuantize) -> None:
+        super().__init__()
+        self.module = module
+        self.weight_fake_quant = fake_quant
+        self.train(module.training)
+
+    @classmethod
+    def from_observed(cls, layer: ObservedLayer, *, learnable_scale: bool = False) -> "FakeQuantLayer":
+        """Start from the observed layer's qparams (the observer is kept, frozen)."""
+        fq = FakeQuantize(layer.spec, layer.weight_observer, learnable=learnable_scale)
+        fq.set_qparams(*layer.qparams())
+        fq.freeze_observer()
+        return cls(layer.module, fq)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.weight_fake_quant.spec
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight's current ``(scale, zero_point)`` (detached; a learnt scale clamped as forward clamps it)."""
+        scale, zero_point = self.weight_fake_quant.calculate_qparams()
+        return scale.clamp(min=_EPS), zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return weighted_forward(self.module, x, self.weight_fake_quant(self.module.weight), self.bias)
+
+
+class FoldedLayer(nn.Module):
+    """A conv / linear / embedding whose weight is stored as integers.
+
+    State: ``weight`` (the integer values: ``int8`` signed or ``uint8``
+    unsigned for 8, 7, 6, 5 and 3 bits, unpacked in the float weight's shape;
+    for 4 and 2 bits the values of the weight flattened in row-major order,
+    packed two or four to a ``uint8`` byte by :func:`~fxcompress.quant.pack_int`),
+    ``weight_scale`` (float32) and ``weight_zero_point`` (int32) of shape
+    ``[]``, ``[C]`` or ``[C, G]`` along ``spec.axis``, and ``module``: the
+    original module without its weight (it keeps ``bias`` and every
+    hyperparameter).  :meth:`int_weight` gives the unpacked integers,
+    :meth:`dequantized_weight` the float weight the forward uses.
+    """
+
+    fxc_role = "folded"
+
+    def __init__(self, module: nn.Module, q: torch.Tensor, scale: torch.Tensor,
+                 zero_point: torch.Tensor, spec: QuantSpec) -> None:
+        super().__init__()
+        module.weight = None  # the float weight leaves the state: only integers remain
+        self.module = module
+        self.spec = spec
+        self.weight_shape = tuple(q.shape)
+        self.packed = spec.bits in (2, 4)
+        self.register_buffer("weight", pack_int(q.reshape(-1), spec.bits) if self.packed else q.clone())
+        self.register_buffer("weight_scale", scale.detach().to(torch.float32).clone())
+        self.register_buffer("weight_zero_point", zero_point.detach().to(torch.int32).clone())
+        self.train(module.training)
+
+    @classmethod
+    def fold(cls, layer: ObservedLayer | FakeQuantLayer) -> "FoldedLayer":
+        """Quantize the layer's (possibly fine-tuned) weight with its qparams."""
+        scale, zero_point = layer.qparams()
+        with torch.no_grad():
+            q = quantize(layer.module.weight.detach(), scale, zero_point, layer.spec)
+        return cls(layer.module, q, scale, zero_point, layer.spec)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    def int_weight(self) -> torch.Tensor:
+        """The integer weight values, unpacked, in the float weight's shape."""
+        if not self.packed:
+            return self.weight
+        flat = unpack_int(self.weight, self.spec.bits, (math.prod(self.weight_shape),), signed=self.spec.signed)
+        return flat.reshape(self.weight_shape)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``(q - zero_point) * scale`` in float32: the weight the forward computes with."""
+        return dequantize(self.int_weight(), self.weight_scale, self.weight_zero_point, axis=self.spec.axis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return weighted_forward(self.module, x, self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        storage = f"packed {self.spec.bits}-bit" if self.packed else str(self.weight.dtype).removeprefix("torch.")
+        return (f"bits={self.spec.bits}, signed={self.spec.signed}, symmetric={self.spec.symmetric}, "
+                f"granularity={self.spec.granularity}, axis={self.spec.axis}, weight={storage} "
+                f"{list(self.weight_shape)}")
+
+
+#: The layer wrapper classes, one per stage.
+QUANTIZED_LAYERS: tuple[type[nn.Module], ...] = (ObservedLayer, FakeQuantLayer, FoldedLayer)
+
+# describe() of a wrapper is describe() of the module it wraps: a probe node whose
+# target is the wrapper's child "module", resolved against the wrapper itself.
+_PROBE = fx.Graph().call_module("module", ())
+
+
+def _wrapped_op(layer: nn.Module) -> tuple[Kind, str, dict]:
+    info = describe(_PROBE, layer)  # type: ignore[arg-type]  # only get_submodule is used
+    return info.kind, info.op, dict(info.params)
+
+
+for _cls in QUANTIZED_LAYERS:
+    register_module(_cls, _wrapped_op)

@@ -1,0 +1,104 @@
+"""Lowered modules built from folded ones: static int8 conv/linear, and the float twins.
+
+A :class:`~fxcompress.quant.layers.FoldedLayer` holds integer weights with scales and
+zero points; :func:`layer_problem` says whether the x86 int8 kernels can take it (2-D
+conv or linear, signed symmetric weights of at most 8 bits per tensor or per output
+channel, zero points 0), and :func:`quant_conv` / :func:`quant_linear` build the lowered
+module with the activation qparams the graph gives. :func:`float_twin` is the float
+module computing what a folded layer computes (its dequantized weight): what a layer
+becomes when int8 is slower, and what the speed check compares against.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fxcompress.quant.activations import QDQ
+from fxcompress.quant.layers import FoldedLayer
+from fxcompress.quant.lowered import QuantConv2d, QuantLinear
+
+__all__ = ["QParams", "uint8_qparams", "layer_problem", "float_twin", "quant_conv", "quant_linear"]
+
+
+@dataclass(frozen=True)
+class QParams:
+    """A uint8 activation's per-tensor ``(scale, zero_point)``."""
+
+    scale: float
+    zero_point: int
+
+
+def uint8_qparams(qdq: QDQ) -> QParams | None:
+    """The qparams of a quantize-dequantize the uint8 kernels reproduce exactly, else None.
+
+    That is 8-bit unsigned (codes 0..255) per tensor: the kernels requantize onto
+    exactly that range.
+    """
+    spec = qdq.spec
+    if spec.dtype != torch.uint8 or (spec.qmin, spec.qmax) != (0, 255) or qdq.scale.numel() != 1:
+        return None
+    return QParams(float(qdq.scale.reshape(())), int(qdq.zero_point.reshape(())))
+
+
+def layer_problem(layer: FoldedLayer) -> str | None:
+    """Why the x86 int8 conv/linear cannot take this folded layer, or None when it can."""
+    module, spec = layer.module, layer.spec
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return (f"conv padding {module.padding!r}, mode {module.padding_mode!r}: the kernel takes "
+                    f"numeric zero padding only")
+    elif not isinstance(module, nn.Linear):
+        return f"no int8 kernel for {type(module).__name__} (2-D convs and linears only)"
+    if not (spec.signed and spec.symmetric):
+        return "weights are not signed symmetric (the int8 kernels ignore weight zero points)"
+    if spec.granularity == "per_group":
+        return "weights are quantized per group; the kernels take one scale per output channel"
+    if spec.granularity == "per_channel" and spec.axis % len(layer.weight_shape) != 0:
+        return f"per-channel weights along axis {spec.axis}; the kernels take output channels (axis 0)"
+    if bool((layer.weight_zero_point != 0).any()):
+        return "weight zero points are not 0"
+    return None
+
+
+def _weight_scale(layer: FoldedLayer) -> torch.Tensor:
+    """One scale per output channel (a per-tensor scale repeated)."""
+    out_channels = layer.weight_shape[0]
+    return layer.weight_scale.detach().float().reshape(-1).expand(out_channels).contiguous() \
+        if layer.weight_scale.numel() == 1 else layer.weight_scale.detach().float().reshape(out_channels)
+
+
+def float_twin(layer: FoldedLayer) -> nn.Module:
+    """A copy of the layer's float module computing with its dequantized weight."""
+    twin = copy.deepcopy(layer.module)  # holds no weight: the copy is of bias and hyperparameters
+    twin.weight = nn.Parameter(layer.dequantized_weight().detach(), requires_grad=False)
+    return twin
+
+
+def quant_conv(layer: FoldedLayer, x: QParams, out: QParams | None, *, post_op: str,
+               post_op_args: tuple[float, ...], residual: QParams | None | bool, backend: str) -> QuantConv2d:
+    """A :class:`QuantConv2d` for a folded 2-D conv; ``out=None`` gives a float32 output.
+
+    ``residual``: False for none, the residual's qparams for a uint8 output, True for a
+    float output (float residual).
+    """
+    fused = residual is not False
+    r = residual if isinstance(residual, QParams) else None
+    return QuantConv2d.from_float(
+        float_twin(layer), _weight_scale(layer), x.scale, x.zero_point,
+        None if out is None else out.scale, 0 if out is None else out.zero_point,
+        post_op=post_op, post_op_args=post_op_args, residual=fused,
+        residual_scale=None if r is None else r.scale, residual_zero_point=0 if r is None else r.zero_point,
+        backend=backend)
+
+
+def quant_linear(layer: FoldedLayer, x: QParams, out: QParams | None, *, post_op: str,
+                 post_op_args: tuple[float, ...], backend: str) -> QuantLinear:
+    """A :class:`QuantLinear` for a folded linear; ``out=None`` gives a float32 output."""
+    return QuantLinear.from_float(
+        float_twin(layer), _weight_scale(layer), x.scale, x.zero_point,
+        None if out is None else out.scale, 0 if out is None else out.zero_point,
+        post_op=post_op, post_op_args=post_op_args, backend=backend)

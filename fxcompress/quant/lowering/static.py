@@ -1,0 +1,414 @@
+"""Static int8 lowering: a folded graph becomes a graph of lowered modules.
+
+The folded graph computes every quantized value as ``QDQ(v)`` (a quantize-dequantize
+in float) and every quantized layer with its dequantized integer weight. The lowered
+graph is built node by node in a new ``fx.Graph``; each folded value may get two forms:
+
+* a **uint8 form** (:meth:`StaticLowering.uint8`): the integer codes, channels-last,
+  with per-tensor qparams. ``QDQ(v)`` has one: emitted by the int8 kernel computing
+  ``v`` (requantized inside it), or by a uint8 add / average pool, or else a
+  :class:`Quantize`. Max pooling, reshapes, permutes, no-ops and concatenations of
+  uint8 forms with equal qparams have one too, computed on the codes.
+* a **float form** (:meth:`StaticLowering.float`): for the ops that stay float; for a
+  ``QDQ`` it is a :class:`Dequantize` of its uint8 form (the same values).
+
+Both are made on demand, so a value that only int8 ops read never goes through float,
+and a ``Dequantize`` appears exactly where a float op reads a quantized value. Nodes
+that are only ever needed in one form are only computed in that form.
+
+Lowered activations are channels-last (what the kernels want), so ``x.view(...)`` calls
+become ``x.reshape(...)`` (a view wherever one exists, a copy where channels-last needs it).
+
+Each quantized conv/linear becomes :class:`QuantConv2d`/:class:`QuantLinear` with its
+fused chain (:mod:`.chains`); one the kernels cannot take keeps its
+:class:`FoldedLayer` (integer storage, dequantize + float compute: the reference
+path), with the reason recorded.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import fx, nn
+
+from fxcompress.ops import Kind, describe
+from fxcompress.pass_base import PassContext
+from fxcompress.quant.activations import QDQ
+from fxcompress.quant.layers import FoldedLayer
+from fxcompress.quant.lowered import (
+    Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv2d, QuantMaxPool2d, Quantize,
+)
+from fxcompress.quant.lowering.build import QParams, float_twin, layer_problem, quant_conv, quant_linear, uint8_qparams
+from fxcompress.quant.lowering.chains import FusedChain, match_chain
+
+__all__ = ["LOWERED_CONTAINER", "LoweringStats", "StaticLowering", "Decide"]
+
+#: The submodule holding the lowered modules that have no folded module to replace.
+LOWERED_CONTAINER = "fxc_lowered"
+# Ops that give uint8 codes of their (first) uint8 input unchanged in value.
+_CODE_KINDS = (Kind.RESHAPE, Kind.PERMUTE, Kind.GETITEM, Kind.SPLIT)
+# The stats kind of each uint8 op made between int8 layers.
+_KIND_OF = {QuantMaxPool2d: "max_pool", QuantAdd: "add", QuantAdaptiveAvgPool2d: "avg_pool"}
+# Modules whose output is a fresh tensor: a fused residual add may write into it.
+_FRESH = (Quantize, Dequantize, QuantConv2d, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
+
+#: ``decide(node, lowered_module, float_module) -> None`` to lower it, or the reason to keep it float.
+Decide = Callable[[fx.Node, LoweredModule, nn.Module], "str | None"]
+
+
+@dataclass
+class LoweringStats:
+    """What the lowering did, for the pass's stats."""
+
+    int8_ops: Counter = field(default_factory=Counter)  # kind -> count
+    float_nodes: dict[str, str] = field(default_factory=dict)  # quantized-layer node -> why not int8
+    # node -> (module, the arguments of its kernel_support(): input shapes where they matter)
+    lowered: dict[str, tuple[LoweredModule, tuple]] = field(default_factory=dict)
+    boundaries: Counter = field(default_factory=Counter)  # "quantize" / "dequantize" -> count
+
+
+class StaticLowering:
+    """One lowering of ``gm`` (see the module docstring); :meth:`run` rewrites it in place."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext, backend: str, decide: Decide | None = None) -> None:
+        self.gm, self.ctx, self.backend, self.decide = gm, ctx, backend, decide
+        self.old = gm.graph
+        self.new = fx.Graph(owning_module=gm)
+        self.floats: dict[fx.Node, fx.Node] = {}
+        self.codes: dict[fx.Node, tuple[fx.Node, QParams]] = {}
+        self.chains: dict[fx.Node, FusedChain] = {}  # op node -> its chain, for the ops lowered
+        self.ends: dict[fx.Node, fx.Node] = {}  # chain end -> op node: where the op is emitted
+        self.targets: set[str] = set()  # folded-layer paths already holding a lowered module
+        self.inside: set[fx.Node] = set()  # chain nodes the lowered ops absorb
+        self.deferred: set[fx.Node] = set()  # pure nodes computed only when a form is asked for
+        self.on_demand: list[fx.Node] = []  # new nodes made when a form was asked for (all pure)
+        existing = getattr(gm, LOWERED_CONTAINER, None)  # an earlier lowering's (lower runs twice)
+        self.container = existing if isinstance(existing, nn.ModuleDict) else nn.ModuleDict()
+        self.stats = LoweringStats()
+        self._capable: dict[fx.Node, QParams | None] = {}
+
+    # -- planning ---------------------------------------------------------------
+    def _module(self, node: fx.Node) -> nn.Module | None:
+        return self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+    def _qdq(self, node: fx.Node) -> QParams | None:
+        """The uint8 qparams of a QDQ node the kernels reproduce, else None."""
+        module = self._module(node)
+        return uint8_qparams(module) if isinstance(module, QDQ) else None
+
+    def has_codes(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value can have a uint8 form without a float round trip."""
+        return self.code_qparams(node) is not None
+
+    def code_qparams(self, node: fx.Node) -> QParams | None:
+        """The qparams of ``node``'s uint8 form, or None when it cannot have one (memoised)."""
+        if node not in self._capable:
+            self._capable[node] = self._find_qparams(node)
+        return self._capable[node]
+
+    def _find_qparams(self, node: fx.Node) -> QParams | None:
+        found = self._qdq(node)
+        if found is not None or node.op not in ("call_module", "call_function", "call_method"):
+            return found
+        info = describe(node, self.gm)
+        if info.kind is Kind.CONCAT and info.op == "cat":
+            inputs = [self.code_qparams(i) if isinstance(i, fx.Node) else None for i in info.inputs]
+            return inputs[0] if inputs and None not in inputs and len(set(inputs)) == 1 else None
+        first = info.inputs[0] if info.inputs and isinstance(info.inputs[0], fx.Node) else None
+        if first is None:
+            return None
+        if info.kind is Kind.IDENTITY and not info.params.get("training", False) or info.kind in _CODE_KINDS:
+            return self.code_qparams(first)
+        if info.kind is Kind.POOL and info.op == "max_pool2d" and not info.params.get("return_indices") \
+                and len(self._shape(first)) == 4:
+            return self.code_qparams(first)
+        return None
+
+    @staticmethod
+    def _shape(node: fx.Node) -> tuple[int, ...]:
+        meta = node.meta.get("tensor_meta")
+        return tuple(meta.shape) if hasattr(meta, "shape") else ()
+
+    def plan(self) -> None:
+        """Decide which folded layers lower, with which chains; which nodes wait to be asked for."""
+        for node in self.old.nodes:
+            module = self._module(node)
+            if isinstance(module, FoldedLayer):
+                self._plan_layer(node, module)
+        for node in self.old.nodes:
+            if node in self.inside or node in self.chains:
+                continue
+            info = describe(node, self.gm) if node.op in ("call_module", "call_function", "call_method") else None
+            if info is None or node.op == "output":
+                continue
+            if self.has_codes(node) and not _impure(node):
+                self.deferred.add(node)
+            elif info.kind is Kind.SHAPE and node.args and isinstance(node.args[0], fx.Node) \
+                    and self.has_codes(node.args[0]):
+                self.deferred.add(node)  # x.size() of a uint8-able value: asked of whichever form exists
+            elif self._quant_producer(node) is not None:
+                self.deferred.add(node)
+                if info.kind is Kind.ACTIVATION:  # relu(add): the add goes with it
+                    self.deferred.add(node.args[0])  # type: ignore[arg-type]
+
+    def _plan_layer(self, node: fx.Node, layer: FoldedLayer) -> None:
+        info = describe(node, self.gm)
+        data = info.inputs[0] if info.inputs and isinstance(info.inputs[0], fx.Node) else None
+        reason = None
+        if not self.ctx.in_scope(node):
+            reason = "out of scope (scope/skip)"
+        elif (problem := layer_problem(layer)) is not None:
+            reason = problem
+        elif data is None or not self.has_codes(data):
+            reason = "its input is not quantized to uint8 in the folded graph (activations float there)"
+        if reason is not None:
+            self.stats.float_nodes[node.name] = f"kept folded (dequantize + float compute): {reason}"
+            return
+        chain = match_chain(info, self.gm)
+        if chain.residual is not None and (self._out_qparams(chain) is not None
+                                          and not self.has_codes(chain.residual)
+                                          or any(n in self.inside for n in chain.nodes)):
+            chain = match_chain(info, self.gm, allow_add=False)
+        self.chains[node] = chain
+        self.ends[chain.end] = node
+        self.inside.update(chain.nodes[1:])
+
+    def _out_qparams(self, chain: FusedChain) -> QParams | None:
+        """The uint8 qparams the op emits: those of the QDQ that is the chain end's only user."""
+        users = list(chain.end.users)
+        return self._qdq(users[0]) if len(users) == 1 else None
+
+    # -- forms ------------------------------------------------------------------
+    def _copy(self, node: fx.Node, arg: Callable[[fx.Node], fx.Node]) -> fx.Node:
+        new = self.new.node_copy(node, arg)
+        if new.op == "call_method" and new.target == "view":
+            # Lowered activations are channels-last, where view() of split channels fails;
+            # reshape() gives the same values (a view whenever one is possible).
+            new.target = "reshape"
+        new.meta = {k: v for k, v in node.meta.items() if k not in ("tensor_meta", "type")}
+        return new
+
+    def _call(self, like: fx.Node, module: nn.Module, args: tuple, *, target: str | None = None,
+              name: str | None = None) -> fx.Node:
+        """A call of ``module`` (at ``target``, else in the lowered container) named ``name``
+        (default: like ``like``, whose metadata it takes)."""
+        name = name or like.name
+        if target is not None and target not in self.targets:
+            self.targets.add(target)
+            self.gm.set_submodule(target, module)
+        else:
+            key = name
+            while key in self.container:
+                key += "_"
+            self.container[key] = module
+            target = f"{LOWERED_CONTAINER}.{key}"
+        new = self.new.create_node("call_module", target, args, {}, name=name)
+        new.meta = {k: v for k, v in like.meta.items() if k not in ("tensor_meta", "type")}
+        return new
+
+    def float(self, node: fx.Node) -> fx.Node:
+        """The new-graph node holding ``node``'s float value (made now if needed)."""
+        found = self.floats.get(node)
+        if found is not None:
+            return found
+        if self._qdq(node) is not None:
+            u, qp = self.uint8(node)  # type: ignore[misc]
+            made = self._call(node, Dequantize.from_qparams(qp.scale, qp.zero_point, backend=self.backend), (u,),
+                              name=f"dequantize_{node.args[0].name}")  # type: ignore[union-attr]
+        elif node in self.deferred and describe(node, self.gm).kind is Kind.SHAPE:
+            made = self._copy(node, self._any_form)
+        else:
+            made = self._copy(node, self.float)
+        if node in self.deferred or self._qdq(node) is not None:
+            self.on_demand.append(made)
+        self.floats[node] = made
+        return made
+
+    def _any_form(self, node: fx.Node) -> fx.Node:
+        """A form of ``node`` for shape queries: whichever exists, codes preferred."""
+        if node in self.floats:
+            return self.floats[node]
+        if self.has_codes(node):
+            return self.uint8(node)[0]  # type: ignore[index]
+        return self.float(node)
+
+    def uint8(self, node: fx.Node) -> tuple[fx.Node, QParams] | None:
+        """The new-graph node holding ``node``'s uint8 codes and their qparams (made now if needed)."""
+        found = self.codes.get(node)
+        if found is not None or not self.has_codes(node):
+            return found
+        qp = self._qdq(node)
+        if qp is not None:
+            made = self._quant_of(node, qp)
+        else:
+            made = self._code_op(node)
+        self.on_demand.append(made[0])
+        self.codes[node] = made
+        return made
+
+    def _quant_of(self, qdq: fx.Node, qp: QParams) -> tuple[fx.Node, QParams]:
+        """Codes of ``QDQ(v)``: a uint8 add / average pool of codes, or a Quantize of float ``v``."""
+        value = qdq.args[0]
+        assert isinstance(value, fx.Node)
+        producer = self._quant_producer(value)
+        if producer is not None:
+            return producer(qdq, qp), qp
+        made = self._call(qdq, Quantize.from_qparams(qp.scale, qp.zero_point, backend=self.backend),
+                          (self.float(value),), name=f"quantize_{value.name}")
+        return made, qp
+
+    def _code_op(self, node: fx.Node) -> tuple[fx.Node, QParams]:
+        """A max pool, reshape, permute, no-op or cat computed on uint8 codes."""
+        info = describe(node, self.gm)
+        if info.kind is Kind.CONCAT:
+            qp = self.code_qparams(node)
+            assert qp is not None
+            return self._copy(node, lambda a: self.uint8(a)[0] if a in info.inputs else self.float(a)), qp
+        first = info.inputs[0]
+        u, qp = self.uint8(first)  # type: ignore[misc]
+        if info.kind is Kind.IDENTITY:
+            return u, qp
+        if info.kind is Kind.POOL:
+            p = info.params
+            pool = QuantMaxPool2d(p["kernel_size"], p.get("stride") or None, p.get("padding", 0),
+                                  p.get("dilation", 1), bool(p.get("ceil_mode", False)), backend=self.backend)
+            self.stats.int8_ops[_KIND_OF[QuantMaxPool2d]] += 1
+            self.stats.lowered[node.name] = (pool, ())
+            return self._call(node, pool, (u,)), qp
+        return self._copy(node, lambda a: u if a is first else self._any_form(a)), qp
+
+    def _quant_producer(self, value: fx.Node) -> Callable[[fx.Node, QParams], fx.Node] | None:
+        """A uint8 op computing ``QDQ(value)`` from codes, when ``value`` is such an op's output
+        that nothing else reads: an adaptive average pool or an add (+ ReLU) of uint8-able values."""
+        users = list(value.users)
+        if len(users) != 1 or self._qdq(users[0]) is None or value.op == "placeholder" or _impure(value):
+            return None
+        info = describe(value, self.gm)
+        relu = info.kind is Kind.ACTIVATION and info.op == "relu" and isinstance(value.args[0], fx.Node) \
+            and len(value.args[0].users) == 1
+        add = describe(value.args[0], self.gm) if relu else info  # type: ignore[arg-type]
+        if add.kind is Kind.ELEMENTWISE and add.op == "add" and add.params.get("alpha", 1) == 1 \
+                and len(add.inputs) == 2 and all(isinstance(i, fx.Node) and self.has_codes(i) for i in add.inputs):
+            return lambda qdq, qp: self._add(value, add.inputs, relu, qp)
+        pooled = info.kind is Kind.POOL and info.op == "adaptive_avg_pool2d"
+        size = info.params.get("output_size")
+        if pooled and info.inputs and isinstance(info.inputs[0], fx.Node) and self.has_codes(info.inputs[0]) \
+                and size is not None and None not in (size if isinstance(size, (tuple, list)) else (size,)):
+            return lambda qdq, qp: self._avg_pool(value, info.inputs[0], size, qp)
+        return None
+
+    def _add(self, value: fx.Node, inputs: tuple, relu: bool, qp: QParams) -> fx.Node:
+        (ua, qa), (ub, qb) = self.uint8(inputs[0]), self.uint8(inputs[1])  # type: ignore[misc]
+        module = QuantAdd.from_qparams((qa.scale, qa.zero_point), (qb.scale, qb.zero_point),
+                                       (qp.scale, qp.zero_point), relu=relu, backend=self.backend)
+        self.stats.int8_ops[_KIND_OF[QuantAdd]] += 1
+        self.stats.lowered[value.name] = (module, (self._shape(inputs[0]), self._shape(inputs[1])))
+        return self._call(value, module, (ua, ub))
+
+    def _avg_pool(self, value: fx.Node, x: fx.Node, size: Any, qp: QParams) -> fx.Node:
+        u, qx = self.uint8(x)  # type: ignore[misc]
+        module = QuantAdaptiveAvgPool2d.from_float(nn.AdaptiveAvgPool2d(size), qx.scale, qx.zero_point,
+                                                   qp.scale, qp.zero_point, backend=self.backend)
+        self.stats.int8_ops[_KIND_OF[QuantAdaptiveAvgPool2d]] += 1
+        self.stats.lowered[value.name] = (module, (self._shape(x),))
+        return self._call(value, module, (u,))
+
+    # -- emission -----------------------------------------------------------------
+    def _emit_layer(self, node: fx.Node, chain: FusedChain) -> None:
+        layer = self._module(node)
+        assert isinstance(layer, FoldedLayer)
+        info = describe(node, self.gm)
+        data = info.inputs[0]
+        u, qx = self.uint8(data)  # type: ignore[misc]
+        out = self._out_qparams(chain)
+        conv = isinstance(layer.module, nn.Conv2d)
+        args: tuple = (u,)
+        if conv:
+            residual: QParams | bool = False
+            if chain.residual is not None:
+                if out is not None:
+                    r, residual = self.uint8(chain.residual)  # type: ignore[misc]
+                else:
+                    r, residual = self.float(chain.residual), True
+                args = (u, r)
+            module: LoweredModule = quant_conv(layer, qx, out, post_op=chain.post_op,
+                                               post_op_args=chain.post_op_args, residual=residual,
+                                               backend=self.backend)
+        else:
+            module = quant_linear(layer, qx, out, post_op=chain.post_op, post_op_args=chain.post_op_args,
+                                  backend=self.backend)
+        reason = self.decide(node, module, float_twin(layer)) if self.decide is not None else None
+        if reason is not None:
+            self.stats.float_nodes[node.name] = reason
+            self._emit_float_chain(node, chain, layer)
+            return
+        new = self._call(node, module, args, target=str(node.target))
+        self.stats.int8_ops["conv" if conv else "linear"] += 1
+        self.stats.lowered[node.name] = (module, (self._shape(data),) if conv else ())
+        if out is not None:
+            self.codes[next(iter(chain.end.users))] = (new, out)
+        else:
+            self.floats[chain.end] = new
+
+    def _emit_float_chain(self, node: fx.Node, chain: FusedChain, layer: FoldedLayer) -> None:
+        """The chain computed in float, its layer a float module with the dequantized weight."""
+        self.floats[node] = self._call(node, float_twin(layer), (self.float(node.args[0]),),
+                                       target=str(node.target))
+        for n in chain.nodes[1:]:
+            self.floats[n] = self._copy(n, self.float)
+
+    def run(self) -> LoweringStats:
+        """Plan, build the new graph, install it in ``gm``; returns the stats."""
+        self.plan()
+        self.gm.add_submodule(LOWERED_CONTAINER, self.container)
+        for node in self.old.nodes:
+            # A lowered op is emitted where its chain ends: its residual may be computed
+            # after the op itself (a ResNet downsample branch).
+            if node in self.ends:
+                op = self.ends[node]
+                self._emit_layer(op, self.chains[op])
+            elif node.op == "output":
+                self._copy(node, self.float)
+            elif node not in self.chains and node not in self.inside and node not in self.deferred:
+                self.floats[node] = self._copy(node, self.float)
+        self._drop_unused()
+        self._consume_residuals()
+        self.gm.graph = self.new
+        self.gm.delete_all_unused_submodules()
+        return self.stats
+
+    def _drop_unused(self) -> None:
+        """Erase forms made for a consumer that then took another path (a layer kept float),
+        and count what remains."""
+        for node in reversed(list(dict.fromkeys(self.on_demand))):
+            if not node.users:
+                self.new.erase_node(node)
+        called = {id(self.gm.get_submodule(str(n.target))) for n in self.new.nodes if n.op == "call_module"}
+        for name, (module, _) in list(self.stats.lowered.items()):
+            if id(module) not in called:  # only uint8 pools and adds are made on demand
+                del self.stats.lowered[name]
+                self.stats.int8_ops[_KIND_OF[type(module)]] -= 1
+        self.stats.int8_ops = +self.stats.int8_ops  # drops kinds counted down to 0
+        for cls, key in ((Quantize, "quantize"), (Dequantize, "dequantize")):
+            self.stats.boundaries[key] = sum(isinstance(self.container[k], cls) and id(self.container[k]) in called
+                                             for k in self.container)
+
+    def _consume_residuals(self) -> None:
+        """Let a fused residual add write into its residual where nothing reads it afterwards."""
+        order = {n: i for i, n in enumerate(self.new.nodes)}
+        for node in self.new.nodes:
+            module = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if not (isinstance(module, QuantConv2d) and module.residual and len(node.args) == 2):
+                continue
+            victim = node.args[1]
+            assert isinstance(victim, fx.Node)
+            producer = self.gm.get_submodule(str(victim.target)) if victim.op == "call_module" else None
+            last = all(order[u] <= order[node] for u in victim.users)
+            if isinstance(producer, _FRESH) and last:
+                module.consume_residual = True
+
+
+def _impure(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.is_impure()

@@ -1,0 +1,87 @@
+"""``fold_fake_quant``: integer weight storage and explicit quantize-dequantize activations."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from torch import fx
+
+from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.quant.activations import QDQ, ActivationFakeQuant, ActivationObserver, preserves_qparams
+from fxcompress.quant.layers import FakeQuantLayer, FoldedLayer, ObservedLayer
+
+__all__ = ["FoldFakeQuant"]
+
+
+@dataclass(frozen=True)
+class FoldFakeQuant(Pass):
+    """Replaces every observed or fake-quantized layer by a folded layer that stores its weight
+    as integers (int8/uint8, or 4-/2-bit values packed into bytes) with scale and zero point
+    buffers, and every activation observer or fake-quant module by a constant
+    quantize-dequantize (:class:`~fxcompress.quant.activations.QDQ`); afterwards the only
+    float weights are those of layers deliberately kept float.
+
+    The folded graph computes what the fake-quantized graph computes (it dequantizes
+    its integer weights; the lowering pass swaps in integer kernels), so after
+    ``to_fake_quant`` its outputs are unchanged, and after ``calibrate`` they become
+    the quantized model's.  A quantize-dequantize whose input already carries equal
+    qparams (directly, or through ops that preserve them) is idempotent and removed.
+    Observers that were never calibrated raise
+    :class:`~fxcompress.errors.CalibrationError`.  Stats: ``layers`` (per bit width),
+    ``qdq`` (modules), ``removed_qdq`` (redundant nodes), and ``weight_bytes``
+    before/after for the folded layers.
+    """
+
+    name = "fold_fake_quant"
+    requires = ("calibrate",)
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        bits: Counter[str] = Counter()
+        qdq = 0
+        float_bytes = int_bytes = 0
+        for path, module in list(gm.named_modules()):
+            if isinstance(module, (ObservedLayer, FakeQuantLayer)):
+                float_bytes += module.weight.numel() * module.weight.element_size()
+                folded = FoldedLayer.fold(module)
+                int_bytes += folded.weight.numel() * folded.weight.element_size()
+                gm.set_submodule(path, folded)
+                bits[f"int{folded.spec.bits}"] += 1
+            elif isinstance(module, (ActivationObserver, ActivationFakeQuant)):
+                gm.set_submodule(path, QDQ.from_quantizer(module))
+                qdq += 1
+        removed = _remove_redundant(gm)
+        stats = {"layers": dict(bits), "qdq": qdq, "removed_qdq": removed,
+                 "weight_bytes": {"before": float_bytes, "after": int_bytes}}
+        return PassResult(gm, bool(bits or qdq or removed), stats)
+
+
+def _qdq_of(node: fx.Node, gm: fx.GraphModule) -> QDQ | None:
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(str(node.target))
+    return module if isinstance(module, QDQ) else None
+
+
+def _remove_redundant(gm: fx.GraphModule) -> int:
+    """Erase each QDQ node whose input already went through an equal QDQ (quantize-dequantize
+    is idempotent, and ops that preserve qparams keep values on the grid)."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        module = _qdq_of(node, gm)
+        if module is None or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        while _qdq_of(source, gm) is None and (up := preserves_qparams(source, gm)) is not None:
+            source = up
+        earlier = _qdq_of(source, gm)
+        if earlier is not None and earlier.same_qparams(module):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    if removed:
+        used = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        for path, module in list(gm.named_modules()):
+            if isinstance(module, QDQ) and path not in used:
+                gm.delete_submodule(path)
+    return removed

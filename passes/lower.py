@@ -1,0 +1,128 @@
+"""``lower``: a folded graph becomes a graph of integer kernels (x86 oneDNN) or their reference."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx
+
+from fxcompress.capture import propagate_shapes
+from fxcompress.errors import LoweringError
+from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.quant.activations import QDQ
+from fxcompress.quant.kernels import onednn_int8_support
+from fxcompress.quant.lowering import check_backend_option, resolve_backend
+from fxcompress.quant.lowering.build import uint8_qparams
+from fxcompress.quant.lowering.static import LoweringStats, StaticLowering
+from fxcompress.quant.lowering.timing import faster_or_float, float_reference, median_seconds
+
+__all__ = ["Lower"]
+
+
+@dataclass(frozen=True)
+class Lower(Pass):
+    """Turns the folded graph into lowered modules that compute on integers: every quantized
+    2-D conv and linear the int8 kernels can take runs as one (its ReLU / ReLU6 / hardtanh /
+    hardswish / SiLU, GELU for linears, and a conv's residual add fused), activations stay
+    uint8 channels-last between int8 ops (requantized inside the kernels; max pools,
+    reshapes, concatenations, uint8 adds and average pools in between), quantized at the
+    graph inputs and dequantized exactly where a float op or an output reads them; no
+    observer, fake-quant or quantize-dequantize is left. Outputs keep their dtypes.
+
+    ``backend="x86"`` runs oneDNN's kernels where their preconditions hold at the shape
+    of each call and the reference path (dequantize, float compute, requantize: the
+    same arithmetic with portable ops) elsewhere; ``"reference"`` runs only the latter;
+    None takes the run's backend. On a CPU without the x86 int8 kernels the lowered
+    modules run the reference path and the report says so, unless ``strict``, which
+    raises :class:`~fxcompress.errors.LoweringError` for that, for any layer left
+    float and for any kernel fallback at the traced shapes. A layer the kernels cannot
+    take at all (not a 2-D conv or linear, weights not signed symmetric per channel,
+    input not quantized to uint8) keeps its folded module (integer weights, computed in
+    float). ``only_if_faster`` times each int8 layer against its float version on its
+    traced shape and keeps float where int8 is slower; with it or ``check_speed`` the
+    lowered model is timed against the float version of the folded model and a
+    ``UserWarning`` says when it is slower. Stats: ``int8_nodes`` (count),
+    ``int8_ops`` (per kind), ``float_nodes`` (quantized layer -> why not int8),
+    ``fallbacks`` ([{node, reason}] for ops on the reference path), ``quantize`` /
+    ``dequantize`` (float boundaries), ``speed`` (when measured).
+    """
+
+    name = "lower"
+    requires = ("fold_fake_quant",)
+
+    backend: str | None = None
+    only_if_faster: bool = False
+    check_speed: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        check_backend_option(self.name, self.backend)
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        backend = resolve_backend(self.backend, ctx, self.name)
+        notes: list[str] = []
+        if backend == "x86" and not (support := onednn_int8_support()):
+            if self.strict:
+                raise LoweringError(f"lower(backend='x86', strict=True): the x86 int8 kernels cannot run "
+                                    f"here: {support.reason}; use backend='reference' or strict=False")
+            notes.append(f"x86 int8 kernels unavailable ({support.reason}): every lowered module runs "
+                         f"the reference path")
+        measure = self.only_if_faster or self.check_speed
+        reference = float_reference(gm) if measure else None
+        kept_qdq = [n.name for n in gm.graph.nodes if n.op == "call_module"
+                    and isinstance(m := gm.get_submodule(str(n.target)), QDQ) and uint8_qparams(m) is None]
+        lowering = StaticLowering(gm, ctx, backend, faster_or_float if self.only_if_faster else None)
+        stats = lowering.run()
+        args, kwargs = ctx.example_inputs()
+        propagate_shapes(gm, args, kwargs)  # annotates the new nodes (and fills the kernel caches)
+        fallbacks = _fallbacks(stats, backend) + [
+            {"node": name, "reason": "activation quantization is not 8-bit unsigned: kept as "
+                                     "quantize-dequantize in float"} for name in kept_qdq]
+        if self.strict and (fallbacks or stats.float_nodes):
+            first = fallbacks[0] if fallbacks else next(iter(stats.float_nodes.items()))
+            raise LoweringError(f"lower(strict=True): {len(fallbacks)} fallbacks and {len(stats.float_nodes)} "
+                                f"layers not int8, e.g. {first}; pass strict=False to accept them")
+        out: dict[str, Any] = {
+            "int8_nodes": sum(stats.int8_ops.values()), "int8_ops": dict(stats.int8_ops),
+            "float_nodes": dict(stats.float_nodes), "fallbacks": fallbacks,
+            "quantize": stats.boundaries["quantize"], "dequantize": stats.boundaries["dequantize"],
+        }
+        notes.append(_summary(stats, fallbacks, backend))
+        if reference is not None:
+            out["speed"] = _speed_check(gm, reference, args, kwargs, notes)
+        out["notes"] = notes
+        return PassResult(gm, bool(stats.int8_ops or stats.boundaries), out)
+
+
+def _fallbacks(stats: LoweringStats, backend: str) -> list[dict[str, str]]:
+    """Lowered ops whose x86 kernel refuses their traced shapes (they run the reference path)."""
+    if backend != "x86":
+        return []
+    found = []
+    for name, (module, shapes) in stats.lowered.items():
+        support = module.kernel_support(*shapes)
+        if not support:
+            found.append({"node": name, "reason": support.reason})
+    return found
+
+
+def _summary(stats: LoweringStats, fallbacks: list, backend: str) -> str:
+    ops = ", ".join(f"{n} {k}" for k, n in sorted(stats.int8_ops.items())) or "nothing"
+    text = (f"int8 ({backend}): {ops}; {len(stats.float_nodes)} quantized layers not int8; "
+            f"{stats.boundaries['quantize']} quantize / {stats.boundaries['dequantize']} dequantize points")
+    return text + (f"; {len(fallbacks)} reference fallbacks" if fallbacks else "")
+
+
+def _speed_check(gm: fx.GraphModule, reference: fx.GraphModule, args: tuple, kwargs: dict,
+                 notes: list[str]) -> dict[str, float]:
+    """Time lowered vs float (one call each on the example inputs); warn when lowered is slower."""
+    t_lowered = median_seconds(lambda: gm(*args, **kwargs), min_run_time=0.2)
+    t_float = median_seconds(lambda: reference(*args, **kwargs), min_run_time=0.2)
+    if t_lowered > t_float:
+        message = (f"the lowered model is slower than its float version on the example inputs "
+                   f"({t_lowered * 1e3:.2f} ms vs {t_float * 1e3:.2f} ms)")
+        warnings.warn(f"fxcompress lower: {message}", UserWarning, stacklevel=2)
+        notes.append(message)
+    return {"lowered_ms": t_lowered * 1e3, "float_ms": t_float * 1e3}

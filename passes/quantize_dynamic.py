@@ -1,0 +1,86 @@
+"""``quantize_dynamic``: int8 weights, activations quantized at run time (MLPs, transformers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from fxcompress.errors import ConfigError
+from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.quant.lowered_attention import QuantMultiheadAttention
+from fxcompress.quant.lowered_base import LoweredModule
+from fxcompress.quant.lowered_linear import GRANULARITIES, DynamicQuantLinear
+from fxcompress.quant.lowering import check_backend_option, resolve_backend, swap_linears
+
+__all__ = ["QuantizeDynamic"]
+
+_OPS = ("linear",)
+
+
+@dataclass(frozen=True)
+class QuantizeDynamic(Pass):
+    """Makes every in-scope linear layer dynamically quantized: int8 symmetric per-channel
+    weights stored as plain int8 tensors, activations quantized on each call, float in and
+    float out, so it needs no calibration data and runs on a float graph.
+
+    ``ops=("linear",)`` covers ``nn.Linear`` modules and the projections inside
+    ``nn.MultiheadAttention`` (which symbolic tracing keeps whole: the module becomes a
+    :class:`~fxcompress.quant.lowered_attention.QuantMultiheadAttention`, attention
+    itself staying float). There is no dynamic int8 conv kernel: use ``lower`` for
+    convs. ``granularity``: ``per_token`` (symmetric int8 per row, ``torch._int_mm``; the
+    default, more accurate on transformer activations) or ``per_tensor`` (asymmetric
+    uint8, oneDNN qlinear). ``backend`` (default: the run's) ``x86`` or ``reference``.
+    Only ``bits=8`` exists. Stats: ``linear`` and ``attention`` (modules replaced),
+    ``float_nodes`` (node -> why it stayed float: functional linears, unsupported
+    attention options, subclasses), ``fallbacks`` (nodes on the reference path, with the
+    kernel's reason).
+    """
+
+    name = "quantize_dynamic"
+
+    bits: int = 8
+    ops: tuple[str, ...] = ("linear",)
+    granularity: str = "per_token"
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits != 8:
+            raise ConfigError(f"quantize_dynamic: bits={self.bits!r} is not supported: the dynamic kernels "
+                              f"are int8 only (bits=8); for 4/2-bit weights use quantize_weights")
+        unknown = [op for op in self.ops if op not in _OPS]
+        if unknown or not self.ops:
+            raise ConfigError(f"quantize_dynamic: ops {list(self.ops)} invalid; supported: {list(_OPS)} "
+                              f"(there is no dynamic int8 conv kernel: lower convs with 'lower')")
+        check_backend_option(self.name, self.backend)
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"quantize_dynamic: granularity must be one of {GRANULARITIES}, "
+                              f"got {self.granularity!r}")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        backend = resolve_backend(self.backend, ctx, self.name)
+
+        def linear(m: nn.Linear) -> DynamicQuantLinear:
+            return DynamicQuantLinear.from_float(m, granularity=self.granularity, backend=backend)
+
+        def attention(m: nn.MultiheadAttention) -> QuantMultiheadAttention:
+            return QuantMultiheadAttention.from_float(m, "dynamic", granularity=self.granularity,
+                                                      backend=backend)
+
+        swapped = swap_linears(gm, ctx, linear, attention)
+        fallbacks = [{"node": name, "reason": support.reason}
+                     for name, m in swapped.replaced.items() if not (support := _support(m))]
+        stats: dict[str, Any] = {**swapped.stats(), "fallbacks": fallbacks}
+        notes = [f"{swapped.linear} linear and {swapped.attention} attention modules now dynamic int8 "
+                 f"({self.granularity}, backend {backend})"]
+        if swapped.float_nodes:
+            notes.append(f"{len(swapped.float_nodes)} linear nodes kept float (see float_nodes)")
+        if fallbacks:
+            notes.append(f"{len(fallbacks)} nodes run the reference path: {fallbacks[0]['reason']}")
+        stats["notes"] = notes
+        return PassResult(gm, swapped.linear + swapped.attention > 0, stats)
+
+
+def _support(m: LoweredModule) -> Any:
+    return (m.in_proj if isinstance(m, QuantMultiheadAttention) else m).kernel_support()

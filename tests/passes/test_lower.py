@@ -1,0 +1,226 @@
+"""lower: folded graphs become integer kernels; fidelity vs the folded graph, fallbacks, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import fxcompress
+from fxcompress import artifact, recipes, zoo
+from fxcompress.errors import ConfigError, LoweringError
+from fxcompress.examples.digits import accuracy, load_digits_data, pretrained_digits_cnn
+from fxcompress.quant.activations import QDQ
+from fxcompress.quant.kernels import onednn_int8_support
+from fxcompress.quant.layers import FoldedLayer
+from fxcompress.quant.lowered import (
+    Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv2d, QuantLinear, QuantMaxPool2d, Quantize,
+)
+from fxcompress.quant.spec import QuantSpec
+from fxcompress.verify import stage_of
+
+FOLD = ["fuse_conv_bn", "insert_observers", "calibrate", "fold_fake_quant"]
+needs_onednn = pytest.mark.skipif(not onednn_int8_support(), reason="no x86 int8 kernels here")
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return (20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-30))).item()
+
+
+def modules(gm: fx.GraphModule, cls: type | tuple) -> list[tuple[fx.Node, nn.Module]]:
+    return [(n, gm.get_submodule(n.target)) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)]
+
+
+def folded(model: nn.Module, x: torch.Tensor, calibration: list, **observe) -> fx.GraphModule:
+    passes = list(FOLD)
+    if observe:
+        passes[1] = ("insert_observers", observe)
+    return fxcompress.run(model, passes, (x,), calibration_data=calibration).model
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> tuple[fx.GraphModule, torch.Tensor]:
+    model = zoo.build("resnet18")
+    x = zoo.example_input("resnet18", batch=2, reduced=True)
+    calibration = [zoo.example_input("resnet18", batch=4, reduced=True, seed=s) for s in range(2)]
+    return folded(model, x, calibration), x
+
+
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+def test_resnet18_lowers_every_conv_with_fused_residuals(resnet18, backend: str) -> None:
+    gm, x = resnet18
+    expected = gm(x)
+    result = fxcompress.run(gm, [("lower", {"backend": backend})], (x,))
+    low, row = result.model, result.report.rows[0]
+    assert row.modified and stage_of(low) == "lowered"
+    assert not modules(low, (FoldedLayer, QDQ))
+    convs = modules(low, QuantConv2d)
+    assert len(convs) == 20 and row.stats["int8_ops"] == {"conv": 20, "linear": 1, "max_pool": 1}
+    assert all(m.backend == backend for _, m in modules(low, LoweredModule))
+    fused = [(n, m) for n, m in convs if m.residual]
+    assert len(fused) == 8 and all(m.post_op == "relu" for _, m in fused)
+    # The residual is written in place exactly where nothing reads it afterwards (verifier: check="full").
+    assert all(m.consume_residual and m.mutates_args == (1,) for _, m in fused)
+    # One Quantize at the input and one before the head; the last block's residual is read in float.
+    assert (row.stats["quantize"], row.stats["dequantize"]) == (2, 1)
+    assert row.stats["float_nodes"] == {} and row.stats["fallbacks"] == []
+    out = low(x)
+    assert out.dtype == torch.float32 and sqnr(expected, out) >= 35
+    assert row.after.state_bytes <= 0.27 * fxcompress.run(zoo.build("resnet18"), [], (x,)).report.before.state_bytes
+
+
+@needs_onednn
+def test_x86_activations_stay_uint8_between_int8_ops(resnet18) -> None:
+    gm, x = resnet18
+    low = fxcompress.run(gm, ["lower"], (x,)).model
+    dtypes = {n.name: n.meta["tensor_meta"].dtype for n in low.graph.nodes if "tensor_meta" in n.meta}
+    for node, module in modules(low, (QuantConv2d, QuantMaxPool2d)):
+        assert dtypes[node.args[0].name] == torch.uint8
+    layer1 = low.get_submodule("layer1.0.conv1")
+    assert layer1.kernel_support(low.graph.find_nodes(op="call_module", target="fxc_lowered.maxpool")[0]
+                                 .meta["tensor_meta"].shape)
+
+
+def test_digits_cnn_lowered_accuracy_equals_fake_quant() -> None:
+    data = load_digits_data()
+    model = pretrained_digits_cnn()
+    calibration = [data.train_x[i:i + 64] for i in range(0, 512, 64)]
+    gm = folded(model, data.test_x[:8], calibration)
+    low = fxcompress.run(gm, ["lower", "eliminate_dead_nodes"], (data.test_x[:8],)).model
+    with torch.no_grad():
+        assert abs(accuracy(low, data.test_x, data.test_y) - accuracy(gm, data.test_x, data.test_y)) <= 0.2
+        assert sqnr(gm(data.test_x), low(data.test_x)) >= 35
+    assert abs(accuracy(low, data.test_x, data.test_y) - accuracy(model, data.test_x, data.test_y)) <= 1.0
+
+
+class TwoBranch(nn.Module):
+    """Two conv branches joined by a plain add and an average pool: uint8 add / pool cases."""
+
+    def __init__(self, pooled: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.c, self.d = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+        self.pool = nn.AdaptiveAvgPool2d(pooled)
+        self.e, self.f = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = F.relu(self.a(x)), F.relu(self.b(x))
+        joined = self.c(a) + self.d(b)  # a, b also feed convs: both quantized
+        return self.e(a + b), self.f(self.pool(a)) + joined.mean()
+
+
+@pytest.mark.parametrize("pooled, pool_kernel", [(1, True), (3, False)])
+def test_uint8_add_and_pool_with_shape_fallbacks_reported(pooled: int, pool_kernel: bool) -> None:
+    model = TwoBranch(pooled).eval()
+    x = torch.randn(2, 8, 7, 7)
+    gm = folded(model, x, [torch.randn(4, 8, 7, 7) for _ in range(2)])
+    expected = gm(x)
+    result = fxcompress.run(gm, ["lower"], (x,))
+    low, stats = result.model, result.report.rows[0].stats
+    assert len(modules(low, QuantAdd)) == 1 and len(modules(low, QuantAdaptiveAvgPool2d)) == 1
+    assert stats["int8_ops"]["add"] == 1 and stats["int8_ops"]["avg_pool"] == 1
+    pool_fallbacks = [f for f in stats["fallbacks"] if f["node"] == "pool"]
+    if onednn_int8_support():
+        assert bool(pool_fallbacks) != pool_kernel
+        if pool_fallbacks:
+            assert "equal windows" in pool_fallbacks[0]["reason"]
+    for a, b in zip(expected, low(x)):
+        assert sqnr(a, b) >= 35
+
+
+class Mixed(nn.Module):
+    """What the int8 kernels cannot take: a Conv1d, and a linear after a float op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(4, 8, 3)
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        y = self.conv1d(s).mean(-1)
+        return self.fc(y) + self.conv(x).flatten(1).sum(1, keepdim=True)
+
+
+def test_layers_the_kernels_cannot_take_stay_folded_with_reasons() -> None:
+    model = Mixed().eval()
+    inputs = (torch.randn(2, 1, 6, 6), torch.randn(2, 4, 10))
+    calibration = [(torch.randn(4, 1, 6, 6), torch.randn(4, 4, 10)) for _ in range(2)]
+    gm = fxcompress.run(model, FOLD, inputs, calibration_data=calibration).model
+    result = fxcompress.run(gm, ["lower"], inputs)
+    stats, low = result.report.rows[0].stats, result.model
+    assert "no int8 kernel for Conv1d" in stats["float_nodes"]["conv1d"]
+    assert isinstance(low.get_submodule("conv1d"), FoldedLayer)
+    assert isinstance(low.get_submodule("conv"), QuantConv2d) and isinstance(low.get_submodule("fc"), QuantLinear)
+    assert sqnr(gm(*inputs), low(*inputs)) >= 35
+
+
+@pytest.mark.parametrize("weights, lowered", [
+    (QuantSpec(bits=4, granularity="per_channel"), True),  # 4-bit codes run on the int8 kernel
+    (QuantSpec(bits=8, signed=False, symmetric=False, granularity="per_channel"), False),
+])
+def test_weight_specs(weights: QuantSpec, lowered: bool) -> None:
+    model = pretrained_digits_cnn()
+    data = load_digits_data()
+    gm = folded(model, data.test_x[:4], [data.train_x[:64]], weights=weights)
+    result = fxcompress.run(gm, ["lower"], (data.test_x[:4],))
+    assert bool(modules(result.model, QuantConv2d)) == lowered
+    if not lowered:
+        assert all("signed symmetric" in r for r in result.report.rows[0].stats["float_nodes"].values())
+    assert sqnr(gm(data.test_x), result.model(data.test_x)) >= 35
+
+
+def test_only_if_faster_and_speed_check(resnet18) -> None:
+    gm, x = resnet18
+    result = fxcompress.run(gm, [("lower", {"only_if_faster": True})], (x,))
+    stats, low = result.report.rows[0].stats, result.model
+    kept = [n for n, reason in stats["float_nodes"].items() if "int8 is slower" in reason]
+    assert stats["int8_ops"].get("conv", 0) + sum(n != "fc" for n in kept) == 20
+    by_name = {n.name: n for n in low.graph.nodes}
+    assert all(type(low.get_submodule(by_name[n].target)) in (nn.Conv2d, nn.Linear) for n in kept)
+    assert set(stats["speed"]) == {"lowered_ms", "float_ms"}
+    assert sqnr(gm(x), low(x)) >= 35
+
+
+def test_strict_refuses_fallbacks_and_float_layers() -> None:
+    model = Mixed().eval()
+    inputs = (torch.randn(2, 1, 6, 6), torch.randn(2, 4, 10))
+    calibration = [(torch.randn(4, 1, 6, 6), torch.randn(4, 4, 10))]
+    gm = fxcompress.run(model, FOLD, inputs, calibration_data=calibration).model
+    with pytest.raises(LoweringError, match="strict"):
+        fxcompress.run(gm, [("lower", {"strict": True})], inputs)
+
+
+def test_recipe_copy_and_artifact_round_trip(tmp_path) -> None:
+    data = load_digits_data()
+    result = fxcompress.run(pretrained_digits_cnn(), recipes.int8_static(), (data.test_x[:8],),
+                            calibration_data=[data.train_x[:128]])
+    low = result.model
+    assert [r.name for r in result.report.rows][-2:] == ["lower", "eliminate_dead_nodes"]
+    expected = low(data.test_x)
+    assert torch.equal(copy.deepcopy(low)(data.test_x), expected)
+    artifact.save(result, tmp_path / "digits.fxc")
+    loaded = artifact.load(tmp_path / "digits.fxc")
+    assert torch.equal(loaded(data.test_x), expected)
+    assert {type(m) for _, m in modules(loaded, LoweredModule)} >= {Quantize, QuantConv2d, QuantLinear}
+
+
+def test_lowering_a_graph_never_folded_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="fold_fake_quant"):
+        fxcompress.run(pretrained_digits_cnn(), ["lower"], (torch.randn(2, 1, 8, 8),))
+
+
+def test_unknown_backend_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="backend"):
+        fxcompress.run(pretrained_digits_cnn(), [("lower", {"backend": "arm"})], (torch.randn(2, 1, 8, 8),))
+
+
+def test_dequantize_module_sits_exactly_where_float_ops_read(resnet18) -> None:
+    gm, x = resnet18
+    low = fxcompress.run(gm, ["lower"], (x,)).model
+    (node, _), = modules(low, Dequantize)
+    assert [u.name for u in node.users] == ["layer4_1_conv2"]  # the float residual of the last block
