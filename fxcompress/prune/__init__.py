@@ -7,9 +7,12 @@ that strings these together; see docs/pruning.md for the concepts.
 * :func:`unit_scores` / :func:`taylor_terms` — importance per unit;
 * :func:`select` — which units go (uniform, per layer, global, ``round_to``);
 * :func:`apply_removal` — physical slicing and module replacement;
-* :func:`silence` — zero the consumers of units (the exactness check).
+* :func:`silence` — zero the consumers of units (the exactness check);
+* :class:`PrunedMultiheadAttention` — what an attention layer becomes once
+  its heads or widths are pruned.
 """
 
+from .attention import PrunedMultiheadAttention
 from .groups import ChannelGraph, Group, ParamSlice, Space, build_channel_graph
 from .importance import CRITERIA, Criterion, taylor_terms, unit_scores
 from .selection import select, unused_patterns
@@ -20,4 +23,5 @@ __all__ = [
     "CRITERIA", "Criterion", "taylor_terms", "unit_scores",
     "select", "unused_patterns",
     "apply_removal", "silence",
+    "PrunedMultiheadAttention",
 ]

@@ -91,11 +91,12 @@ class Group:
     units: torch.Tensor
     frozen: dict[str, int] = field(default_factory=dict)  # reason -> units it freezes (a unit may have several)
     channel_norm: bool = False
+    heads: bool = False  # its units are attention heads, not channels
 
     @property
     def name(self) -> str:
         shown = self.modules[:2] + (["..."] if len(self.modules) > 2 else [])
-        return ",".join(shown) or ",".join(self.sources[:2])
+        return (",".join(shown) or ",".join(self.sources[:2])) + (" (heads)" if self.heads else "")
 
 
 @dataclass
@@ -105,7 +106,7 @@ class ChannelGraph:
     graph: nx.Graph  # channel spaces that make channels (sources); an edge = they share channels
     spaces: dict[fx.Node, Any]  # Space, a tuple of them (multi-output nodes), or None (non-tensors)
     params: dict[tuple[str, str, int], ParamSlice]
-    sources: dict[str, torch.Tensor]  # node name -> atoms it allocated
+    sources: dict[str, torch.Tensor]  # node name (":heads" added for attention heads) -> atoms it allocated
     unit_of: torch.Tensor  # atom -> unit
     frozen_units: dict[int, str]  # unit -> the first reason met in graph order
     norm_units: torch.Tensor  # bool per unit: passes a norm over the channel dim
@@ -187,9 +188,11 @@ def _finalize(a: Any) -> ChannelGraph:
     same_unit = pairs[1:, 0] == pairs[:-1, 0]
     for s1, s2 in zip(pairs[:-1, 1][same_unit].tolist(), pairs[1:, 1][same_unit].tolist()):
         spaces.add_edge(names[s1], names[s2])
-    order = a.order
-    components = sorted((sorted(c, key=order.get) for c in nx.connected_components(spaces)),
-                        key=lambda c: order[c[0]])
+
+    def rank(key: str) -> tuple[int, str]:  # graph order of the node that made the source
+        return a.order[a.source_of[key][0]], key
+
+    components = sorted((sorted(c, key=rank) for c in nx.connected_components(spaces)), key=lambda c: rank(c[0]))
     group_of_source = torch.empty(len(names), dtype=torch.long)
     index_of = {name: i for i, name in enumerate(names)}
     for gi, members in enumerate(components):
@@ -209,7 +212,8 @@ def _finalize(a: Any) -> ChannelGraph:
     for gi, members in enumerate(components):
         units = by_group[start:start + counts[gi]]
         start += counts[gi]
-        modules = list(dict.fromkeys(p for p in (module_path_of(nodes[m]) for m in members) if p))
-        groups.append(Group(gi, members, modules, units, reasons[gi], bool(norm_units[units].any())))
+        modules = list(dict.fromkeys(p for p in (module_path_of(nodes[a.source_of[m][0]]) for m in members) if p))
+        heads = any(a.source_of[m][1] == "heads" for m in members)
+        groups.append(Group(gi, members, modules, units, reasons[gi], bool(norm_units[units].any()), heads))
     return ChannelGraph(spaces, a.spaces, a.params, a.sources, unit_of, frozen, norm_units, groups,
                         group_of_unit, a.resized)

@@ -135,7 +135,40 @@ class LabelOps:
         space = self._with_counted_dims(info, self.from_labels(out, node), tuple(out.shape))
         if len(space.dims) > len(before.dims):
             self._keep_rectangular(info, space)
+        literal = _literal_sizes(info)
+        if literal is not None and node not in self.resized and any(_is_literal(literal.get(d)) for d in space.dims):
+            self.resized.append(node)  # a channel count written out (ViT's reshape(n, hidden_dim, -1))
         self.spaces[node] = space
+
+    def getitem(self, info: OpInfo) -> None:
+        node = info.node
+        src = info.inputs[0]
+        space = self.spaces.get(src)
+        index = info.params.get("index")
+        if isinstance(space, tuple):
+            self.spaces[node] = space[index] if isinstance(index, int) else self._empty_like(node.meta["tensor_meta"])
+            return
+        touched = _indexed_dims(index, len(meta_shape(src.meta["tensor_meta"])))
+        if touched is None or touched & set(self.space(src).dims):
+            self.unknown(info, f"getitem at node {node.name}: indexes into the channels")
+            return
+        self.label_op(info)
+
+    def split(self, info: OpInfo) -> None:
+        node = info.node
+        x = self.space(info.inputs[0])
+        ndim = len(meta_shape(info.inputs[0].meta["tensor_meta"]))
+        dim = info.params.get("dim", 0)
+        if not isinstance(dim, int):
+            self.unknown(info, f"{info.op} at node {node.name}: computed split dim")
+            return
+        if dim % ndim in x.dims:
+            sizes = info.params.get("split_size_or_sections", info.params.get("chunks"))
+            if info.op == "unbind" or len(x.dims) > 1 or _has_node(sizes):
+                self.unknown(info, f"{info.op} at node {node.name}: splits the channels irregularly")
+                return
+            self.resized.append(node)  # piece sizes follow the channels kept in each piece
+        self.label_op(info)
 
     def _with_counted_dims(self, info: OpInfo, space: Space, shape: tuple[int, ...]) -> Space:
         """Add size-1 dims sized by a run-time channel count (``c // g`` when ``c == g``).
@@ -175,6 +208,33 @@ class LabelOps:
                 self.union(moved[0], moved[k])
         if literal is not None:
             self.resized.append(node)
+
+
+def _has_node(v: Any) -> bool:
+    found = []
+    fx.node.map_arg(v, lambda n: found.append(n) or n)
+    return bool(found)
+
+
+def _indexed_dims(index: Any, ndim: int) -> set[int] | None:
+    """Input dims that a getitem index narrows (None if it cannot tell)."""
+    items = index if isinstance(index, tuple) else (index,)
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    touched: set[int] = set()
+    d = 0
+    for item in items:
+        if item is None:
+            continue
+        if item is Ellipsis:
+            d += ndim - consumed
+            continue
+        if isinstance(item, fx.Node):
+            return None
+        if not (isinstance(item, slice) and item == slice(None)):
+            touched.add(d)
+        d += 1
+    return touched
+
 
 def _is_literal(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v != -1

@@ -18,6 +18,7 @@ from torch import fx
 
 from ..ops import Kind, OpInfo, describe
 from .groups import EMPTY, ParamSlice, Space
+from .heads import AttentionRule
 from .labels import LabelOps, meta_shape
 
 __all__ = ["Analyzer"]
@@ -31,7 +32,7 @@ def _owner_attr(target: str) -> tuple[str, str]:
     return owner, attr
 
 
-class Analyzer(LabelOps):
+class Analyzer(LabelOps, AttentionRule):
     """Builds atoms, unions ("same channel" edges), frozen atoms and parameter slices."""
 
     def __init__(self, gm: fx.GraphModule, in_scope: Callable[[fx.Node], bool]) -> None:
@@ -45,15 +46,19 @@ class Analyzer(LabelOps):
         self.values: dict[fx.Node, Any] = {}
         self.params: dict[tuple[str, str, int], ParamSlice] = {}
         self.sources: dict[str, torch.Tensor] = {}
+        self.source_of: dict[str, tuple[str, str]] = {}  # source key -> (node name, part)
         self.resized: list[fx.Node] = []
         self.order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
 
     # -- atoms ---------------------------------------------------------------
-    def fresh(self, n: int, node: fx.Node, frozen: str | None = None) -> torch.Tensor:
+    def fresh(self, n: int, node: fx.Node, frozen: str | None = None, part: str = "") -> torch.Tensor:
+        """``n`` new atoms made by ``node``; ``part`` names a second kind of channels it makes (heads)."""
         ids = torch.arange(self.n_atoms, self.n_atoms + n)
         self.n_atoms += n
-        prev = self.sources.get(node.name)
-        self.sources[node.name] = ids if prev is None else torch.cat([prev, ids])
+        key = f"{node.name}:{part}" if part else node.name
+        self.source_of[key] = (node.name, part)
+        prev = self.sources.get(key)
+        self.sources[key] = ids if prev is None else torch.cat([prev, ids])
         if frozen:
             self.freeze(ids, frozen)
         return ids
@@ -300,36 +305,6 @@ class Analyzer(LabelOps):
         out = torch.amax(labels, dim=tuple(sorted(dims)), keepdim=keepdim) if dims else labels
         self.spaces[node] = self.from_labels(out, node)
 
-    def getitem(self, info: OpInfo) -> None:
-        node = info.node
-        src = info.inputs[0]
-        space = self.spaces.get(src)
-        index = info.params.get("index")
-        if isinstance(space, tuple):
-            self.spaces[node] = space[index] if isinstance(index, int) else self._empty_like(node.meta["tensor_meta"])
-            return
-        touched = _indexed_dims(index, len(meta_shape(src.meta["tensor_meta"])))
-        if touched is None or touched & set(self.space(src).dims):
-            self.unknown(info, f"getitem at node {node.name}: indexes into the channels")
-            return
-        self.label_op(info)
-
-    def split(self, info: OpInfo) -> None:
-        node = info.node
-        x = self.space(info.inputs[0])
-        ndim = len(meta_shape(info.inputs[0].meta["tensor_meta"]))
-        dim = info.params.get("dim", 0)
-        if not isinstance(dim, int):
-            self.unknown(info, f"{info.op} at node {node.name}: computed split dim")
-            return
-        if dim % ndim in x.dims:
-            sizes = info.params.get("split_size_or_sections", info.params.get("chunks"))
-            if info.op == "unbind" or len(x.dims) > 1 or _has_node(sizes):
-                self.unknown(info, f"{info.op} at node {node.name}: splits the channels irregularly")
-                return
-            self.resized.append(node)  # piece sizes follow the channels kept in each piece
-        self.label_op(info)
-
     def concat(self, info: OpInfo) -> None:
         node = info.node
         tensors = info.inputs[0] if info.inputs and isinstance(info.inputs[0], (list, tuple)) else info.inputs
@@ -360,12 +335,19 @@ class Analyzer(LabelOps):
                 parts.append(s.ids)
             self.spaces[node] = Space((dim,), torch.cat(parts))
             return
-        if len(carried) > 1 or any(s.empty for s in spaces):  # along another dim: the same channels
+        # along another dim: the same channels (a constant such as ViT's class token is sliced with them)
+        dims = next(iter(carried))
+        constants = [self._constant(t, dims, ndim) for t, s in zip(tensors, spaces) if s.empty]
+        if len(carried) > 1 or None in constants:
             self.unknown(info, f"cat at node {node.name}: joins tensors whose channels differ")
             return
-        for s in spaces[1:]:
-            self.union(spaces[0].ids, s.ids)
-        self.spaces[node] = spaces[0]
+        ids = next(s.ids for s in spaces if not s.empty)
+        for s in spaces:
+            if not s.empty:
+                self.union(ids, s.ids)
+        for ref in constants:
+            self.record(*ref, ids, "const", node)
+        self.spaces[node] = Space(dims, ids)
 
     def elementwise(self, info: OpInfo) -> None:
         node = info.node
@@ -403,28 +385,48 @@ class Analyzer(LabelOps):
             off = n - len(vshape)
             if not self.space(v).empty or all(d - off < 0 or vshape[d - off] == 1 for d in dims):
                 continue
-            if v.op == "get_attr" and len(dims) == 1 and dims[0] - off >= 0:
-                owner, attr = _owner_attr(str(v.target))
-                self.record(owner, attr, dims[0] - off, ids, "const", node)
+            ref = self._constant(v, dims, n)
+            if ref is not None:
+                self.record(*ref, ids, "const", node)
             else:
                 self.freeze(ids, f"{info.op} at node {node.name}: combined with fixed channels of {v.name}")
         self.spaces[node] = Space(dims, ids)
 
     def attention(self, info: OpInfo) -> None:
-        node = info.node
-        why = {"multihead_attention": "ties embed_dim to num_heads x head_dim",
-               "shifted_window_attention": "derives head_dim from its input width"}.get(
-                   info.op, "mixes channels across heads")
-        self.unknown(info, f"{info.op} at node {node.name}: {why}")
-        meta = node.meta.get("tensor_meta")
-        first = meta[0] if isinstance(meta, (tuple, list)) else meta
-        shape = meta_shape(first)
-        if info.op == "multihead_attention" and shape is not None:  # its output channels are new ones
-            out = self.fresh(shape[-1], node, f"{info.op} at node {node.name}: {why}")
-            space = Space((len(shape) - 1,), out)
-            self.spaces[node] = (space, *self._empty_like(meta)[1:]) if isinstance(meta, (tuple, list)) else space
+        if info.op == "multihead_attention" and info.module is not None:
+            self.multihead_attention(info)  # heads are units: see fxcompress/prune/heads.py
+            return
+        why = {"shifted_window_attention": "derives head_dim from its input width"}.get(
+            info.op, "mixes channels across heads")
+        self.unknown(info, f"{info.op} at node {info.node.name}: {why}")
 
     # -- helpers ----------------------------------------------------------------
+    def _constant(self, value: Any, dims: tuple[int, ...], ndim: int) -> tuple[str, str, int] | None:
+        """(owner, attr, dim) of a constant holding the channels of dim ``dims[0]`` of a rank-``ndim`` result.
+
+        ``value`` is a ``get_attr`` (a layer scale, a position embedding) or an
+        ``expand`` of one that keeps that dim (``-1``: ViT's class token),
+        broadcast against the result from the right.  None for anything else.
+        """
+        shape = meta_shape(value.meta.get("tensor_meta")) if isinstance(value, fx.Node) else None
+        dim = dims[0] - (ndim - len(shape)) if shape is not None and len(dims) == 1 else -1
+        if dim < 0:
+            return None
+        size = shape[dim]
+        if value.op == "call_method" and value.target == "expand" and isinstance(value.args[0], fx.Node):
+            sizes = value.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = tuple(sizes[0])
+            source = meta_shape(value.args[0].meta.get("tensor_meta"))
+            if source is None or len(sizes) != len(shape) or sizes[dim] != -1:
+                return None
+            value, dim = value.args[0], dim - (len(shape) - len(source))
+        if value.op != "get_attr" or dim < 0:
+            return None
+        owner, attr = _owner_attr(str(value.target))
+        tensor = self._tensor((owner, attr))
+        return (owner, attr, dim) if tensor is not None and tensor.shape[dim] == size else None
+
     def _check_dims(self, x: Space, allowed: set[int], info: OpInfo) -> str | None:
         if x.empty or set(x.dims) <= allowed:
             return None
@@ -446,32 +448,6 @@ class Analyzer(LabelOps):
         owner = self.gm.get_submodule(ref[0])
         t = getattr(owner, ref[1], None)
         return t if isinstance(t, torch.Tensor) else None
-
-
-def _has_node(v: Any) -> bool:
-    found = []
-    fx.node.map_arg(v, lambda n: found.append(n) or n)
-    return bool(found)
-
-
-def _indexed_dims(index: Any, ndim: int) -> set[int] | None:
-    """Input dims that a getitem index narrows (None if it cannot tell)."""
-    items = index if isinstance(index, tuple) else (index,)
-    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
-    touched: set[int] = set()
-    d = 0
-    for item in items:
-        if item is None:
-            continue
-        if item is Ellipsis:
-            d += ndim - consumed
-            continue
-        if isinstance(item, fx.Node):
-            return None
-        if not (isinstance(item, slice) and item == slice(None)):
-            touched.add(d)
-        d += 1
-    return touched
 
 
 _RULES: dict[Kind, Callable[[Analyzer, OpInfo], None]] = {

@@ -7,7 +7,9 @@ Ratios count units (channels, or whole conv groups for grouped convolutions).
   takes the ratio of the first pattern matching one of its source modules;
 * global: units of all groups are ranked together on scores normalised by
   their group's mean, ``ratio`` of all units go, and no group loses more
-  than ``max_ratio`` of its units.
+  than ``max_ratio`` of its units;
+* attention heads: each attention layer's heads are a group of their own,
+  always chosen per layer at ``head_ratio`` (default ``ratio``).
 
 Always: frozen units stay; a group keeps a multiple of ``round_to`` units
 (rounded up, so never more is removed than asked); and every channel space
@@ -29,13 +31,15 @@ from .groups import ChannelGraph, Group
 __all__ = ["group_ratio", "unused_patterns", "select"]
 
 
-def group_ratio(group: Group, ratio: float, layer_ratios: Mapping[str, float] | None) -> float:
-    """The ratio for ``group``: the first ``layer_ratios`` pattern matching a source module, else ``ratio``."""
+def group_ratio(group: Group, ratio: float, layer_ratios: Mapping[str, float] | None,
+                head_ratio: float | None = None) -> float:
+    """The ratio for ``group``: the first ``layer_ratios`` pattern matching a source module, else
+    ``head_ratio`` for attention heads (when given), else ``ratio``."""
     for pattern, r in (layer_ratios or {}).items():
         matcher = PassContext(scope=(pattern,))
         if any(matcher.in_scope(m) for m in group.modules):
             return float(r)
-    return ratio
+    return head_ratio if group.heads and head_ratio is not None else ratio
 
 
 def unused_patterns(cg: ChannelGraph, layer_ratios: Mapping[str, float] | None) -> list[str]:
@@ -84,17 +88,23 @@ def _keep_target(n: int, ratio: float, round_to: int, min_channels: int) -> int:
 
 
 def select(cg: ChannelGraph, scores: torch.Tensor, *, ratio: float,
-           layer_ratios: Mapping[str, float] | None = None, global_ranking: bool = False,
-           max_ratio: float = 0.9, round_to: int = 1, min_channels: int = 1) -> torch.Tensor:
-    """Bool per unit: removed.  Deterministic for given scores (ties by unit index)."""
+           layer_ratios: Mapping[str, float] | None = None, head_ratio: float | None = None,
+           global_ranking: bool = False, max_ratio: float = 0.9, round_to: int = 1,
+           min_channels: int = 1) -> torch.Tensor:
+    """Bool per unit: removed.  Deterministic for given scores (ties by unit index).
+
+    Attention heads are always chosen per attention layer (``head_ratio``,
+    default ``ratio``), also under ``global_ranking``, and ``round_to`` does
+    not apply to them: a head group's width is a multiple of ``head_dim`` anyway.
+    """
     removed = torch.zeros(cg.n_units, dtype=torch.bool)
     prunable = cg.prunable()
     floor = _Floor(cg, min_channels)
-    if not global_ranking:
-        for g in cg.groups:
-            r = group_ratio(g, ratio, layer_ratios)
+    for g in cg.groups:
+        if g.heads or not global_ranking:
+            r = group_ratio(g, ratio, layer_ratios, head_ratio)
             n = len(g.units)
-            todo = n - _keep_target(n, r, round_to, min_channels)
+            todo = n - _keep_target(n, r, 1 if g.heads else round_to, min_channels)
             if r <= 0 or todo <= 0:
                 continue
             candidates = g.units[prunable[g.units]]
@@ -105,11 +115,20 @@ def select(cg: ChannelGraph, scores: torch.Tensor, *, ratio: float,
                 if floor.try_remove(u):
                     removed[u] = True
                     todo -= 1
-        return removed
+    if global_ranking:
+        _select_global(cg, scores, [g for g in cg.groups if not g.heads], removed, prunable, floor,
+                       ratio=ratio, max_ratio=max_ratio, round_to=round_to, min_channels=min_channels)
+    return removed
+
+
+def _select_global(cg: ChannelGraph, scores: torch.Tensor, groups: list[Group], removed: torch.Tensor,
+                   prunable: torch.Tensor, floor: _Floor, *, ratio: float, max_ratio: float, round_to: int,
+                   min_channels: int) -> None:
+    """Mark, in ``removed``, the least important units of ``groups`` ranked together."""
     normalised = scores.clone().double()
     caps: dict[int, int] = {}
     total = 0
-    for g in cg.groups:
+    for g in groups:
         if not prunable[g.units].any():
             continue
         mean = float(scores[g.units].double().mean())
@@ -140,4 +159,3 @@ def select(cg: ChannelGraph, scores: torch.Tensor, *, ratio: float,
             u = units.pop()  # the most important of the removed ones
             removed[u] = False
             floor.restore(u)
-    return removed

@@ -3,7 +3,9 @@
 :func:`apply_removal` slices every parameter and buffer indexed by channels,
 replaces each affected module with a smaller module of the same class (a real
 ``nn.Conv2d``, never a mask) whose attributes (``in_channels``, ``groups``,
-``num_features``, ``normalized_shape``, ...) say what it now is, and updates
+``num_features``, ``normalized_shape``, ...) say what it now is (an attention
+layer whose heads or widths change becomes a
+:class:`~fxcompress.prune.attention.PrunedMultiheadAttention`), and updates
 the literal size arguments of the graph (``view``/``reshape`` sizes,
 ``F.layer_norm``'s ``normalized_shape``, ``F.group_norm``'s ``num_groups``,
 ``split``/``chunk`` piece sizes).  Kept channels stay in their original order.
@@ -23,6 +25,7 @@ from torch import fx, nn
 
 from ..errors import PassError
 from ..ops import Kind, describe
+from .attention import rebuild
 from .groups import ChannelGraph, Space
 from .labels import shape_arguments
 
@@ -144,12 +147,16 @@ def _resize_module(node: fx.Node, gm: fx.GraphModule, shapes: dict, writable: An
     new_in = shapes.get(x) if x is not None else None
     old_out = tuple(node.meta["tensor_meta"].shape) if hasattr(node.meta.get("tensor_meta"), "shape") else None
     new_out = shapes.get(node)
-    if (old_in == new_in or new_in is None) and (old_out == new_out or new_out is None) \
-            and str(node.target) not in copies:
+    path = str(node.target)
+    touched = path in copies or any(c.startswith(path + ".") for c in copies)  # itself or its projections
+    if (old_in == new_in or new_in is None) and (old_out == new_out or new_out is None) and not touched:
         return
     info = describe(node, gm)
-    path = str(node.target)
-    if info.kind is Kind.CONV:
+    if info.kind is Kind.ATTENTION and info.op == "multihead_attention":
+        module = writable(path)  # heads or widths changed: the packed module cannot say so, replace it
+        children = {name: copies.pop(f"{path}.{name}", child) for name, child in module.named_children()}
+        copies[path] = rebuild(module, children)
+    elif info.kind is Kind.CONV:
         m = writable(path)
         old_groups = m.groups
         c_out_old, c_out = old_out[1], new_out[1]

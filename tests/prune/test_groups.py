@@ -110,21 +110,6 @@ def test_flatten_maps_each_channel_to_its_spatial_block():
     assert torch.equal(_units(cg, cols).reshape(512, 49), _units(cg, last_conv)[:, None].expand(512, 49))
 
 
-def test_attention_freezes_the_embedding_with_its_reason():
-    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                 hidden_dim=32, mlp_dim=64, num_classes=10).eval()
-    gm = trace(model, (torch.randn(1, 3, 32, 32),))
-    cg = build_channel_graph(gm)
-    stream = _units(cg, cg.params[("encoder.layers.encoder_layer_0.mlp.3", "weight", 0)].ids)
-    assert all(int(u) in cg.frozen_units for u in stream)
-    group = cg.groups[int(cg.group_of_unit[stream[0]])]
-    assert "encoder_layers_encoder_layer_0_self_attention" in group.sources
-    assert any("multihead_attention at node" in r and "num_heads" in r for r in group.frozen)
-    # the MLP's hidden channels are a free group
-    mlp = _units(cg, cg.params[("encoder.layers.encoder_layer_0.mlp.0", "weight", 0)].ids)
-    assert mlp.unique().numel() == 64 and not set(mlp.tolist()) & set(cg.frozen_units)
-
-
 class _Roll(nn.Module):
     def __init__(self) -> None:
         super().__init__()

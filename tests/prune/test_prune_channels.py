@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import fxcompress
@@ -114,27 +113,18 @@ def test_layer_norm_groups_match_an_explicit_reference(rel_err):
     assert rel_err(expected, gm(x)) < 1e-6
 
 
-def test_vision_transformer_prunes_its_mlps_and_keeps_the_embedding():
-    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                 hidden_dim=32, mlp_dim=64, num_classes=10).eval()
-    x = torch.randn(2, 3, 32, 32)
-    result = fxcompress.run(model, [("prune_channels", {"ratio": 0.5})], (x,))
-    gm = result.model
-    assert gm.get_submodule("encoder.layers.encoder_layer_0.mlp.0").out_features == 32
-    assert gm.get_submodule("encoder.layers.encoder_layer_0.self_attention").embed_dim == 32
-    assert any("multihead_attention" in r for r in result.report.rows[0].stats["frozen"])
-
-
-def test_taylor_importance_and_short_finetune_keep_digits_accuracy():
+@pytest.mark.parametrize("importance", ["l2", "taylor"])
+def test_pruned_and_briefly_finetuned_digits_cnn_keeps_its_accuracy(importance):
+    """A behavioural guard (benchmarks/digits_pruning.py measures the real figures, over seeds)."""
     data = load_digits_data()
     model = pretrained_digits_cnn()
-    batches = [(data.train_x[i:i + 64], data.train_y[i:i + 64]) for i in range(0, 512, 64)]
-    result = fxcompress.run(model, [("prune_channels", {"ratio": 0.5, "importance": "taylor"})],
-                            (data.test_x[:8],), calibration_data=batches, loss_fn=F.cross_entropy)
-    pruned = finetune(result.model, batches * 4, F.cross_entropy, steps=150, lr=3e-3,
-                                 progress=False)
-    assert result.report.rows[0].after.parameters < 0.4 * result.report.before.parameters
-    assert accuracy(pruned, data.test_x, data.test_y) >= accuracy(model, data.test_x, data.test_y) - 3.0
+    order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))
+    batches = [(data.train_x[i], data.train_y[i]) for i in order.split(64)]
+    result = fxcompress.run(model, [("prune_channels", {"ratio": 0.5, "importance": importance})],
+                            (data.test_x[:8],), calibration_data=batches[:8], loss_fn=F.cross_entropy)
+    pruned = finetune(result.model, batches, F.cross_entropy, steps=200, lr=1e-3, progress=False)
+    assert result.report.rows[0].after.parameters < 0.3 * result.report.before.parameters
+    assert accuracy(pruned, data.test_x, data.test_y) >= accuracy(model, data.test_x, data.test_y) - 1.5
 
 
 # -- bad input -------------------------------------------------------------------------------------
