@@ -103,6 +103,11 @@ class _PathTracer(fx.Tracer):
             return True
         if any(fnmatch.fnmatchcase(qualname, p) for p in self._leaf_paths):
             return True
+        # fxcompress's own runtime modules (observers, lowered kernels, pruned
+        # attention) are ops of the dialect: re-capturing a compressed model
+        # must keep them whole, never trace into their implementation.
+        if getattr(type(m), "fxc_role", None) or getattr(type(m), "fxc_leaf", False):
+            return True
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:

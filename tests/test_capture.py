@@ -312,3 +312,32 @@ def test_record_meta_annotates_and_clears():
     assert [tuple(m.shape) for m in node.meta["tensor_meta"]] == [(1, 2), (3,)]
     record_meta(node, 7)
     assert "tensor_meta" not in node.meta and node.meta["type"] is int
+
+
+def test_recapture_keeps_fxcompress_runtime_modules_whole() -> None:
+    """A compressed model wrapped again is re-captured with our modules as leaves."""
+    from fxcompress.prune.attention import PrunedMultiheadAttention
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+            self.att = PrunedMultiheadAttention.from_module(mha).eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.att(x, x, x, need_weights=False)[0]
+
+    class Wrap(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) * 2
+
+    x = torch.randn(2, 5, 16)
+    inner = fxcompress.trace(Attend(), x)
+    outer = fxcompress.trace(Wrap(inner), x)
+    modules = [n.target for n in outer.graph.nodes if n.op == "call_module"]
+    assert modules == ["inner.att"]
+    torch.testing.assert_close(outer(x), inner(x) * 2)

@@ -54,6 +54,8 @@ class PrunedMultiheadAttention(nn.Module):
     Scores are scaled by ``1 / sqrt(head_dim)``, as there.
     """
 
+    fxc_leaf = True  # capture keeps it whole, like the nn.MultiheadAttention it replaces
+
     _fxc_name = "fxcompress.prune.attention.PrunedMultiheadAttention"
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int, *, kdim: int | None = None,
