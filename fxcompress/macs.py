@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from torch import fx, nn
 
 from fxcompress.errors import InputError
 
-__all__ = ["KINDS", "count_macs", "macs_by_kind", "register_module"]
+__all__ = ["KINDS", "count_macs", "macs_by_kind", "register_module", "count_conv", "count_linear"]
 
 KINDS: tuple[str, ...] = ("conv", "linear", "matmul", "attention", "other")
 
@@ -123,10 +123,20 @@ def _conv(out_or_in: torch.Size, weight: torch.Size) -> int:
     return math.prod(out_or_in) * math.prod(weight[1:])
 
 
+def count_conv(gm: fx.GraphModule, node: fx.Node, weight_shape: Sequence[int], transposed: bool = False) -> _Counts:
+    """MACs of a conv-like module call with this weight shape (for modules of our own)."""
+    size = _shape(gm, node.args[0], node) if transposed else _out_shape(gm, node)
+    return {"conv": _conv(size, torch.Size(weight_shape))}
+
+
+def count_linear(gm: fx.GraphModule, node: fx.Node, in_features: int) -> _Counts:
+    """MACs of a linear-like module call with ``in_features`` inputs per output."""
+    return {"linear": math.prod(_out_shape(gm, node)) * in_features}
+
+
 def _conv_module(gm: fx.GraphModule, node: fx.Node) -> _Counts:
     module = gm.get_submodule(str(node.target))
-    size = _shape(gm, node.args[0], node) if module.transposed else _out_shape(gm, node)
-    return {"conv": _conv(size, module.weight.shape)}
+    return count_conv(gm, node, module.weight.shape, module.transposed)
 
 
 def _conv_function(transposed: bool) -> _Counter:
@@ -139,8 +149,7 @@ def _conv_function(transposed: bool) -> _Counter:
 
 
 def _linear_module(gm: fx.GraphModule, node: fx.Node) -> _Counts:
-    module = gm.get_submodule(str(node.target))
-    return {"linear": math.prod(_out_shape(gm, node)) * module.in_features}
+    return count_linear(gm, node, gm.get_submodule(str(node.target)).in_features)
 
 
 def _linear_function(gm: fx.GraphModule, node: fx.Node) -> _Counts:

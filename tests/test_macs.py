@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import fxcompress
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -261,3 +262,32 @@ def test_small_vit_and_maxvit_match_flop_counter() -> None:
     )
     counts = _check_against_flop_counter(maxvit, torch.randn(1, 3, 32, 32))
     assert counts["matmul"] > 0
+
+
+def test_macs_survive_quantization_and_lowering() -> None:
+    """Observed, fake-quant, folded and lowered layers count like the float layers they replace."""
+    from fxcompress import recipes
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    calibration = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    result = fxcompress.run(model, recipes.int8_static(), x, calibration_data=calibration)
+    fused = result.report.rows[0].after.macs
+    assert fused > 0
+    assert [row.after.macs for row in result.report.rows] == [fused] * len(result.report.rows)
+
+
+def test_macs_of_dynamic_quantized_attention_match_float() -> None:
+    model = nn.Sequential(nn.Linear(16, 16)).eval()
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.mlp = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(self.att(x, x, x, need_weights=False)[0])
+
+    result = fxcompress.run(Attend().eval(), ["quantize_dynamic"], torch.randn(2, 5, 16))
+    assert result.report.after.macs == result.report.before.macs > 0

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxcompress import macs
 from fxcompress.ops import Kind, describe, register_module
 from fxcompress.quant.fake_quant import FakeQuantize
 from fxcompress.quant.observer_base import Observer
@@ -262,3 +263,19 @@ def _wrapped_op(layer: nn.Module) -> tuple[Kind, str, dict]:
 
 for _cls in QUANTIZED_LAYERS:
     register_module(_cls, _wrapped_op)
+
+
+def _count_layer_macs(gm: fx.GraphModule, node: fx.Node) -> dict[str, int]:
+    """The MACs of the wrapped layer (a folded layer's float weight is gone: use its shape)."""
+    layer = gm.get_submodule(str(node.target))
+    inner = layer.module
+    weight_shape = getattr(layer, "weight_shape", None) or tuple(inner.weight.shape)
+    if isinstance(inner, nn.modules.conv._ConvNd):
+        return macs.count_conv(gm, node, weight_shape, inner.transposed)
+    if isinstance(inner, nn.Linear):
+        return macs.count_linear(gm, node, inner.in_features)
+    return {}  # an embedding is a lookup: no multiply-accumulates
+
+
+for _cls in QUANTIZED_LAYERS:
+    macs.register_module(_cls, _count_layer_macs)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import (
     CONV_POST_OPS, LINEAR_POST_OPS, QConvKernel, QLinearKernel, Support, supports_qconv,
@@ -392,3 +393,17 @@ class QuantLinear(LoweredModule):
                 f"post_op={self.post_op}, bits=8, w_scale={summarize(self.weight_scale)}, "
                 f"in=({summarize(self.input_scale)}, {int(self.input_zero_point)}), {out}, "
                 f"backend={self.backend}")
+
+
+def _count_conv_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, int]:
+    return macs.count_conv(gm, node, gm.get_submodule(str(node.target)).weight.shape)
+
+
+def _count_linear_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, int]:
+    return macs.count_linear(gm, node, gm.get_submodule(str(node.target)).in_features)
+
+
+macs.register_module(QuantConv2d, _count_conv_macs)
+macs.register_module(QuantLinear, _count_linear_macs)
+macs.register_module(DynamicQuantLinear, _count_linear_macs)
+macs.register_module(WeightOnlyLinear, _count_linear_macs)

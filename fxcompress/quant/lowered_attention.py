@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.lowered_base import LoweredModule
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
@@ -187,3 +188,18 @@ class QuantMultiheadAttention(LoweredModule):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
                 f"projection={self.projection}, attention=float, backend={self.backend}")
+
+
+def _count_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, int]:
+    """Projections (q from the query; k, v from key/value; out) plus scores and weighted sum."""
+    module = gm.get_submodule(str(node.target))
+    query, key = (n.meta["tensor_meta"].shape for n in node.args[:2])
+    embed = module.embed_dim
+    tokens_q, tokens_k = math.prod(query[:-1]), math.prod(key[:-1])
+    seq_k = key[-2] if module.batch_first and len(key) == 3 else key[0]
+    batch = tokens_k // seq_k
+    projections = 2 * tokens_q * embed * embed + 2 * tokens_k * embed * embed
+    return {"linear": projections, "attention": 2 * batch * (tokens_q // batch) * seq_k * embed}
+
+
+macs.register_module(QuantMultiheadAttention, _count_macs)
