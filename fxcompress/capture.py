@@ -323,7 +323,10 @@ def _buffers_restored(gm: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for module, name, buf, values in saved:
-                buf.copy_(values)
+                # A buffer written under inference_mode (e.g. by calibration) can only
+                # be updated in place inside inference_mode.
+                with torch.inference_mode() if buf.is_inference() else contextlib.nullcontext():
+                    buf.copy_(values)
                 module._buffers[name] = buf
 
 

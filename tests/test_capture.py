@@ -341,3 +341,20 @@ def test_recapture_keeps_fxcompress_runtime_modules_whole() -> None:
     modules = [n.target for n in outer.graph.nodes if n.op == "call_module"]
     assert modules == ["inner.att"]
     torch.testing.assert_close(outer(x), inner(x) * 2)
+
+
+def test_buffers_written_under_inference_mode_can_be_propagated() -> None:
+    """Calibration writes observer buffers under inference_mode; re-running the graph must work."""
+
+    class Offset(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            with torch.inference_mode():
+                self.register_buffer("offset", torch.arange(3.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.offset
+
+    gm = fxcompress.trace(Offset(), torch.zeros(3))
+    assert torch.equal(propagate_shapes(gm, (torch.zeros(3),)), torch.arange(3.0))
+    assert torch.equal(gm.offset, torch.arange(3.0))
