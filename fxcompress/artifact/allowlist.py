@@ -10,8 +10,9 @@ allow-list, never through a general import.  What is allowed:
   and ``torch.special`` (this leaves out ``torch.load``, ``torch.save``,
   ``torch.from_file`` and every other function that is not a tensor op), and
   ``torch._assert``;
-* operators in the ``torch.ops.aten``, ``torch.ops.onednn`` and
-  ``torch.ops.quantized_decomposed`` namespaces, except file I/O ops;
+* operators in the ``torch.ops.aten`` and ``torch.ops.onednn`` namespaces,
+  except file I/O ops (``quantized_decomposed`` is left out: it lives in the
+  deprecated ``torch.ao.quantization`` and fxcompress never emits it);
 * arithmetic, comparison and indexing functions of :mod:`operator`, the
   functions of :mod:`math`, and ``getattr`` (graph_codec additionally requires
   a constant, public attribute name);
@@ -44,7 +45,7 @@ _OPERATOR_NAMES = (
     "iadd isub imul itruediv ifloordiv imod ipow imatmul iand ior ixor ilshift irshift"
 ).split()
 _TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch.linalg", "torch.fft", "torch.special")
-_OP_NAMESPACES = ("aten", "onednn", "quantized_decomposed")
+_OP_NAMESPACES = ("aten", "onednn")
 _DENIED_OPS = frozenset({"from_file", "save", "_print"})
 # Tensor methods whose effect reaches beyond the tensor's values.
 _DENIED_METHODS = frozenset({
@@ -151,7 +152,7 @@ def function_name(fn: Any) -> str:
             return name
     raise ArtifactError(
         f"{_describe(fn)} is not on the artifact allow-list of functions. Allowed: torch tensor "
-        "functions, torch.ops.aten/onednn/quantized_decomposed ops, operator/math functions and "
+        "functions, torch.ops.aten/onednn ops, operator/math functions and "
         "functions registered with fxcompress.artifact.register_function (for pure tensor functions)."
     )
 
@@ -180,8 +181,6 @@ def resolve_function(name: str) -> Callable[..., Any]:
     m = _OP_NAME.fullmatch(name)
     if m and m.group(1) in _OP_NAMESPACES and m.group(2) not in _DENIED_OPS:
         ns, base, overload = m.groups()
-        if ns == "quantized_decomposed" and not hasattr(torch.ops.quantized_decomposed, base):
-            importlib.import_module("torch.ao.quantization.fx._decomposed")  # registers the namespace
         try:
             op = getattr(getattr(torch.ops, ns), base)
             return getattr(op, overload) if overload else op

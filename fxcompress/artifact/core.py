@@ -13,6 +13,7 @@ a damaged or tampered file is ever interpreted beyond JSON and zip headers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import mmap
 import importlib.metadata
@@ -59,6 +60,8 @@ def _jsonable(obj: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. a QuantSpec option
+        return _jsonable(dataclasses.asdict(obj))
     return str(obj)
 
 

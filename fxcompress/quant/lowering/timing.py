@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.utils.benchmark as tb
 from torch import fx, nn
 
 from fxcompress.quant.activations import QDQ
@@ -25,10 +24,13 @@ __all__ = ["median_seconds", "faster_or_float", "float_reference"]
 
 def median_seconds(fn: Callable[[], Any], min_run_time: float = 0.05) -> float:
     """Median seconds per call of ``fn`` (a few warm-up calls first: kernels pack lazily)."""
+    # Imported here, not at module level: torch.utils.benchmark pulls in cpp_extension, which
+    # costs ~0.5 s and logs a CUDA warning; only lower(only_if_faster=True) needs it.
+    from fxcompress.bench import Timer
     with torch.inference_mode():
         for _ in range(2):
             fn()
-        return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+        return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
 def _shape(node: Any) -> tuple[int, ...]:
