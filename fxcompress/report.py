@@ -148,7 +148,9 @@ class Report:
 
     def _summary_table(self) -> tuple[list[list[Any]], list[str]]:
         b, a = self.before, self.after
-        rows = [[k, getattr(b, k), getattr(a, k), _ratio(getattr(a, k), getattr(b, k))]
+        # Counts as strings with separators: tabulate would print a column that mixes
+        # them with the task metric's floats in scientific notation.
+        rows = [[k, f"{getattr(b, k):,}", f"{getattr(a, k):,}", _ratio(getattr(a, k), getattr(b, k))]
                 for k in ("nodes", "parameters", "state_bytes", "macs")]
         rows += [[k, v.get("before", ""), v.get("after", ""), v.get("ratio", "")]
                  for k, v in self.metrics.items() if isinstance(v, dict)]
