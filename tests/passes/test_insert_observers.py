@@ -16,9 +16,11 @@ from torch import fx, nn
 import fxcompress
 from fxcompress.errors import ConfigError
 from fxcompress.examples.digits import DigitsCNN, DigitsResNet
+from fxcompress.ops import describe
 from fxcompress.quant import QuantSpec, default_activation_spec, default_weight_spec
 from fxcompress.quant.activations import ActivationObserver
 from fxcompress.quant.layers import ObservedLayer
+from fxcompress.quant.placement import find_chains
 from fxcompress.verify import stage_of
 
 X = torch.randn(4, 1, 8, 8)
@@ -94,6 +96,24 @@ def test_observer_goes_where_the_values_are_computed() -> None:
     observed = _observer_nodes(gm)
     # adaptive avg pool -> flatten -> fc: observed at the pool, flatten carries its qparams.
     assert "pool" in observed and _node(gm, "flatten").args[0] is observed["pool"]
+
+
+@pytest.mark.parametrize("layer, act, fused", [
+    (nn.Conv2d(1, 4, 3), nn.ReLU6(), True),
+    (nn.Conv2d(1, 4, 3), nn.Hardswish(), True),
+    (nn.Conv2d(1, 4, 3), nn.SiLU(), True),
+    (nn.Conv2d(1, 4, 3), nn.Sigmoid(), False),
+    (nn.Conv2d(1, 4, 3), nn.GELU(), False),  # oneDNN's conv has no GELU post-op
+    (nn.Linear(8, 4), nn.GELU(), True),
+    (nn.Linear(8, 4), nn.Tanh(), True),
+], ids=["conv-relu6", "conv-hardswish", "conv-silu", "conv-sigmoid", "conv-gelu", "linear-gelu", "linear-tanh"])
+def test_post_ops_are_fused_when_x86_fuses_them(layer: nn.Module, act: nn.Module, fused: bool) -> None:
+    x = X if isinstance(layer, nn.Conv2d) else torch.randn(3, 8)
+    gm = fxcompress.trace(nn.Sequential(layer, act).eval(), x)
+    op, activation = _node(gm, "_0"), _node(gm, "_1")
+    chain = find_chains(gm, [describe(op, gm)])[op]
+    assert chain.end is (activation if fused else op)
+    assert chain.data.op == "placeholder" and chain.add is None
 
 
 class TwoBranchCat(nn.Module):
