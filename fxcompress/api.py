@@ -78,7 +78,7 @@ def run(
     loss_fn: Callable[..., torch.Tensor] | None = None,
     check: Check | None = None,
     progress: bool = True,
-    tolerance: float = 1e-4,
+    tolerance: float = 1e-3,
     backend: str = "x86",
     seed: int = 0,
     leaf_modules: Iterable[type | str] = (),
@@ -97,7 +97,10 @@ def run(
     ``"full"``, ``"shapes"`` or ``"none"`` (see :class:`PassManager`); when it
     is None, the environment variable ``FXCOMPRESS_CHECK`` decides, and
     ``"shapes"`` when that is unset (the test suite sets it to ``"full"``).
-    ``tolerance`` bounds the norm-relative output change of ``exact`` passes.
+    ``tolerance`` bounds the norm-relative output change of ``exact`` passes.  The
+    default, 1e-3, sits above the float32 round-off of deep nets (fusing BatchNorm
+    into a realistic-weights resnet152 moves its output by 2.9e-4, see
+    ``benchmarks/zoo.py``) and far below what a wrong rewrite does.
     ``eval_fn(model) -> float`` (a task metric, e.g. top-1) is measured before
     and after when given and shown in the report.  An empty pipeline returns
     an equivalent model.  The caller's model is never mutated.  Capture,

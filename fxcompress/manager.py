@@ -163,7 +163,7 @@ class PassManager:
     """
 
     def __init__(self, passes: Sequence[PipelineEntry], *, check: Check = "full",
-                 tolerance: float = 1e-4, progress: bool = False) -> None:
+                 tolerance: float = 1e-3, progress: bool = False) -> None:
         if check not in CHECKS:
             raise ConfigError(f"check must be one of {CHECKS}, got {check!r}")
         if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float)) and tolerance >= 0):
