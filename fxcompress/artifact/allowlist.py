@@ -12,7 +12,7 @@ allow-list, never through a general import.  What is allowed:
   ``torch._assert``;
 * operators in the ``torch.ops.aten`` and ``torch.ops.onednn`` namespaces,
   except file I/O ops (``quantized_decomposed`` is left out: it lives in the
-  deprecated ``torch.ao.quantization`` and fxcompress never emits it);
+  deprecated torch.ao quantization package and fxcompress never emits it);
 * arithmetic, comparison and indexing functions of :mod:`operator`, the
   functions of :mod:`math`, and ``getattr`` (graph_codec additionally requires
   a constant, public attribute name);

@@ -1,7 +1,7 @@
 """Quantization runtime: specs, qparams arithmetic, observers, fake quantization.
 
 Pure tensor and module code (no graph passes): plain int8/uint8 storage,
-float32 scales and int32 zero points; no ``torch.ao.quantization`` and no
+float32 scales and int32 zero points; nothing from the deprecated torch.ao quantization package and no
 quantized dtypes.  See ``docs/quantization.md``.
 """
 

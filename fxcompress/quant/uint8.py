@@ -16,7 +16,7 @@ Conventions (the kernels in :mod:`fxcompress.quant.kernels` follow them too):
 Measured here (torch 2.14.1, 1 thread, resnet's stem pool 64x112x112): aten's uint8
 ``max_pool2d`` raises on channels-last input and takes 6-9 ms on NCHW; the k*k views
 version 2.5-3x torch.ao's time; ``quantized::max_pool2d`` on plain uint8 the same as
-torch.ao's (35 us unloaded). ``quantize_uint8`` costs 1.5-3x ``torch.quantize_per_tensor``
+torch.ao's (35 us unloaded). ``quantize_uint8`` costs 1.5-3x torch.ao's fused per-tensor quantize
 (which needs a quantized dtype): four aten passes instead of one fused kernel.
 """
 
