@@ -39,7 +39,7 @@ finally:
 
 from .capture import normalize_inputs, propagate_shapes, trace
 from .errors import InputError
-from .report import weight_count
+from .report import human, ratio, weight_count
 
 __all__ = ["Latency", "ModelFigures", "Agreement", "Comparison", "compare", "agreement", "serialized_bytes"]
 
@@ -113,10 +113,10 @@ class Comparison:
         """Two tables (tabulate): costs side by side, then agreement."""
         a, b = self.original, self.compressed
         rows = [
-            ["parameters", f"{a.parameters:,}", f"{b.parameters:,}", _ratio(b.parameters, a.parameters)],
-            ["MACs", _human(a.macs), _human(b.macs), _ratio(b.macs, a.macs)],
-            ["serialized", _human(a.serialized_bytes, "B"), _human(b.serialized_bytes, "B"),
-             _ratio(b.serialized_bytes, a.serialized_bytes)],
+            ["parameters", f"{a.parameters:,}", f"{b.parameters:,}", ratio(b.parameters, a.parameters)],
+            ["MACs", human(a.macs), human(b.macs), ratio(b.macs, a.macs)],
+            ["serialized", human(a.serialized_bytes, "B"), human(b.serialized_bytes, "B"),
+             ratio(b.serialized_bytes, a.serialized_bytes)],
         ]
         for t in self.threads:
             rows.append([f"latency, {t} thread{'s' if t > 1 else ''}", _ms(a.latency[t]), _ms(b.latency[t]),
@@ -265,18 +265,6 @@ def _caller(model: nn.Module, args: tuple, kwargs: dict) -> Callable[[], Any]:
             return model(*args, **kwargs)
 
     return call
-
-
-def _human(n: float, unit: str = "") -> str:
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000:
-            return f"{n:.4g}{suffix}{unit}"
-        n /= 1000
-    return f"{n:.4g}P{unit}"
-
-
-def _ratio(after: float, before: float) -> str:
-    return f"{after / before:.3f}x" if before else "-"
 
 
 def _ms(lat: Latency) -> str:

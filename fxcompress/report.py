@@ -16,7 +16,7 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-__all__ = ["Snapshot", "PassRow", "Report", "snapshot", "state_bytes", "weight_count"]
+__all__ = ["Snapshot", "PassRow", "Report", "snapshot", "state_bytes", "weight_count", "human", "ratio"]
 
 _NON_WEIGHT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -89,7 +89,8 @@ class PassRow:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _human(n: float, unit: str = "") -> str:
+def human(n: float, unit: str = "") -> str:
+    """A count with an SI suffix, 4 significant digits: ``human(12_374_000) == "12.37M"``."""
     for suffix in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
             return f"{n:.4g}{suffix}{unit}"
@@ -104,7 +105,8 @@ def _stat(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
-def _ratio(after: float, before: float) -> str:
+def ratio(after: float, before: float) -> str:
+    """``after / before`` as ``"0.256x"`` (``"-"`` when ``before`` is 0)."""
     return f"{after / before:.3f}x" if before else "-"
 
 
@@ -138,19 +140,19 @@ class Report:
 
     def _pass_table(self) -> tuple[list[list[Any]], list[str]]:
         headers = ["pass", "modified", "nodes", "parameters", "state", "MACs", "time", "stats"]
-        rows = [["(input)", "", self.before.nodes, _human(self.before.parameters),
-                 _human(self.before.state_bytes, "B"), _human(self.before.macs), "", ""]]
+        rows = [["(input)", "", self.before.nodes, human(self.before.parameters),
+                 human(self.before.state_bytes, "B"), human(self.before.macs), "", ""]]
         for r in self.rows:
             stats = ", ".join(_stat(k, v) for k, v in r.stats.items() if k != "notes" and v != {})
-            rows.append([r.name, "yes" if r.modified else "no", r.after.nodes, _human(r.after.parameters),
-                         _human(r.after.state_bytes, "B"), _human(r.after.macs), f"{r.seconds:.3f}s", stats])
+            rows.append([r.name, "yes" if r.modified else "no", r.after.nodes, human(r.after.parameters),
+                         human(r.after.state_bytes, "B"), human(r.after.macs), f"{r.seconds:.3f}s", stats])
         return rows, headers
 
     def _summary_table(self) -> tuple[list[list[Any]], list[str]]:
         b, a = self.before, self.after
         # Counts as strings with separators: tabulate would print a column that mixes
         # them with the task metric's floats in scientific notation.
-        rows = [[k, f"{getattr(b, k):,}", f"{getattr(a, k):,}", _ratio(getattr(a, k), getattr(b, k))]
+        rows = [[k, f"{getattr(b, k):,}", f"{getattr(a, k):,}", ratio(getattr(a, k), getattr(b, k))]
                 for k in ("nodes", "parameters", "state_bytes", "macs")]
         rows += [[k, v.get("before", ""), v.get("after", ""), v.get("ratio", "")]
                  for k, v in self.metrics.items() if isinstance(v, dict)]
