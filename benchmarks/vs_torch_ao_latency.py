@@ -206,13 +206,14 @@ Medians of `torch.utils.benchmark` (best of {args.rounds} interleaved rounds), 2
 ### Size and fidelity
 
 State bytes of the lowered model against the float model's; SQNR of the lowered model against the
-folded fake-quant graph (what lowering must preserve) and against float, beside torch.ao's. The int8
-kernels accumulate exactly in int32 and requantize once, so they land one code away from the
-float-computed fake-quant graph at a rounding tie now and then; how much that moves the output is
-the model's sensitivity to one-code perturbations. These random-weight models are very sensitive
-(the last two columns: what 8-bit quantization itself costs them against float, on both sides), so
-the same effect shows on the peer: its int8 model against its own reference model
-(quantize-dequantize around float ops, `convert_to_reference_fx`) is the column beside ours.
+folded fake-quant graph (what lowering must preserve; `inf` = bit for bit) and against float,
+beside torch.ao's. The folded graph computes as the int8 kernels do (exact integer accumulation,
+the kernels' float32 rescaling and rounding order, 16-bit activation scales; see docs/lowering.md),
+so nothing lands a code off at a rounding tie. These random-weight models are very sensitive to
+one-code perturbations (the last two columns: what 8-bit quantization itself costs them against
+float, on both sides), which is what a float-computed reference suffers: the peer's int8 model
+against its own reference model (quantize-dequantize around float ops, `convert_to_reference_fx`)
+is the column beside ours.
 
 {fidelity}
 

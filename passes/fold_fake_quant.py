@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.quant.activations import QDQ, ActivationFakeQuant, ActivationObserver, preserves_qparams
+from fxcompress.quant.activations import QDQ, ActivationFakeQuant, ActivationObserver, preserves_qparams, quant_source
 from fxcompress.quant.layers import FakeQuantLayer, FoldedLayer, ObservedLayer
 
 __all__ = ["FoldFakeQuant"]
@@ -24,13 +24,19 @@ class FoldFakeQuant(Pass):
 
     The folded graph computes what the fake-quantized graph computes (it dequantizes
     its integer weights; the lowering pass swaps in integer kernels), so after
-    ``to_fake_quant`` its outputs are unchanged, and after ``calibrate`` they become
+    ``to_fake_quant`` its outputs are unchanged (but where the fake-quant graph's
+    float32 accumulation crossed a rounding tie), and after ``calibrate`` they become
     the quantized model's.  A quantize-dequantize whose input already carries equal
     qparams (directly, or through ops that preserve them) is idempotent and removed.
     Observers that were never calibrated raise
-    :class:`~fxcompress.errors.CalibrationError`.  Stats: ``layers`` (per bit width),
-    ``qdq`` (modules), ``removed_qdq`` (redundant nodes), and ``weight_bytes``
-    before/after for the folded layers.
+    :class:`~fxcompress.errors.CalibrationError`.  Each folded layer whose input is a
+    quantize-dequantize output (directly or through ops that keep its grid) records
+    that input's scale, and then computes as the int8 kernels do, exact integer
+    accumulation included (see :class:`~fxcompress.quant.layers.FoldedLayer`), so
+    ``lower`` reproduces the folded graph bit for bit.  Stats: ``layers`` (per bit
+    width), ``qdq`` (modules), ``removed_qdq`` (redundant nodes), ``integer_exact``
+    (layers computing as the kernels do), and ``weight_bytes`` before/after for the
+    folded layers.
     """
 
     name = "fold_fake_quant"
@@ -51,7 +57,8 @@ class FoldFakeQuant(Pass):
                 gm.set_submodule(path, QDQ.from_quantizer(module))
                 qdq += 1
         removed = _remove_redundant(gm)
-        stats = {"layers": dict(bits), "qdq": qdq, "removed_qdq": removed,
+        exact = _record_input_scales(gm)
+        stats = {"layers": dict(bits), "qdq": qdq, "removed_qdq": removed, "integer_exact": exact,
                  "weight_bytes": {"before": float_bytes, "after": int_bytes}}
         return PassResult(gm, bool(bits or qdq or removed), stats)
 
@@ -85,3 +92,21 @@ def _remove_redundant(gm: fx.GraphModule) -> int:
             if isinstance(module, QDQ) and path not in used:
                 gm.delete_submodule(path)
     return removed
+
+
+def _record_input_scales(gm: fx.GraphModule) -> int:
+    """Give each folded layer fed by a QDQ (possibly through grid-keeping ops) that QDQ's
+    scale; the number of layers that then compute as the int8 kernels do."""
+    exact = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        layer = gm.get_submodule(str(node.target))
+        if not isinstance(layer, FoldedLayer):
+            continue
+        source = quant_source(node.args[0], gm)
+        quantizer = gm.get_submodule(str(source.target)) if source is not None else None
+        per_tensor = isinstance(quantizer, QDQ) and quantizer.scale.numel() == 1
+        layer.set_input_scale(quantizer.scale.reshape(()) if per_tensor else None)
+        exact += layer.integer_exact
+    return exact

@@ -25,11 +25,17 @@ __all__ = ["Lower"]
 class Lower(Pass):
     """Turns the folded graph into lowered modules that compute on integers: every quantized
     2-D conv and linear the int8 kernels can take runs as one (its ReLU / ReLU6 / hardtanh /
-    hardswish / SiLU, GELU for linears, and a conv's residual add fused), activations stay
+    leaky ReLU and a conv's residual add fused), activations stay
     uint8 channels-last between int8 ops (requantized inside the kernels; max pools,
     reshapes, concatenations, uint8 adds and average pools in between), quantized at the
     graph inputs and dequantized exactly where a float op or an output reads them; no
     observer, fake-quant or quantize-dequantize is left. Outputs keep their dtypes.
+
+    The lowered model computes what the folded graph computes, bit for bit: both round
+    as the kernels do (:mod:`fxcompress.quant.int_math`). SiLU, hardswish, GELU and tanh
+    stay float ops after a float-output kernel, because oneDNN approximates them its
+    own way; ``approximate_post_ops=True`` fuses them too (faster where they are
+    frequent, outputs then within a code or so of the folded graph's).
 
     ``backend="x86"`` runs oneDNN's kernels where their preconditions hold at the shape
     of each call and the reference path (dequantize, float compute, requantize: the
@@ -56,6 +62,7 @@ class Lower(Pass):
     only_if_faster: bool = False
     check_speed: bool = False
     strict: bool = False
+    approximate_post_ops: bool = False
 
     def __post_init__(self) -> None:
         check_backend_option(self.name, self.backend)
@@ -73,7 +80,8 @@ class Lower(Pass):
         reference = float_reference(gm) if measure else None
         kept_qdq = [n.name for n in gm.graph.nodes if n.op == "call_module"
                     and isinstance(m := gm.get_submodule(str(n.target)), QDQ) and uint8_qparams(m) is None]
-        lowering = StaticLowering(gm, ctx, backend, faster_or_float if self.only_if_faster else None)
+        lowering = StaticLowering(gm, ctx, backend, faster_or_float if self.only_if_faster else None,
+                                  approximate_post_ops=self.approximate_post_ops)
         stats = lowering.run()
         args, kwargs = ctx.example_inputs()
         propagate_shapes(gm, args, kwargs)  # annotates the new nodes (and fills the kernel caches)

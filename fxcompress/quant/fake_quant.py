@@ -4,7 +4,7 @@ The forward pass computes exactly ``dequantize(quantize(x))`` with the
 module's qparams (bit for bit what the lowered integer model sees), so a
 fake-quantized model predicts its lowered model's outputs.  Gradients:
 
-* ``x``: straight-through estimator, 1 where ``round(x / scale) + zero_point``
+* ``x``: straight-through estimator, 1 where ``round(x * (1 / scale) + zero_point)``
   lies in ``[qmin, qmax]``, 0 where the value is clipped.
 * ``scale`` (``learnable=True`` only): the LSQ gradient (Esser et al., 2020),
   ``round(x/s) - x/s`` inside the range and ``qmin - zp`` / ``qmax - zp``
@@ -176,10 +176,11 @@ class FakeQuantize(ResizingBuffers, nn.Module):
                                  1.0 / math.sqrt(per_scale * max(qmax, 1)))
 
         def lsq(v: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            scaled = v / s
-            # round() with an identity gradient; the sum equals round(scaled) exactly.
-            rounded = scaled + (torch.round(scaled) - scaled).detach()
-            return (torch.clamp(rounded + z, qmin, qmax) - z) * s
+            # x * (1/s) + zp, rounded as quantize() rounds (see qparams); round()
+            # with an identity gradient: the sum equals round(shifted) exactly.
+            shifted = v * torch.reciprocal(s) + z
+            rounded = shifted + (torch.round(shifted) - shifted).detach()
+            return (torch.clamp(rounded, qmin, qmax) - z) * s
 
         out = apply_per_qparam(x.float(), scale, self.zero_point, self.spec.granularity,
                                self.spec.axis, lsq)

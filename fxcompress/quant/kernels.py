@@ -10,12 +10,12 @@ may be used, otherwise carrying the reason a lowering report shows).
 
 Numeric conventions, shared with the reference path of :mod:`fxcompress.quant.lowered`:
 
-* activations are uint8 affine per tensor: ``q = clamp(round(x / scale) + zp, 0, 255)``
+* activations are uint8 affine per tensor: ``q = clamp(round(x * (1 / scale) + zp), 0, 255)``
   and ``x ~= (q - zp) * scale`` (see :mod:`fxcompress.quant.uint8`);
 * static weights are int8 symmetric per output channel: ``w ~= q[c] * scale[c]`` (oneDNN
   ignores weight zero points, so none are stored);
-* the oneDNN kernels requantize inside the kernel (round half to even), which the
-  reference path reproduces to within one quantization step.
+* the oneDNN kernels requantize inside the kernel (round half to even); the reference
+  path reproduces their arithmetic bit for bit (:mod:`fxcompress.quant.int_math`).
 
 Facts checked on torch 2.14.1 (x86, AVX512-VNNI): prepacking a conv weight for the real
 input height/width matters (a 512x512 3x3 conv on 7x7 ran 3.6x slower when packed

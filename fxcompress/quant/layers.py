@@ -34,6 +34,7 @@ from torch import fx, nn
 from fxcompress import macs
 from fxcompress.ops import Kind, describe, register_module
 from fxcompress.quant.fake_quant import FakeQuantize
+from fxcompress.quant.int_math import accumulate, rescale
 from fxcompress.quant.observer_base import Observer
 from fxcompress.quant.qparams import dequantize, pack_int, quantize, unpack_int
 from fxcompress.quant.spec import QuantSpec
@@ -198,6 +199,15 @@ class FoldedLayer(nn.Module):
     original module without its weight (it keeps ``bias`` and every
     hyperparameter).  :meth:`int_weight` gives the unpacked integers,
     :meth:`dequantized_weight` the float weight the forward uses.
+
+    ``input_scale`` (set by ``fold_fake_quant`` when the layer's input is the output
+    of a quantize-dequantize, else None) makes a conv or linear with per-tensor or
+    per-channel weights compute as the int8 kernels do (:mod:`fxcompress.quant.int_math`):
+    exact integer accumulation, then the kernels' float32 rescaling, so the lowered
+    model reproduces the folded one bit for bit.  That path runs on float32 inputs
+    that lie on the input grid (checked on every call; under autograd the gradient is
+    the float path's); any other input takes the dequantized float path, which is the
+    same value up to float32 rounding.
     """
 
     fxc_role = "folded"
@@ -213,6 +223,7 @@ class FoldedLayer(nn.Module):
         self.register_buffer("weight", pack_int(q.reshape(-1), spec.bits) if self.packed else q.clone())
         self.register_buffer("weight_scale", scale.detach().to(torch.float32).clone())
         self.register_buffer("weight_zero_point", zero_point.detach().to(torch.int32).clone())
+        self.register_buffer("input_scale", None)
         self.train(module.training)
 
     @classmethod
@@ -238,14 +249,43 @@ class FoldedLayer(nn.Module):
         """``(q - zero_point) * scale`` in float32: the weight the forward computes with."""
         return dequantize(self.int_weight(), self.weight_scale, self.weight_zero_point, axis=self.spec.axis)
 
+    @property
+    def integer_exact(self) -> bool:
+        """Whether the forward can compute as the int8 kernels do (see the class docstring)."""
+        return (self.input_scale is not None and self.weight_scale.dim() <= 1 and self.spec.axis == 0
+                and isinstance(self.module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)))
+
+    def set_input_scale(self, scale: torch.Tensor | float | None) -> None:
+        """Record the per-tensor scale of the quantized input (None forgets it)."""
+        self.input_scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).detach().clone()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer_exact and x.dtype == torch.float32:
+            codes = torch.round(x.detach() / self.input_scale)  # the input codes minus their zero point
+            if torch.equal(codes * self.input_scale, x.detach()):
+                exact = self._integer_forward(codes)
+                if not (torch.is_grad_enabled() and (x.requires_grad or exact.requires_grad)):
+                    return exact
+                # Under autograd: the exact value, with the float path's gradient.
+                approx = weighted_forward(self.module, x, self.dequantized_weight(), self.bias)
+                return approx + (exact - approx).detach()
         return weighted_forward(self.module, x, self.dequantized_weight(), self.bias)
+
+    def _integer_forward(self, codes: torch.Tensor) -> torch.Tensor:
+        weight = self.int_weight().to(torch.float64)
+        if bool(self.weight_zero_point.any()):
+            zp = self.weight_zero_point.to(torch.float64)
+            weight = weight - (zp.view(-1, *([1] * (weight.dim() - 1))) if zp.dim() else zp)
+        acc = accumulate(lambda a, w: weighted_forward(self.module, a, w, None), codes, weight)
+        channel_dim = -1 if isinstance(self.module, nn.Linear) else 1
+        return rescale(acc, self.input_scale, self.weight_scale, self.bias, channel_dim)
 
     def extra_repr(self) -> str:
         storage = f"packed {self.spec.bits}-bit" if self.packed else str(self.weight.dtype).removeprefix("torch.")
+        exact = f", input_scale={float(self.input_scale):.4g}" if self.input_scale is not None else ""
         return (f"bits={self.spec.bits}, signed={self.spec.signed}, symmetric={self.spec.symmetric}, "
                 f"granularity={self.spec.granularity}, axis={self.spec.axis}, weight={storage} "
-                f"{list(self.weight_shape)}")
+                f"{list(self.weight_shape)}{exact}")
 
 
 #: The layer wrapper classes, one per stage.

@@ -23,6 +23,7 @@ from torch import nn
 
 from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
+from fxcompress.quant.int_math import accumulate, add_dequantized, rescale
 from fxcompress.quant.kernels import (
     CONV_POST_OPS, LINEAR_POST_OPS, QConvKernel, QLinearKernel, Support, supports_qconv,
     supports_qlinear,
@@ -285,18 +286,18 @@ class QuantConv2d(LoweredModule):
         return r
 
     def _reference(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The kernel's arithmetic with portable ops, bit for bit (:mod:`..int_math`)."""
         cache = self._cache if self._cache is not None else self._init_cache()
         (xs, xzp), (os_, ozp), (rs, rzp) = cache["in"], cache["out"], cache["res"]
-        w = cache.get("w")
-        if w is None:
-            w = cache["w"] = self.weight.float() * self.weight_scale.view(-1, 1, 1, 1)
-        y = F.conv2d(dequantize_uint8(x, xs, xzp), w, self.bias, self.stride, self.padding,
-                     self.dilation, self.groups)
+        acc = accumulate(lambda a, w: F.conv2d(a, w, None, self.stride, self.padding, self.dilation, self.groups),
+                         x.to(torch.int16) - xzp, self.weight)
+        y = rescale(acc, xs, self.weight_scale, self.bias, 1)
         if self.residual:
             dtype = torch.uint8 if self.output == "uint8" else torch.float32
             r = self._check_residual(x, residual, dtype, torch.Size(self._out_chw(x.shape)))
-            y = y + (dequantize_uint8(r, rs, rzp) if rs is not None else r)
-        return requantize_uint8(apply_post_op(y, self.post_op, self.post_op_args), os_, ozp)
+            y = add_dequantized(y, r, rs, rzp) if rs is not None else y + r
+        y = apply_post_op(y, self.post_op, self.post_op_args).contiguous(memory_format=torch.channels_last)
+        return requantize_uint8(y, os_, ozp)
 
     def extra_repr(self) -> str:
         out = (f"out=({summarize(self.output_scale)}, {int(self.output_zero_point)})"
@@ -378,11 +379,10 @@ class QuantLinear(LoweredModule):
                                    post_op_args=self.post_op_args, output_scale=os_,
                                    output_zero_point=ozp)
             cache["run"] = lambda x: kernel(x, xs, xzp)
-        else:
-            w = self.weight.float() * self.weight_scale[:, None]
+        else:  # the kernel's arithmetic with portable ops, bit for bit (int_math)
             cache["run"] = lambda x: requantize_uint8(apply_post_op(
-                F.linear(dequantize_uint8(x, xs, xzp), w, self.bias), self.post_op,
-                self.post_op_args), os_, ozp)
+                rescale(accumulate(F.linear, x.to(torch.int16) - xzp, self.weight), xs, self.weight_scale,
+                        self.bias, -1), self.post_op, self.post_op_args), os_, ozp)
         self._cache = cache
         return cache
 

@@ -22,6 +22,7 @@ from torch import nn
 from fxcompress.errors import InputError, LoweringError
 from fxcompress.quant.kernels import QConvKernel, Support, supports_qconv
 from fxcompress.quant.lowered_base import LoweredModule, as_pair, summarize
+from fxcompress.quant.int_math import add_dequantized, rescale
 from fxcompress.quant.uint8 import dequantize_uint8, max_pool2d_uint8, quantize_uint8, supports_uint8_max_pool2d
 
 __all__ = ["QuantMaxPool2d", "QuantAdaptiveAvgPool2d", "QuantAdd"]
@@ -130,15 +131,25 @@ class QuantAdaptiveAvgPool2d(LoweredModule):
 
     def _select(self, cache: dict[Any, Any], shape: torch.Size) -> Callable[[torch.Tensor], torch.Tensor]:
         (xs, xzp), (os_, ozp) = cache["in"], cache["out"]
+        window = self._window(shape)
         if not self.kernel_support(shape):
-            return lambda x: quantize_uint8(
-                F.adaptive_avg_pool2d(dequantize_uint8(x, xs, xzp), self.output_size), os_, ozp)
-        c, (kh, kw) = shape[1], self._window(shape)
+            if window is None:  # no kernel computes it: the float mean
+                return lambda x: quantize_uint8(
+                    F.adaptive_avg_pool2d(dequantize_uint8(x, xs, xzp), self.output_size), os_, ozp)
+            return lambda x: quantize_uint8(self._window_mean(x, window, xs, xzp), os_, ozp)
+        c, (kh, kw) = shape[1], window
         # Weights 1 with scale 1/(kh*kw): the kernel sums exactly in int32, then scales.
         return QConvKernel(torch.ones(c, 1, kh, kw, dtype=torch.int8), torch.full((c,), 1.0 / (kh * kw)),
                            None, input_shape=shape, input_scale=xs, input_zero_point=xzp,
                            stride=(kh, kw), padding=(0, 0), dilation=(1, 1), groups=c,
                            output_scale=os_, output_zero_point=ozp)
+
+    @staticmethod
+    def _window_mean(x: torch.Tensor, window: tuple[int, int], xs: float, xzp: int) -> torch.Tensor:
+        """The kernel's arithmetic (int_math): exact window sums, then ``* xs * (1 / count)``."""
+        sums = F.avg_pool2d(x.to(torch.float64) - xzp, window, window, divisor_override=1)
+        inverse_count = torch.tensor(1.0 / (window[0] * window[1]), dtype=torch.float32)
+        return rescale(sums, xs, inverse_count, None, 1).contiguous(memory_format=torch.channels_last)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, bits=8, in=({summarize(self.input_scale)}, "
@@ -204,7 +215,8 @@ class QuantAdd(LoweredModule):
         (sa, za), (sb, zb), (so, zo) = cache["q"]
         if not self.kernel_support(a_shape, b_shape):
             def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-                y = dequantize_uint8(a, sa, za) + dequantize_uint8(b, sb, zb)
+                # The fused kernel's arithmetic (int_math): b is added with one rounding.
+                y = add_dequantized(dequantize_uint8(a, sa, za), b, sb, zb)
                 return quantize_uint8(y.relu_() if self.relu else y, so, zo)
             return reference
         c = a_shape[1]

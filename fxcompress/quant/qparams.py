@@ -9,10 +9,16 @@ Conventions (the same as torch.ao's, so SQNR comparisons are like for like):
   (0 signed, ``2**(bits-1)`` unsigned).  Affine specs use
   ``scale = (max - min) / (qmax - qmin)`` and
   ``zero_point = clamp(qmin - round(min / scale), qmin, qmax)``.
-* ``quantize`` is ``clamp(round(x / scale) + zero_point, qmin, qmax)`` with
-  round-half-to-even; ``dequantize`` is ``(q - zero_point) * scale`` in float32.
-  :func:`fake_quantize` computes exactly ``dequantize(quantize(x))``, bit for
-  bit, so a model's fake-quant and lowered outputs agree.
+* Scales are rounded up to 16 significant bits (:func:`kernel_scale`, a relative
+  change below 2**-15): then ``(q - zero_point) * scale`` is exact in float32
+  for every code of 8 bits or fewer, so a float add of dequantized values
+  rounds once, as the int8 kernels' fused residual add does.
+* ``quantize`` is ``clamp(round(x * (1 / scale) + zero_point), qmin, qmax)``,
+  each step rounded to float32 and the last one half to even: the order in
+  which oneDNN's int8 kernels requantize, so a folded graph and its lowered
+  model round every value alike.  ``dequantize`` is ``(q - zero_point) * scale``
+  in float32.  :func:`fake_quantize` computes exactly ``dequantize(quantize(x))``,
+  bit for bit.
 * Scales are ``float32``, zero points ``int32``; their shape is ``[]`` per
   tensor, ``[C]`` per channel and ``[C, G]`` per group (see
   :class:`~fxcompress.quant.spec.QuantSpec` for what a group is).
@@ -32,6 +38,7 @@ __all__ = [
     "reduction_view",
     "apply_per_qparam",
     "compute_qparams",
+    "kernel_scale",
     "quantize",
     "dequantize",
     "fake_quantize",
@@ -143,19 +150,34 @@ def compute_qparams(min_val: torch.Tensor | float, max_val: torch.Tensor | float
     hi = torch.clamp(hi, min=0.0)
     span = float(spec.qmax - spec.qmin)
     if spec.symmetric:
-        scale = torch.clamp(torch.maximum(-lo, hi) / (span / 2), min=_EPS)
+        scale = kernel_scale(torch.clamp(torch.maximum(-lo, hi) / (span / 2), min=_EPS))
         fixed = 0 if spec.signed else 1 << (spec.bits - 1)
         zero_point = torch.full_like(scale, fixed, dtype=torch.int32)
     else:
-        scale = torch.clamp((hi - lo) / span, min=_EPS)
+        scale = kernel_scale(torch.clamp((hi - lo) / span, min=_EPS))
         zero_point = spec.qmin - torch.round(lo / scale)
         zero_point = torch.clamp(zero_point, spec.qmin, spec.qmax).to(torch.int32)
     return scale, zero_point
 
 
+def kernel_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` rounded up to 16 significant bits (float32, same shape; up, so the
+    quantized range still covers the observed one).
+
+    Why: a code of at most 8 bits times such a scale needs at most 24 bits, so every
+    dequantized value ``(q - zp) * scale`` is exact in float32.  The int8 kernels add
+    a dequantized residual with one rounding (fused multiply-add); in float, the same
+    add of an exact dequantized value rounds once too, so the two agree bit for bit.
+    """
+    mantissa, exponent = torch.frexp(scale.to(torch.float32))
+    return torch.ldexp(torch.ceil(mantissa * 65536.0) / 65536.0, exponent).to(torch.float32)
+
+
 def _quantize_math(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
                    qmin: int, qmax: int) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale) + zp, qmin, qmax)
+    # x * (1/scale), then + zp, each rounded to float32, then round half to even:
+    # the int8 kernels' requantization order (see the module docstring).
+    return torch.clamp(torch.round(x * torch.reciprocal(scale) + zp), qmin, qmax)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -192,7 +214,7 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zp, qmin, qmax):  # type: ignore[override]
-        q = torch.round(x / scale).add_(zp)
+        q = torch.round((x * torch.reciprocal(scale)).add_(zp))
         if ctx.needs_input_grad[0]:
             clamped = torch.clamp(q, qmin, qmax)
             ctx.save_for_backward(clamped == q)
@@ -212,7 +234,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     """``dequantize(quantize(x))`` in ``x``'s dtype, differentiable in ``x``.
 
     The gradient is the straight-through estimator: 1 where
-    ``round(x / scale) + zero_point`` lies in ``[qmin, qmax]``, 0 elsewhere.
+    ``round(x * (1 / scale) + zero_point)`` lies in ``[qmin, qmax]``, 0 elsewhere.
     ``scale`` and ``zero_point`` are treated as constants (for a learnable
     scale see :class:`~fxcompress.quant.fake_quant.FakeQuantize`).
     """

@@ -15,6 +15,7 @@ from fxcompress.quant import (
     default_weight_spec,
     dequantize,
     fake_quantize,
+    kernel_scale,
     pack_int,
     quantize,
     unpack_int,
@@ -94,14 +95,25 @@ def test_affine_qparams_closed_form() -> None:
     spec = QuantSpec(signed=False, symmetric=False)
     scale, zp = compute_qparams(-1.0, 3.0, spec)
     assert scale.dtype == torch.float32 and zp.dtype == torch.int32
-    assert torch.equal(scale, torch.tensor(4.0 / 255))
+    assert torch.equal(scale, kernel_scale(torch.tensor(4.0 / 255)))
     assert int(zp) == 64  # 0 - round(-1 / (4/255)) = round(63.75)
+
+
+def test_kernel_scales_make_every_dequantized_code_exact() -> None:
+    raw = torch.rand(2000) * 10 ** torch.randint(-6, 3, (2000,)).float() + 1e-7
+    scale = kernel_scale(raw)
+    mantissa, _ = torch.frexp(scale)
+    assert torch.equal(mantissa * 65536, torch.round(mantissa * 65536))  # 16 significant bits
+    assert bool((scale >= raw).all()) and bool(((scale - raw) / raw < 2.0 ** -15).all())
+    codes = torch.arange(-255, 256, dtype=torch.float32)
+    products = codes[:, None] * scale[None, :]  # (q - zp) * scale for every 8-bit difference
+    assert torch.equal(products.double(), codes.double()[:, None] * scale.double()[None, :])
 
 
 def test_symmetric_qparams_closed_form() -> None:
     signed = QuantSpec(signed=True, symmetric=True)
     scale, zp = compute_qparams(-2.0, 1.0, signed)
-    assert torch.equal(scale, torch.tensor(2.0 / 127.5)) and int(zp) == 0
+    assert torch.equal(scale, kernel_scale(torch.tensor(2.0 / 127.5))) and int(zp) == 0
     unsigned = QuantSpec(signed=False, symmetric=True)
     scale_u, zp_u = compute_qparams(-2.0, 1.0, unsigned)
     assert torch.equal(scale_u, scale) and int(zp_u) == 128
@@ -110,7 +122,7 @@ def test_symmetric_qparams_closed_form() -> None:
 def test_range_always_contains_zero_and_scale_is_positive() -> None:
     spec = QuantSpec(signed=False, symmetric=False)
     scale, zp = compute_qparams(1.0, 3.0, spec)
-    assert torch.equal(scale, torch.tensor(3.0 / 255)) and int(zp) == 0
+    assert torch.equal(scale, kernel_scale(torch.tensor(3.0 / 255))) and int(zp) == 0
     scale, zp = compute_qparams(-3.0, -1.0, spec)
     assert int(zp) == 255
     scale, _ = compute_qparams(0.0, 0.0, spec)
@@ -121,7 +133,7 @@ def test_per_channel_qparams_are_elementwise() -> None:
     spec = default_weight_spec()
     lo, hi = torch.tensor([-1.0, -4.0, 0.0]), torch.tensor([2.0, 1.0, 0.5])
     scale, zp = compute_qparams(lo, hi, spec)
-    assert torch.equal(scale, torch.tensor([2.0, 4.0, 0.5]) / 127.5)
+    assert torch.equal(scale, kernel_scale(torch.tensor([2.0, 4.0, 0.5]) / 127.5))
     assert torch.equal(zp, torch.zeros(3, dtype=torch.int32))
 
 

@@ -4,14 +4,11 @@ Every model (realistic random weights from ``fxcompress.zoo``, reduced resolutio
 through ``fuse_conv_bn -> insert_observers -> calibrate -> fold_fake_quant -> lower ->
 eliminate_dead_nodes`` under ``check="full"``. The lowered model must run and give
 finite outputs, hold no observer, fake-quant or quantize-dequantize, run int8 where the
-ops allow (every layer still folded is listed with its reason), and be closer to the
-folded graph than the folded graph is to the float model. That last bound is the
-honest one here: lowered kernels sum in another order (int32, channels-last) and so
-land one code off at a rounding tie now and then, and a model calibrated on two random
-batches amplifies such one-code perturbations exactly as it amplifies quantization
-noise, which perturbs far more codes; the 35 dB fidelity target is measured on
-properly calibrated models (tests/passes/test_lower.py, benchmarks/vs_torch_ao_latency.py).
-CI runs the models up to 30M parameters; all 80 are marked slow.
+ops allow (every layer still folded is listed with its reason), and match the folded
+graph with SQNR >= 35 dB. The folded graph computes as the kernels do (see
+fxcompress.quant.int_math), so most models match bit for bit; what may differ is float
+ops that reduce in another order on channels-last tensors. CI runs the models up to
+30M parameters; all 80 are marked slow.
 """
 
 from __future__ import annotations
@@ -60,6 +57,4 @@ def test_zoo_model_lowers_and_runs(name: str) -> None:
             and isinstance(low.get_submodule(n.target), FoldedLayer)}
     assert left <= set(stats["float_nodes"])
     assert stats["int8_ops"].get("conv", 0) + stats["int8_ops"].get("linear", 0) >= 1
-    with torch.no_grad():
-        quantization_error = sqnr(_logits(model(x)), expected)
-    assert sqnr(expected, out) >= quantization_error
+    assert sqnr(expected, out) >= 35

@@ -6,6 +6,12 @@ then one activation (with a residual add only ReLU). Eval-mode no-ops between th
 (dropout, identity, torchvision's stochastic depth) are looked through, so
 EfficientNet's ``conv -> stochastic_depth -> add`` fuses like ResNet's ``conv -> add``.
 Every node of a chain but its end must have one user: its value disappears.
+
+Only activations the kernels compute exactly as torch does are fused by default (ReLU,
+ReLU6/hardtanh, leaky ReLU: comparisons and one multiply). oneDNN evaluates SiLU,
+hardswish, GELU and tanh with its own approximations, a float32 ulp or so away from
+torch's, which moves a requantized code now and then; with ``approximate=True`` they
+are fused too (faster, no longer bit for bit the folded graph).
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ from torch import fx
 from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.quant.kernels import CONV_POST_OPS, LINEAR_POST_OPS
 
-__all__ = ["FusedChain", "match_chain", "post_op_of"]
+__all__ = ["FusedChain", "EXACT_POST_OPS", "match_chain", "post_op_of"]
+
+#: Kernel post-ops whose oneDNN arithmetic equals torch's bit for bit.
+EXACT_POST_OPS = ("relu", "hardtanh", "leaky_relu")
 
 
 @dataclass(frozen=True)
@@ -90,9 +99,10 @@ def _residual(add: fx.Node, value: fx.Node, gm: fx.GraphModule) -> fx.Node | Non
     return other if shape is not None and getattr(other.meta.get("tensor_meta"), "shape", None) == shape else None
 
 
-def match_chain(info: OpInfo, gm: fx.GraphModule, *, allow_add: bool = True) -> FusedChain:
+def match_chain(info: OpInfo, gm: fx.GraphModule, *, allow_add: bool = True,
+                approximate: bool = False) -> FusedChain:
     """The longest fusable chain after the 2-D conv or the linear ``info`` (without a
-    residual add when ``allow_add`` is False)."""
+    residual add when ``allow_add`` is False; with approximated post-ops when ``approximate``)."""
     conv = info.kind is Kind.CONV
     taken = [info.node]
     end = _skip_noops(info.node, gm, taken)
@@ -103,6 +113,8 @@ def match_chain(info: OpInfo, gm: fx.GraphModule, *, allow_add: bool = True) -> 
         end = _skip_noops(user, gm, taken)
         user = _only_user(end)
     table = {"relu": 0} if residual is not None else (CONV_POST_OPS if conv else LINEAR_POST_OPS)
+    if not approximate:
+        table = {name: n for name, n in table.items() if name in EXACT_POST_OPS}
     post = None
     if user is not None and user.args and user.args[0] is end:
         act = describe(user, gm)

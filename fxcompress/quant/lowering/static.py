@@ -72,8 +72,10 @@ class LoweringStats:
 class StaticLowering:
     """One lowering of ``gm`` (see the module docstring); :meth:`run` rewrites it in place."""
 
-    def __init__(self, gm: fx.GraphModule, ctx: PassContext, backend: str, decide: Decide | None = None) -> None:
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext, backend: str, decide: Decide | None = None, *,
+                 approximate_post_ops: bool = False) -> None:
         self.gm, self.ctx, self.backend, self.decide = gm, ctx, backend, decide
+        self.approximate_post_ops = approximate_post_ops
         self.old = gm.graph
         self.new = fx.Graph(owning_module=gm)
         self.floats: dict[fx.Node, fx.Node] = {}
@@ -166,11 +168,11 @@ class StaticLowering:
         if reason is not None:
             self.stats.float_nodes[node.name] = f"kept folded (dequantize + float compute): {reason}"
             return
-        chain = match_chain(info, self.gm)
+        chain = match_chain(info, self.gm, approximate=self.approximate_post_ops)
         if chain.residual is not None and (self._out_qparams(chain) is not None
                                           and not self.has_codes(chain.residual)
                                           or any(n in self.inside for n in chain.nodes)):
-            chain = match_chain(info, self.gm, allow_add=False)
+            chain = match_chain(info, self.gm, allow_add=False, approximate=self.approximate_post_ops)
         self.chains[node] = chain
         self.ends[chain.end] = node
         self.inside.update(chain.nodes[1:])
