@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 _REFERENCE_ONLY = Support(False, "backend='reference' was requested")
+#: Activations a :class:`Quantize` can apply first (post-op names, with their argument counts).
+_ACTIVATIONS = {**CONV_POST_OPS, **LINEAR_POST_OPS}
 
 
 def _quantize_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -74,29 +76,42 @@ def _check_uint8(x: torch.Tensor, where: str) -> None:
 
 
 class Quantize(LoweredModule):
-    """Float -> uint8 affine per tensor (graph inputs); keeps the memory format."""
+    """Float -> uint8 affine per tensor; keeps the memory format.
 
-    def __init__(self, *, backend: str = "x86") -> None:
+    With ``activation`` (a post-op name: ``swish``, ``hardswish``, ``gelu``, ...) it
+    quantizes ``activation(x)``, computed with torch's op chunk by chunk inside the
+    quantization loop (one pass over memory instead of two): how the lowering runs an
+    activation oneDNN would approximate differently, between a float32-output kernel
+    and the quantization that follows it.
+    """
+
+    def __init__(self, *, activation: str = "none", activation_args: Sequence[float] = (),
+                 backend: str = "x86") -> None:
         super().__init__(backend)
+        self.activation = activation
+        self.activation_args = _check_post_op(activation, activation_args, _ACTIVATIONS)
         self.register_qparams("output")
 
     @classmethod
-    def from_qparams(cls, scale: float | torch.Tensor, zero_point: int | torch.Tensor,
-                     *, backend: str = "x86") -> Quantize:
-        m = cls(backend=backend)
+    def from_qparams(cls, scale: float | torch.Tensor, zero_point: int | torch.Tensor, *,
+                     activation: str = "none", activation_args: Sequence[float] = (),
+                     backend: str = "x86") -> Quantize:
+        m = cls(activation=activation, activation_args=activation_args, backend=backend)
         m.set_qparams("output", scale, zero_point)
         return m
 
     def config(self) -> dict[str, Any]:
-        return {"backend": self.backend}
+        return {"activation": self.activation, "activation_args": list(self.activation_args),
+                "backend": self.backend}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._cache is None:
             self._cache = {"q": self.qparams("output")}
-        return quantize_uint8(x, *self._cache["q"])
+        return quantize_uint8(x, *self._cache["q"], self.activation, self.activation_args)
 
     def extra_repr(self) -> str:
-        return (f"bits=8, scale={summarize(self.output_scale)}, zp={int(self.output_zero_point)}, "
+        act = f"activation={self.activation}, " if self.activation != "none" else ""
+        return (f"{act}bits=8, scale={summarize(self.output_scale)}, zp={int(self.output_zero_point)}, "
                 f"backend={self.backend}")
 
 

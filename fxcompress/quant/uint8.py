@@ -56,45 +56,54 @@ _MAGIC = float(1 << 23)
 _CHUNK = 1 << 18
 
 
+@functools.lru_cache(maxsize=4096)
 def _inverse(scale: float) -> float:
-    """``1 / scale`` rounded to float32, as the kernels compute it."""
+    """``1 / scale`` rounded to float32, as the kernels compute it (memoised: a tensor
+    round trip costs more than a small quantize)."""
     return float(torch.tensor(scale, dtype=torch.float32).reciprocal())
 
 
-def _quantize_flat(x: torch.Tensor, out: torch.Tensor, inverse: float, zero_point: int) -> None:
+def _quantize_flat(x: torch.Tensor, out: torch.Tensor, inverse: float, zero_point: int,
+                   post_op: str, post_op_args: Sequence[float]) -> None:
     scratch = torch.empty(min(_CHUNK, x.numel()), dtype=torch.float32)
     bits = scratch.view(torch.int32)
     for start in range(0, x.numel(), _CHUNK):
         stop = min(start + _CHUNK, x.numel())
         buf = scratch[: stop - start]
-        torch.mul(x[start:stop], inverse, out=buf)
+        # The activation runs chunk by chunk while the chunk is in cache (elementwise:
+        # the same values as on the whole tensor), instead of in a pass of its own.
+        torch.mul(apply_post_op(x[start:stop], post_op, post_op_args), inverse, out=buf)
         buf.add_(zero_point).add_(_MAGIC).clamp_(_MAGIC, _MAGIC + 255)
         out[start:stop].copy_(bits[: stop - start])
 
 
-def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int, post_op: str = "none",
+                   post_op_args: Sequence[float] = ()) -> torch.Tensor:
     """Float tensor -> uint8 ``clamp(round(x * (1 / scale) + zero_point), 0, 255)``.
 
     Each step rounded to float32, the last half to even; bit for bit
     ``fxcompress.quant.qparams.quantize`` (hence the fake-quant graph) and the int8
-    kernels' requantization for a float32 ``scale``. Keeps the memory format of a
-    contiguous or channels-last input; computes in float32 whatever the input's float dtype.
+    kernels' requantization for a float32 ``scale``. With ``post_op`` (a name of
+    :func:`apply_post_op`) quantizes ``post_op(x)`` instead, computed with torch's own
+    op. Keeps the memory format of a contiguous or channels-last input; computes in
+    float32 whatever the input's float dtype.
     """
     x = x.detach()  # integer codes carry no gradient; the chunked path writes with out=
     if x.dtype != torch.float32:
         x = x.float()
     inverse = _inverse(scale)
     if x.numel() <= _CHUNK:
-        y = x.mul(inverse).add_(zero_point).add_(_MAGIC).clamp_(_MAGIC, _MAGIC + 255)
+        y = apply_post_op(x, post_op, post_op_args).mul(inverse)
+        y.add_(zero_point).add_(_MAGIC).clamp_(_MAGIC, _MAGIC + 255)
         return y.view(torch.int32).to(torch.uint8)
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         out = torch.empty(x.shape, dtype=torch.uint8, memory_format=torch.channels_last)
         _quantize_flat(x.permute(0, 2, 3, 1).reshape(-1), out.permute(0, 2, 3, 1).reshape(-1), inverse,
-                       zero_point)
+                       zero_point, post_op, post_op_args)
         return out
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.uint8)
-    _quantize_flat(x.view(-1), out.view(-1), inverse, zero_point)
+    _quantize_flat(x.view(-1), out.view(-1), inverse, zero_point, post_op, post_op_args)
     return out
 
 

@@ -164,9 +164,28 @@ def test_lowered_outputs_equal_the_folded_graph_bit_for_bit(backend: str) -> Non
     # Only the activations oneDNN computes as torch does are fused.
     assert posts == {"convs.0": "none", "convs.1": "none", "convs.2": "hardtanh", "convs.3": "none",
                      "convs.4": "none", "fc1": "none", "fc2": "leaky_relu", "fc3": "none"}
+    # The float activations before a quantization are applied by the Quantize itself.
+    applied = sorted(m.activation for _, m in modules(low, Quantize) if m.activation != "none")
+    assert applied == ["gelu", "hardswish", "leaky_relu", "swish", "tanh"]
     for seed in range(3):
         batch = torch.randn(16, 8, 6, 6, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(low(batch), gm(batch))
+
+
+def test_quantize_applies_its_activation_chunk_by_chunk_exactly(tmp_path) -> None:
+    from fxcompress.quant.uint8 import quantize_uint8
+    for shape in [(2, 8, 5, 5), (3, 40, 70, 70)]:  # below and above the chunk size
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last) * 3
+        module = Quantize.from_qparams(0.02, 100, activation="swish")
+        assert "activation=swish" in repr(module)
+        out = module(x)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, quantize_uint8(F.silu(x), 0.02, 100))
+        rebuilt = Quantize(**module.config())
+        rebuilt.load_state_dict(module.state_dict())
+        assert torch.equal(rebuilt(x), out)
+    with pytest.raises(ConfigError, match="post_op must be one of"):
+        Quantize(activation="softplus")
 
 
 @needs_onednn

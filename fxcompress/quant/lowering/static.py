@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from fxcompress.ops import Kind, describe
+from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.pass_base import PassContext
 from fxcompress.quant.activations import QDQ
 from fxcompress.quant.layers import FoldedLayer
@@ -41,7 +41,8 @@ from fxcompress.quant.lowered import (
     Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv2d, QuantMaxPool2d, Quantize,
 )
 from fxcompress.quant.lowering.build import QParams, float_twin, layer_problem, quant_conv, quant_linear, uint8_qparams
-from fxcompress.quant.lowering.chains import FusedChain, match_chain
+from fxcompress.quant.kernels import CONV_POST_OPS, LINEAR_POST_OPS
+from fxcompress.quant.lowering.chains import FusedChain, match_chain, post_op_of
 
 __all__ = ["LOWERED_CONTAINER", "LoweringStats", "StaticLowering", "Decide"]
 
@@ -51,6 +52,8 @@ LOWERED_CONTAINER = "fxc_lowered"
 _CODE_KINDS = (Kind.RESHAPE, Kind.PERMUTE, Kind.GETITEM, Kind.SPLIT)
 # The stats kind of each uint8 op made between int8 layers.
 _KIND_OF = {QuantMaxPool2d: "max_pool", QuantAdd: "add", QuantAdaptiveAvgPool2d: "avg_pool"}
+# Activations a Quantize applies before quantizing (post-op names, as the kernels name them).
+_ACTIVATIONS = {**CONV_POST_OPS, **LINEAR_POST_OPS}
 # Modules whose output is a fresh tensor: a fused residual add may write into it.
 _FRESH = (Quantize, Dequantize, QuantConv2d, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
 
@@ -152,8 +155,8 @@ class StaticLowering:
                 self.deferred.add(node)  # x.size() of a uint8-able value: asked of whichever form exists
             elif self._quant_producer(node) is not None:
                 self.deferred.add(node)
-                if info.kind is Kind.ACTIVATION:  # relu(add): the add goes with it
-                    self.deferred.add(node.args[0])  # type: ignore[arg-type]
+                if self._add_under(node, info) is not None and info.kind is Kind.ACTIVATION:
+                    self.deferred.add(node.args[0])  # type: ignore[arg-type]  # relu(add): the add goes with it
 
     def _plan_layer(self, node: fx.Node, layer: FoldedLayer) -> None:
         info = describe(node, self.gm)
@@ -281,19 +284,32 @@ class StaticLowering:
             return self._call(node, pool, (u,)), qp
         return self._copy(node, lambda a: u if a is first else self._any_form(a)), qp
 
-    def _quant_producer(self, value: fx.Node) -> Callable[[fx.Node, QParams], fx.Node] | None:
-        """A uint8 op computing ``QDQ(value)`` from codes, when ``value`` is such an op's output
-        that nothing else reads: an adaptive average pool or an add (+ ReLU) of uint8-able values."""
-        users = list(value.users)
-        if len(users) != 1 or self._qdq(users[0]) is None or value.op == "placeholder" or _impure(value):
-            return None
-        info = describe(value, self.gm)
+    def _add_under(self, value: fx.Node, info: OpInfo) -> tuple[OpInfo, bool] | None:
+        """``(add, relu)`` when ``value`` is an add (or a ReLU of a single-use add) of two
+        uint8-able values, which a uint8 add computes."""
         relu = info.kind is Kind.ACTIVATION and info.op == "relu" and isinstance(value.args[0], fx.Node) \
             and len(value.args[0].users) == 1
         add = describe(value.args[0], self.gm) if relu else info  # type: ignore[arg-type]
         if add.kind is Kind.ELEMENTWISE and add.op == "add" and add.params.get("alpha", 1) == 1 \
                 and len(add.inputs) == 2 and all(isinstance(i, fx.Node) and self.has_codes(i) for i in add.inputs):
+            return add, relu
+        return None
+
+    def _quant_producer(self, value: fx.Node) -> Callable[[fx.Node, QParams], fx.Node] | None:
+        """An op computing ``QDQ(value)``'s codes directly, when ``value`` is such an op's output
+        that nothing else reads: a uint8 adaptive average pool or add (+ ReLU) of uint8-able
+        values, or a :class:`Quantize` applying ``value``'s activation to its float input."""
+        users = list(value.users)
+        if len(users) != 1 or self._qdq(users[0]) is None or value.op == "placeholder" or _impure(value):
+            return None
+        info = describe(value, self.gm)
+        found = self._add_under(value, info)
+        if found is not None:
+            add, relu = found
             return lambda qdq, qp: self._add(value, add.inputs, relu, qp)
+        post = post_op_of(info, _ACTIVATIONS) if info.kind is Kind.ACTIVATION else None
+        if post is not None and info.inputs and isinstance(info.inputs[0], fx.Node):
+            return lambda qdq, qp: self._activation_quantize(value, info.inputs[0], post, qp)
         pooled = info.kind is Kind.POOL and info.op == "adaptive_avg_pool2d"
         size = info.params.get("output_size")
         if pooled and info.inputs and isinstance(info.inputs[0], fx.Node) and self.has_codes(info.inputs[0]) \
@@ -308,6 +324,14 @@ class StaticLowering:
         self.stats.int8_ops[_KIND_OF[QuantAdd]] += 1
         self.stats.lowered[value.name] = (module, (self._shape(inputs[0]), self._shape(inputs[1])))
         return self._call(value, module, (ua, ub))
+
+    def _activation_quantize(self, value: fx.Node, x: fx.Node, post: tuple[str, tuple[float, ...]],
+                             qp: QParams) -> fx.Node:
+        """``QDQ(act(x))`` for a float ``x``: one Quantize applying the activation (torch's op)
+        chunk by chunk, the pass over memory an activation of its own would cost saved."""
+        module = Quantize.from_qparams(qp.scale, qp.zero_point, activation=post[0], activation_args=post[1],
+                                       backend=self.backend)
+        return self._call(value, module, (self.float(x),), name=f"quantize_{value.name}")
 
     def _avg_pool(self, value: fx.Node, x: fx.Node, size: Any, qp: QParams) -> fx.Node:
         u, qx = self.uint8(x)  # type: ignore[misc]
