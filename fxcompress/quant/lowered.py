@@ -31,11 +31,14 @@ from fxcompress.quant.kernels import (
 from fxcompress.quant.lowered_base import LoweredModule, as_pair, summarize
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
 from fxcompress.quant.lowered_pool import QuantAdaptiveAvgPool2d, QuantAdd, QuantMaxPool2d
-from fxcompress.quant.uint8 import apply_post_op, dequantize_uint8, quantize_uint8, requantize_uint8
+from fxcompress.quant.uint8 import (
+    apply_post_op, dequantize_uint8, quantize_product_uint8, quantize_uint8, requantize_uint8,
+)
 
 __all__ = [
     "LoweredModule",
     "Quantize",
+    "QuantizeProduct",
     "Dequantize",
     "QuantConv2d",
     "QuantLinear",
@@ -112,6 +115,36 @@ class Quantize(LoweredModule):
     def extra_repr(self) -> str:
         act = f"activation={self.activation}, " if self.activation != "none" else ""
         return (f"{act}bits=8, scale={summarize(self.output_scale)}, zp={int(self.output_zero_point)}, "
+                f"backend={self.backend}")
+
+
+class QuantizeProduct(LoweredModule):
+    """``x * gains`` -> uint8 affine per tensor, for a channels-last ``(N, C, H, W)`` ``x``
+    and ``(N, C, 1, 1)`` gains (squeeze-excitation), without the float product in memory
+    (:func:`~fxcompress.quant.uint8.quantize_product_uint8`); bit for bit a float
+    multiply followed by :class:`Quantize`."""
+
+    def __init__(self, *, backend: str = "x86") -> None:
+        super().__init__(backend)
+        self.register_qparams("output")
+
+    @classmethod
+    def from_qparams(cls, scale: float | torch.Tensor, zero_point: int | torch.Tensor, *,
+                     backend: str = "x86") -> QuantizeProduct:
+        m = cls(backend=backend)
+        m.set_qparams("output", scale, zero_point)
+        return m
+
+    def config(self) -> dict[str, Any]:
+        return {"backend": self.backend}
+
+    def forward(self, x: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+        if self._cache is None:
+            self._cache = {"q": self.qparams("output")}
+        return quantize_product_uint8(x, gains, *self._cache["q"])
+
+    def extra_repr(self) -> str:
+        return (f"bits=8, scale={summarize(self.output_scale)}, zp={int(self.output_zero_point)}, "
                 f"backend={self.backend}")
 
 

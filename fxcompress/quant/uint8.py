@@ -34,6 +34,7 @@ from fxcompress.errors import ConfigError, LoweringError
 
 __all__ = [
     "quantize_uint8",
+    "quantize_product_uint8",
     "dequantize_uint8",
     "requantize_uint8",
     "choose_qparams_uint8",
@@ -104,6 +105,37 @@ def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int, post_op: str 
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.uint8)
     _quantize_flat(x.view(-1), out.view(-1), inverse, zero_point, post_op, post_op_args)
+    return out
+
+
+def quantize_product_uint8(x: torch.Tensor, gains: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``quantize_uint8(x * gains)`` for a channels-last ``(N, C, H, W)`` ``x`` and ``(N, C, 1, 1)``
+    gains (a squeeze-excitation gate), bit for bit, without the float product in memory.
+
+    Image by image, a few rows of channels at a time: the product and its quantization
+    run while the rows are in cache. Other shapes or layouts multiply, then quantize.
+    """
+    x, gains = x.detach(), gains.detach()
+    n, c = x.shape[:2] if x.dim() == 4 else (0, 0)
+    fused = (x.dim() == 4 and tuple(gains.shape) == (n, c, 1, 1) and x.dtype == gains.dtype == torch.float32
+             and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > 0)
+    if not fused:
+        return quantize_uint8(x * gains, scale, zero_point)
+    inverse = _inverse(scale)
+    h, w = x.shape[2:]
+    rows = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # views: channels-last is (N, H, W, C) in memory
+    out = torch.empty(x.shape, dtype=torch.uint8, memory_format=torch.channels_last)
+    out_rows = out.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    gain_rows = gains.reshape(n, 1, c)
+    step = max(1, _CHUNK // c)
+    scratch = torch.empty(min(step, h * w) * c, dtype=torch.float32)
+    for i in range(n):
+        for start in range(0, h * w, step):
+            stop = min(start + step, h * w)
+            buf = scratch[: (stop - start) * c].view(stop - start, c)
+            torch.mul(rows[i, start:stop], gain_rows[i], out=buf)
+            buf.mul_(inverse).add_(zero_point).add_(_MAGIC).clamp_(_MAGIC, _MAGIC + 255)
+            out_rows[i, start:stop].copy_(buf.view(torch.int32))
     return out
 
 

@@ -153,7 +153,7 @@ class Activations(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["x86", "reference"])
-def test_lowered_outputs_equal_the_folded_graph_bit_for_bit(backend: str) -> None:
+def test_lowered_outputs_equal_the_folded_graph_bit_for_bit(backend: str, tmp_path) -> None:
     torch.manual_seed(0)
     model = Activations().eval()
     x = torch.randn(4, 8, 6, 6)
@@ -170,6 +170,21 @@ def test_lowered_outputs_equal_the_folded_graph_bit_for_bit(backend: str) -> Non
     for seed in range(3):
         batch = torch.randn(16, 8, 6, 6, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(low(batch), gm(batch))
+    artifact.save(result, tmp_path / "activations.fxc")  # the activations travel in Quantize's config
+    assert torch.equal(artifact.load(tmp_path / "activations.fxc")(batch), gm(batch))
+
+
+def test_quantize_product_equals_multiply_then_quantize() -> None:
+    from fxcompress.quant.lowered import QuantizeProduct
+    from fxcompress.quant.uint8 import quantize_uint8
+    for shape in [(2, 24, 5, 5), (2, 96, 60, 60), (1, 3000, 11, 11)]:  # one chunk, many rows, rows > chunk
+        x = torch.randn(shape).contiguous(memory_format=torch.channels_last) * 2
+        gains = torch.rand(shape[0], shape[1], 1, 1)
+        module = QuantizeProduct.from_qparams(0.015, 7)
+        out = module(x, gains)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out, quantize_uint8(x * gains, 0.015, 7))
+        assert torch.equal(module(x.contiguous(), gains), out)  # other layouts: multiply, then quantize
 
 
 def test_quantize_applies_its_activation_chunk_by_chunk_exactly(tmp_path) -> None:

@@ -39,6 +39,7 @@ from fxcompress.quant.activations import QDQ
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import (
     Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv2d, QuantMaxPool2d, Quantize,
+    QuantizeProduct,
 )
 from fxcompress.quant.lowering.build import QParams, float_twin, layer_problem, quant_conv, quant_linear, uint8_qparams
 from fxcompress.quant.kernels import CONV_POST_OPS, LINEAR_POST_OPS
@@ -55,7 +56,7 @@ _KIND_OF = {QuantMaxPool2d: "max_pool", QuantAdd: "add", QuantAdaptiveAvgPool2d:
 # Activations a Quantize applies before quantizing (post-op names, as the kernels name them).
 _ACTIVATIONS = {**CONV_POST_OPS, **LINEAR_POST_OPS}
 # Modules whose output is a fresh tensor: a fused residual add may write into it.
-_FRESH = (Quantize, Dequantize, QuantConv2d, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
+_FRESH = (Quantize, QuantizeProduct, Dequantize, QuantConv2d, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
 
 #: ``decide(node, lowered_module, float_module) -> None`` to lower it, or the reason to keep it float.
 Decide = Callable[[fx.Node, LoweredModule, nn.Module], "str | None"]
@@ -307,6 +308,9 @@ class StaticLowering:
         if found is not None:
             add, relu = found
             return lambda qdq, qp: self._add(value, add.inputs, relu, qp)
+        gated = self._gated(info)
+        if gated is not None:
+            return lambda qdq, qp: self._product_quantize(value, *gated, qp)
         post = post_op_of(info, _ACTIVATIONS) if info.kind is Kind.ACTIVATION else None
         if post is not None and info.inputs and isinstance(info.inputs[0], fx.Node):
             return lambda qdq, qp: self._activation_quantize(value, info.inputs[0], post, qp)
@@ -324,6 +328,23 @@ class StaticLowering:
         self.stats.int8_ops[_KIND_OF[QuantAdd]] += 1
         self.stats.lowered[value.name] = (module, (self._shape(inputs[0]), self._shape(inputs[1])))
         return self._call(value, module, (ua, ub))
+
+    def _gated(self, info: OpInfo) -> tuple[fx.Node, fx.Node] | None:
+        """``(x, gains)`` when ``info`` multiplies a float ``(N, C, H, W)`` value by ``(N, C, 1, 1)``
+        gains (squeeze-excitation), which :class:`QuantizeProduct` quantizes in one pass."""
+        if info.kind is not Kind.ELEMENTWISE or info.op != "mul" or len(info.inputs) != 2 \
+                or not all(isinstance(i, fx.Node) for i in info.inputs):
+            return None
+        a, b = info.inputs
+        sa, sb = self._shape(a), self._shape(b)
+        for x, gains, sx, sg in ((a, b, sa, sb), (b, a, sb, sa)):
+            if len(sx) == 4 and tuple(sg) == (sx[0], sx[1], 1, 1) and not self.has_codes(x):
+                return x, gains
+        return None
+
+    def _product_quantize(self, value: fx.Node, x: fx.Node, gains: fx.Node, qp: QParams) -> fx.Node:
+        module = QuantizeProduct.from_qparams(qp.scale, qp.zero_point, backend=self.backend)
+        return self._call(value, module, (self.float(x), self.float(gains)), name=f"quantize_{value.name}")
 
     def _activation_quantize(self, value: fx.Node, x: fx.Node, post: tuple[str, tuple[float, ...]],
                              qp: QParams) -> fx.Node:
@@ -417,7 +438,7 @@ class StaticLowering:
                 del self.stats.lowered[name]
                 self.stats.int8_ops[_KIND_OF[type(module)]] -= 1
         self.stats.int8_ops = +self.stats.int8_ops  # drops kinds counted down to 0
-        for cls, key in ((Quantize, "quantize"), (Dequantize, "dequantize")):
+        for cls, key in (((Quantize, QuantizeProduct), "quantize"), (Dequantize, "dequantize")):
             self.stats.boundaries[key] = sum(isinstance(self.container[k], cls) and id(self.container[k]) in called
                                              for k in self.container)
 
