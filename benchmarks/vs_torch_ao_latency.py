@@ -166,6 +166,7 @@ def approximate_section(setups: list[Setup], variants: dict[str, dict[str, nn.Mo
     """``lower(approximate_post_ops=True)`` where it changes the model (SiLU/hardswish fused):
     latency against the exact default and torch.ao, 1 thread, and fidelity to the folded graph."""
     rows = []
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     for s in setups:
         example = s.calibration[0][:1]
@@ -182,6 +183,7 @@ def approximate_section(setups: list[Setup], variants: dict[str, dict[str, nn.Mo
                          f"{times['torch.ao'] * 1e3:.2f}", f"{times['exact'] / times['torch.ao']:.2f}",
                          f"{times['approximate'] / times['torch.ao']:.2f}", f"{fidelity:.1f}"])
             print(rows[-1], flush=True)
+    torch.set_num_threads(threads)
     if not rows:
         return "No model here has an approximated activation to fuse."
     return markdown_table(rows, ["model", "batch", "exact (ms)", "approximate (ms)", "torch.ao (ms)",
@@ -235,8 +237,9 @@ Medians of `torch.utils.benchmark` (best of {args.rounds} interleaved rounds), 2
 
 By default `lower` fuses only the activations oneDNN computes exactly as torch does (ReLU,
 ReLU6/hardtanh, leaky ReLU), so the lowered model stays bit for bit the folded graph; SiLU runs
-as a float op between a float32-output conv and a `Quantize`. With `approximate_post_ops=True`
-SiLU and hardswish are fused too (1 thread):
+with torch's op between a float32-output conv and the quantization (inside the `Quantize`, or as a
+float op where its output is read in float). With `approximate_post_ops=True` SiLU and hardswish
+are fused into the kernels too (1 thread):
 
 {approximate}
 
