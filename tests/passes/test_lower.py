@@ -174,6 +174,33 @@ def test_lowered_outputs_equal_the_folded_graph_bit_for_bit(backend: str, tmp_pa
     assert torch.equal(artifact.load(tmp_path / "activations.fxc")(batch), gm(batch))
 
 
+class SqueezeExcite(nn.Module):
+    """conv -> SiLU -> squeeze-excitation gate -> conv, as in EfficientNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand, self.project = nn.Conv2d(8, 32, 1), nn.Conv2d(32, 8, 1)
+        self.fc1, self.fc2 = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.silu(self.expand(x))
+        gate = torch.sigmoid(self.fc2(F.silu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.project(y * gate)
+
+
+def test_squeeze_excitation_gate_is_quantized_in_one_pass(tmp_path) -> None:
+    from fxcompress.quant.lowered import QuantizeProduct
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12)
+    gm = folded(SqueezeExcite().eval(), x, [torch.randn(4, 8, 12, 12) for _ in range(3)])
+    result = fxcompress.run(gm, ["lower", "eliminate_dead_nodes"], (x,))
+    assert len(modules(result.model, QuantizeProduct)) == 1
+    batch = torch.randn(8, 8, 12, 12)
+    assert torch.equal(result.model(batch), gm(batch))
+    artifact.save(result, tmp_path / "se.fxc")
+    assert torch.equal(artifact.load(tmp_path / "se.fxc")(batch), gm(batch))
+
+
 def test_quantize_product_equals_multiply_then_quantize() -> None:
     from fxcompress.quant.lowered import QuantizeProduct
     from fxcompress.quant.uint8 import quantize_uint8
