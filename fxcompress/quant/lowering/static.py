@@ -7,7 +7,9 @@ graph is built node by node in a new ``fx.Graph``; each folded value may get two
 * a **uint8 form** (:meth:`StaticLowering.uint8`): the integer codes, channels-last,
   with per-tensor qparams. ``QDQ(v)`` has one: emitted by the int8 kernel computing
   ``v`` (requantized inside it), or by a uint8 add / average pool, or else a
-  :class:`Quantize`. Max pooling, reshapes, permutes, no-ops and concatenations of
+  :class:`Quantize` (which also applies ``v``'s activation when ``v = act(x)``) or a
+  :class:`QuantizeProduct` (``v = x * gains``, a squeeze-excitation gate), so that
+  neither float result is written out. Max pooling, reshapes, permutes, no-ops and concatenations of
   uint8 forms with equal qparams have one too, computed on the codes.
 * a **float form** (:meth:`StaticLowering.float`): for the ops that stay float; for a
   ``QDQ`` it is a :class:`Dequantize` of its uint8 form (the same values).
