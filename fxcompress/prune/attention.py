@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from .. import macs, ops
 from ..artifact import register_module
+from ..attention_mask import additive_mask
 from ..errors import InputError
 
 __all__ = ["PrunedMultiheadAttention", "AttentionLayout", "call_arguments", "layout", "unsupported", "rebuild"]
@@ -97,7 +98,8 @@ class PrunedMultiheadAttention(nn.Module):
         q = self.q_proj(query).view(n, tgt, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(n, src, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(n, src, self.num_heads, self.head_dim).transpose(1, 2)
-        mask = self._mask(attn_mask, key_padding_mask, n, tgt, src, q.dtype)
+        mask = additive_mask(attn_mask, key_padding_mask, batch=n, heads=self.num_heads, tgt=tgt, src=src,
+                             dtype=q.dtype, owner="PrunedMultiheadAttention")
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
@@ -112,24 +114,6 @@ class PrunedMultiheadAttention(nn.Module):
         if unbatched:
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
         return (out if self.batch_first else out.transpose(0, 1)), weights
-
-    def _mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, n: int, tgt: int,
-              src: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """One additive mask broadcastable to ``(N, H, L, S)``, or None."""
-        mask = None
-        if attn_mask is not None:
-            mask = _additive(attn_mask, dtype, "attn_mask")
-            if mask.dim() == 3:  # (N * H, L, S), heads inner as in nn.MultiheadAttention
-                mask = mask.view(n, self.num_heads, tgt, src)
-            elif mask.shape != (tgt, src):
-                raise InputError(f"attn_mask must be ({tgt}, {src}) or ({n * self.num_heads}, {tgt}, {src}), "
-                                 f"got {tuple(attn_mask.shape)}")
-        if key_padding_mask is not None:
-            if key_padding_mask.shape != (n, src):
-                raise InputError(f"key_padding_mask must be ({n}, {src}), got {tuple(key_padding_mask.shape)}")
-            padding = _additive(key_padding_mask, dtype, "key_padding_mask").view(n, 1, 1, src)
-            mask = padding if mask is None else mask + padding
-        return mask
 
     def extra_repr(self) -> str:
         widths = f"embed_dim={self.embed_dim}, kdim={self.kdim}, vdim={self.vdim}, out_dim={self.out_dim}"
@@ -147,15 +131,6 @@ class PrunedMultiheadAttention(nn.Module):
             module = cls(**config)
         module.load_state_dict(state, assign=True)
         return module
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """A mask as ``nn.MultiheadAttention`` reads it (bool: True = not attended) made additive."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    if not mask.is_floating_point():
-        raise InputError(f"PrunedMultiheadAttention: {name} must be bool or float, got {mask.dtype}")
-    return mask.to(dtype)
 
 
 # -- what the channel analysis needs -------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcompress import macs
+from fxcompress.attention_mask import additive_mask
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.lowered_base import LoweredModule
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
@@ -45,15 +46,6 @@ def attention_support(mha: nn.MultiheadAttention) -> str | None:
     if mha.add_zero_attn:
         return "add_zero_attn=True is not supported"
     return None
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    """An ``nn.MultiheadAttention`` mask (bool: True = not attended) as an additive float mask."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    if not mask.is_floating_point():
-        raise InputError(f"QuantMultiheadAttention: {name} must be bool or float, got {mask.dtype}")
-    return mask.to(dtype)
 
 
 class QuantMultiheadAttention(LoweredModule):
@@ -140,7 +132,8 @@ class QuantMultiheadAttention(LoweredModule):
         q, k, v = self._project(query, key, value, self_attention, same_kv)
         b, tgt, src = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(b, -1, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        mask = self._mask(attn_mask, key_padding_mask, b, tgt, src, q.dtype)
+        mask = additive_mask(attn_mask, key_padding_mask, batch=b, heads=self.num_heads, tgt=tgt, src=src,
+                             dtype=q.dtype, owner="QuantMultiheadAttention")
         weights = None
         if need_weights:
             scores = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(self.head_dim))
@@ -166,24 +159,6 @@ class QuantMultiheadAttention(LoweredModule):
             k, v = self.in_proj(key)[..., e:].split(e, dim=-1)
             return q, k, v
         return q, self.in_proj(key)[..., e:2 * e], self.in_proj(value)[..., 2 * e:]
-
-    def _mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, b: int,
-              tgt: int, src: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """One additive mask broadcastable to ``(B, H, L, S)``, or None."""
-        mask = None
-        if attn_mask is not None:
-            mask = _additive(attn_mask, dtype, "attn_mask")
-            if mask.dim() == 3:  # (B * H, L, S)
-                mask = mask.view(b, self.num_heads, tgt, src)
-            elif mask.shape != (tgt, src):
-                raise InputError(f"attn_mask must be ({tgt}, {src}) or ({b * self.num_heads}, {tgt}, "
-                                 f"{src}), got {tuple(attn_mask.shape)}")
-        if key_padding_mask is not None:
-            if key_padding_mask.shape != (b, src):
-                raise InputError(f"key_padding_mask must be ({b}, {src}), got {tuple(key_padding_mask.shape)}")
-            padding = _additive(key_padding_mask, dtype, "key_padding_mask").view(b, 1, 1, src)
-            mask = padding if mask is None else mask + padding
-        return mask
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
