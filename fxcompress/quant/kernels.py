@@ -39,6 +39,7 @@ __all__ = [
     "Support",
     "CONV_POST_OPS",
     "LINEAR_POST_OPS",
+    "POST_OPS",
     "INT4_GROUP_SIZES",
     "onednn_int8_support",
     "supports_qconv",
@@ -63,6 +64,8 @@ LINEAR_POST_OPS: dict[str, int] = {
     "none": 0, "relu": 0, "gelu": 0, "gelu_tanh": 0, "tanh": 0,
     "hardswish": 0, "swish": 0, "leaky_relu": 1, "hardtanh": 2,
 }
+#: Every post-op name either kernel knows (what a float activation is called in the lowering).
+POST_OPS: dict[str, int] = {**CONV_POST_OPS, **LINEAR_POST_OPS}
 #: Group sizes ``aten._weight_int4pack_mm_for_cpu`` accepts.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # The fused residual ``sum`` only combines with these unary post-ops (kernel check).

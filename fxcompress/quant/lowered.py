@@ -25,7 +25,7 @@ from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.int_math import accumulate, add_dequantized, rescale
 from fxcompress.quant.kernels import (
-    CONV_POST_OPS, LINEAR_POST_OPS, QConvKernel, QLinearKernel, Support, supports_qconv,
+    CONV_POST_OPS, LINEAR_POST_OPS, POST_OPS, QConvKernel, QLinearKernel, Support, supports_qconv,
     supports_qlinear,
 )
 from fxcompress.quant.lowered_base import LoweredModule, as_pair, summarize
@@ -50,8 +50,6 @@ __all__ = [
 ]
 
 _REFERENCE_ONLY = Support(False, "backend='reference' was requested")
-#: Activations a :class:`Quantize` can apply first (post-op names, with their argument counts).
-_ACTIVATIONS = {**CONV_POST_OPS, **LINEAR_POST_OPS}
 
 
 def _quantize_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -92,7 +90,7 @@ class Quantize(LoweredModule):
                  backend: str = "x86") -> None:
         super().__init__(backend)
         self.activation = activation
-        self.activation_args = _check_post_op(activation, activation_args, _ACTIVATIONS)
+        self.activation_args = _check_post_op(activation, activation_args, POST_OPS)
         self.register_qparams("output")
 
     @classmethod

@@ -44,7 +44,7 @@ from fxcompress.quant.lowered import (
     QuantizeProduct,
 )
 from fxcompress.quant.lowering.build import QParams, float_twin, layer_problem, quant_conv, quant_linear, uint8_qparams
-from fxcompress.quant.kernels import CONV_POST_OPS, LINEAR_POST_OPS
+from fxcompress.quant.kernels import POST_OPS
 from fxcompress.quant.lowering.chains import FusedChain, match_chain, post_op_of
 
 __all__ = ["LOWERED_CONTAINER", "LoweringStats", "StaticLowering", "Decide"]
@@ -55,8 +55,6 @@ LOWERED_CONTAINER = "fxc_lowered"
 _CODE_KINDS = (Kind.RESHAPE, Kind.PERMUTE, Kind.GETITEM, Kind.SPLIT)
 # The stats kind of each uint8 op made between int8 layers.
 _KIND_OF = {QuantMaxPool2d: "max_pool", QuantAdd: "add", QuantAdaptiveAvgPool2d: "avg_pool"}
-# Activations a Quantize applies before quantizing (post-op names, as the kernels name them).
-_ACTIVATIONS = {**CONV_POST_OPS, **LINEAR_POST_OPS}
 # Modules whose output is a fresh tensor: a fused residual add may write into it.
 _FRESH = (Quantize, QuantizeProduct, Dequantize, QuantConv2d, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
 
@@ -313,7 +311,7 @@ class StaticLowering:
         gated = self._gated(info)
         if gated is not None:
             return lambda qdq, qp: self._product_quantize(value, *gated, qp)
-        post = post_op_of(info, _ACTIVATIONS) if info.kind is Kind.ACTIVATION else None
+        post = post_op_of(info, POST_OPS) if info.kind is Kind.ACTIVATION else None
         if post is not None and info.inputs and isinstance(info.inputs[0], fx.Node):
             return lambda qdq, qp: self._activation_quantize(value, info.inputs[0], post, qp)
         pooled = info.kind is Kind.POOL and info.op == "adaptive_avg_pool2d"
