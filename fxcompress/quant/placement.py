@@ -27,6 +27,7 @@ from torch import fx
 
 from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.quant.activations import preserves_qparams
+from fxcompress.quant.lowering.chains import residual_operand
 
 __all__ = ["CONV_POST_OPS", "LINEAR_POST_OPS", "Chain", "find_chains", "consumed_quantized", "is_float_value"]
 
@@ -68,17 +69,8 @@ def _residual_add(op: fx.Node, user: fx.Node | None, gm: fx.GraphModule, claimed
     """The other operand when ``user`` is ``op + other`` on same-shaped float tensors, else None."""
     if user is None or user in claimed:
         return None
-    info = describe(user, gm)
-    if info.kind is not Kind.ELEMENTWISE or info.op != "add" or info.params.get("alpha", 1) != 1:
-        return None
-    if len(info.inputs) != 2 or not all(isinstance(i, fx.Node) for i in info.inputs):
-        return None
-    a, b = info.inputs
-    other = b if a is op else a
-    if other is op or not is_float_value(other):
-        return None
-    same = getattr(other.meta.get("tensor_meta"), "shape", None) == getattr(op.meta.get("tensor_meta"), "shape", 0)
-    return other if same else None
+    other = residual_operand(user, op, gm)
+    return other if other is not None and is_float_value(other) else None
 
 
 def _post_op(node: fx.Node | None, gm: fx.GraphModule, allowed: frozenset[str]) -> bool:

@@ -23,7 +23,7 @@ from torch import fx
 from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.quant.kernels import CONV_POST_OPS, LINEAR_POST_OPS
 
-__all__ = ["FusedChain", "EXACT_POST_OPS", "match_chain", "post_op_of"]
+__all__ = ["FusedChain", "EXACT_POST_OPS", "match_chain", "post_op_of", "residual_operand"]
 
 #: Kernel post-ops whose oneDNN arithmetic equals torch's bit for bit.
 EXACT_POST_OPS = ("relu", "hardtanh", "leaky_relu")
@@ -84,8 +84,9 @@ def post_op_of(info: OpInfo, table: dict[str, int]) -> tuple[str, tuple[float, .
     return found if found[0] in table else None
 
 
-def _residual(add: fx.Node, value: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """The other operand when ``add`` is ``value + other`` on same-shaped tensors."""
+def residual_operand(add: fx.Node, value: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The other operand when ``add`` is ``value + other`` on same-shaped tensors (the fused
+    ``sum``); observer placement asks the same question (:mod:`fxcompress.quant.placement`)."""
     info = describe(add, gm)
     if info.kind is not Kind.ELEMENTWISE or info.op != "add" or info.params.get("alpha", 1) != 1:
         return None
@@ -108,7 +109,7 @@ def match_chain(info: OpInfo, gm: fx.GraphModule, *, allow_add: bool = True,
     end = _skip_noops(info.node, gm, taken)
     residual = None
     user = _only_user(end)
-    if conv and allow_add and user is not None and (residual := _residual(user, end, gm)) is not None:
+    if conv and allow_add and user is not None and (residual := residual_operand(user, end, gm)) is not None:
         taken.append(user)
         end = _skip_noops(user, gm, taken)
         user = _only_user(end)
