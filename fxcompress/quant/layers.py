@@ -102,7 +102,22 @@ def weighted_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
                        module.scale_grad_by_freq, module.sparse)
 
 
-class ObservedLayer(nn.Module):
+class _FloatWeightLayer(nn.Module):
+    """What the observed and fake-quantized wrappers share: the wrapped module's own
+    (float) ``weight`` and ``bias``."""
+
+    module: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+
+class ObservedLayer(_FloatWeightLayer):
     """A float conv / linear / embedding with a calibrated weight observer.
 
     The observer sees the weight once, when the layer is built (a weight is a
@@ -127,14 +142,6 @@ class ObservedLayer(nn.Module):
     def spec(self) -> QuantSpec:
         return self.weight_observer.spec
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.module, "bias", None)
-
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight's ``(scale, zero_point)``."""
         return self.weight_scale, self.weight_zero_point
@@ -143,7 +150,7 @@ class ObservedLayer(nn.Module):
         return self.module(x)
 
 
-class FakeQuantLayer(nn.Module):
+class FakeQuantLayer(_FloatWeightLayer):
     """A conv / linear / embedding computing with its fake-quantized weight (QAT).
 
     Gradients reach the float weight through the straight-through estimator
@@ -169,14 +176,6 @@ class FakeQuantLayer(nn.Module):
     @property
     def spec(self) -> QuantSpec:
         return self.weight_fake_quant.spec
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.module, "bias", None)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight's current ``(scale, zero_point)`` (detached; a learnt scale clamped as forward clamps it)."""
