@@ -12,6 +12,7 @@ from fxcompress.capture import propagate_shapes
 from fxcompress.errors import LoweringError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.activations import QDQ
+from fxcompress.quant.isa import int8_arithmetic
 from fxcompress.quant.kernels import onednn_int8_support
 from fxcompress.quant.lowering import check_backend_option, resolve_backend
 from fxcompress.quant.lowering.build import uint8_qparams
@@ -31,17 +32,25 @@ class Lower(Pass):
     graph inputs and dequantized exactly where a float op or an output reads them; no
     observer, fake-quant or quantize-dequantize is left. Outputs keep their dtypes.
 
-    The lowered model computes what the folded graph computes, bit for bit: both round
-    as the kernels do (:mod:`fxcompress.quant.int_math`). SiLU, hardswish, GELU and tanh
-    stay float ops after a float-output kernel, because oneDNN approximates them its
-    own way; ``approximate_post_ops=True`` fuses them too (faster where they are
-    frequent, outputs then within a code or so of the folded graph's).
+    With ``backend="reference"`` the lowered model computes what the folded graph
+    computes, bit for bit, on any CPU: both round as :mod:`fxcompress.quant.int_math`
+    specifies. With ``backend="x86"`` each lowered op, given the same inputs, is within
+    one code of its reference (the per-op contract of :mod:`fxcompress.quant.contract`,
+    which :func:`~fxcompress.quant.contract.check_contract` verifies op by op): oneDNN's
+    kernel paths (AVX2, AVX512-VNNI, AMX) accumulate exactly but round their float32
+    steps differently; end to end, agreement is measured, not promised. SiLU, hardswish,
+    GELU and tanh stay float ops after a float-output kernel, because oneDNN approximates
+    them its own way; ``approximate_post_ops=True`` fuses them too (faster where they are
+    frequent; still within the per-op contract).
 
     ``backend="x86"`` runs oneDNN's kernels where their preconditions hold at the shape
     of each call and the reference path (dequantize, float compute, requantize: the
     same arithmetic with portable ops) elsewhere; ``"reference"`` runs only the latter;
     None takes the run's backend. On a CPU without the x86 int8 kernels the lowered
-    modules run the reference path and the report says so, unless ``strict``, which
+    modules run the reference path and the report says so; on one whose int8 dot products
+    saturate (AVX2, AVX512 without VNNI: :mod:`fxcompress.quant.isa`) so do the layers whose
+    weights could overflow them (8-bit weights; 7-bit ones never do, see
+    :func:`~fxcompress.quant.spec.portable_weight_spec`). ``strict`` raises
     raises :class:`~fxcompress.errors.LoweringError` for that, for any layer left
     float and for any kernel fallback at the traced shapes. A layer the kernels cannot
     take at all (not a 2-D conv or linear, weights not signed symmetric per channel,
@@ -98,6 +107,11 @@ class Lower(Pass):
             "quantize": stats.boundaries["quantize"], "dequantize": stats.boundaries["dequantize"],
         }
         notes.append(_summary(stats, fallbacks, backend))
+        overflow = [f for f in fallbacks if "could overflow" in f["reason"]]
+        if overflow:
+            notes.append(f"this CPU's int8 kernels ({int8_arithmetic().describe()}) could overflow with the "
+                         f"weights of {len(overflow)} layers, which run the reference path (exact, slower); "
+                         f"7-bit weights (fxcompress.quant.spec.portable_weight_spec()) run on the kernels here")
         if reference is not None:
             out["speed"] = _speed_check(gm, reference, args, kwargs, notes)
         out["notes"] = notes

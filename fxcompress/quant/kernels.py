@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from fxcompress.errors import LoweringError
+from fxcompress.quant.isa import PAIR_LIMIT, int8_arithmetic, pair_overflow
 
 __all__ = [
     "Support",
@@ -42,6 +43,7 @@ __all__ = [
     "POST_OPS",
     "INT4_GROUP_SIZES",
     "onednn_int8_support",
+    "int8_weight_support",
     "supports_qconv",
     "supports_qlinear",
     "supports_int8pack_mm",
@@ -100,11 +102,12 @@ def _require(support: Support, kernel: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def onednn_int8_support() -> Support:
-    """Whether oneDNN's int8 conv/linear kernels can run exactly on this machine.
+    """Whether oneDNN's int8 conv/linear kernels exist here: an x86-64 CPU, a torch built
+    with oneDNN, and the ``onednn`` int8 ops registered.
 
-    Requires an x86-64 CPU with AVX512-VNNI (without VNNI, oneDNN's u8*s8 dot products
-    go through 16-bit intermediates that saturate, so results would differ from the
-    reference), a torch built with oneDNN, and the ``onednn`` int8 ops registered.
+    Whether a given layer may run on them is :func:`int8_weight_support`'s question: on
+    CPUs whose int8 dot products saturate (AVX2, AVX512 without VNNI; see
+    :mod:`fxcompress.quant.isa`) only weights that cannot overflow are computed exactly.
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return _no(f"the oneDNN int8 kernels need an x86-64 CPU, this is {platform.machine()}")
@@ -114,10 +117,31 @@ def onednn_int8_support() -> Support:
                  "qlinear_pointwise"):
         if not hasattr(torch.ops.onednn, name):
             return _no(f"this torch build lacks torch.ops.onednn.{name}")
-    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    if vnni is None or not vnni():
-        return _no("this CPU lacks AVX512-VNNI, so oneDNN int8 dot products could saturate")
     return _YES
+
+
+def int8_weight_support(weight: torch.Tensor) -> Support:
+    """Whether this process's oneDNN int8 kernels compute exactly with int8 ``weight``
+    (output channels first), for every uint8 activation.
+
+    Always on CPUs with exact 32-bit dot products (VNNI, AMX). On those that add
+    products in saturating 16-bit pairs, only when no two same-sign weights of an output
+    channel sum to more than 128 in magnitude (:func:`fxcompress.quant.isa.pair_overflow`),
+    which every weight of at most 7 bits satisfies.
+    """
+    base = onednn_int8_support()
+    if not base:
+        return base
+    arithmetic = int8_arithmetic()
+    if arithmetic.exact_products:
+        return _YES
+    worst = pair_overflow(weight)
+    if worst is None:
+        return _YES
+    channel, a, b = worst
+    return _no(f"this CPU's oneDNN int8 kernels ({arithmetic.describe()}) could overflow with these "
+               f"weights (output channel {channel}: {a} + {b} > {PAIR_LIMIT}); weights of at most "
+               f"7 bits (fxcompress.quant.spec.portable_weight_spec()) run on them exactly")
 
 
 def _check_qparams(scale: float, zero_point: int, what: str) -> Support:
@@ -243,6 +267,7 @@ class QConvKernel:
         _check_args(post_op, post_op_args, CONV_POST_OPS)
         if weight.dtype != torch.int8:
             raise LoweringError(f"onednn.qconv_pointwise needs an int8 weight, got {weight.dtype}")
+        _require(int8_weight_support(weight), "onednn.qconv_pointwise")
         _require(_check_qparams(input_scale, input_zero_point, "input"), "onednn.qconv_pointwise")
         if output_scale is not None:
             _require(_check_qparams(output_scale, output_zero_point, "output"),
@@ -313,6 +338,7 @@ class QLinearKernel:
         if weight.dtype != torch.int8 or weight.dim() != 2:
             raise LoweringError(f"onednn.qlinear_pointwise needs a 2-D int8 weight, got "
                                 f"{weight.dim()}-D {weight.dtype}")
+        _require(int8_weight_support(weight), "onednn.qlinear_pointwise")
         if output_scale is not None:
             _require(_check_qparams(output_scale, output_zero_point, "output"),
                      "onednn.qlinear_pointwise")

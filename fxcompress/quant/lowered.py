@@ -25,8 +25,8 @@ from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.int_math import accumulate, add_dequantized, rescale
 from fxcompress.quant.kernels import (
-    CONV_POST_OPS, LINEAR_POST_OPS, POST_OPS, QConvKernel, QLinearKernel, Support, supports_qconv,
-    supports_qlinear,
+    CONV_POST_OPS, LINEAR_POST_OPS, POST_OPS, QConvKernel, QLinearKernel, Support, int8_weight_support,
+    supports_qconv, supports_qlinear,
 )
 from fxcompress.quant.lowered_base import LoweredModule, as_pair, summarize
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
@@ -269,9 +269,10 @@ class QuantConv2d(LoweredModule):
         """Whether an ``(N, C, H, W)`` input runs the oneDNN kernel, or why not."""
         if self.backend == "reference":
             return _REFERENCE_ONLY
-        return supports_qconv(self.weight.shape, input_shape, stride=self.stride,
-                              padding=self.padding, dilation=self.dilation, groups=self.groups,
-                              post_op=self.post_op, residual=self.residual)
+        geometry = supports_qconv(self.weight.shape, input_shape, stride=self.stride,
+                                  padding=self.padding, dilation=self.dilation, groups=self.groups,
+                                  post_op=self.post_op, residual=self.residual)
+        return geometry and int8_weight_support(self.weight)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         _check_uint8(x, "QuantConv2d")
@@ -407,7 +408,7 @@ class QuantLinear(LoweredModule):
         """Whether the oneDNN kernel runs (it takes any input shape), or why not."""
         if self.backend == "reference":
             return _REFERENCE_ONLY
-        return supports_qlinear(self.in_features, self.post_op)
+        return supports_qlinear(self.in_features, self.post_op) and int8_weight_support(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_uint8(x, "QuantLinear")

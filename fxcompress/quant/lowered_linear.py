@@ -19,8 +19,10 @@ from torch import nn
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import (
     QLinearKernel, Support, int4pack_mm, int4pack_scales_and_zeros, int4pack_weight,
-    int8pack_mm, int_mm, supports_int4pack_mm, supports_int8pack_mm, supports_qlinear,
+    int8_weight_support, int8pack_mm, int_mm, onednn_int8_support, supports_int4pack_mm,
+    supports_int8pack_mm, supports_qlinear,
 )
+from fxcompress.quant.isa import int8_arithmetic
 from fxcompress.quant.lowered_base import LoweredModule, summarize
 from fxcompress.quant.qparams import pack_int, unpack_int
 from fxcompress.quant.uint8 import (
@@ -45,6 +47,17 @@ def _check_float(x: torch.Tensor, in_features: int, where: str) -> None:
     if not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != in_features:
         raise InputError(f"{where} expects a float tensor with {in_features} features in the last "
                          f"dim, got {x.dtype} {tuple(x.shape)}")
+
+
+def _fast_int_mm() -> Support:
+    """Whether ``torch._int_mm`` is fast here. It is exact everywhere, but on CPUs without
+    VNNI/AMX int8 dot products (AVX2) it runs a plain loop, 30-50x slower than a float
+    matmul (measured on an AVX2 AMD EPYC, 1 thread); the reference path is used there."""
+    base = onednn_int8_support()
+    if base and not int8_arithmetic().exact_products:
+        return Support(False, f"torch._int_mm has no fast kernel on this CPU "
+                              f"({int8_arithmetic().describe()}): 30-50x slower than a float matmul")
+    return Support(True)
 
 
 class DynamicQuantLinear(LoweredModule):
@@ -98,8 +111,8 @@ class DynamicQuantLinear(LoweredModule):
         if self.backend == "reference":
             return _REFERENCE_ONLY
         if self.granularity == "per_tensor":
-            return supports_qlinear(self.in_features)
-        return Support(True)  # torch._int_mm is a portable aten kernel
+            return supports_qlinear(self.in_features) and int8_weight_support(self.weight)
+        return _fast_int_mm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_float(x, self.in_features, "DynamicQuantLinear")

@@ -36,6 +36,7 @@ __all__ = [
     "OBSERVERS",
     "QuantSpec",
     "default_weight_spec",
+    "portable_weight_spec",
     "default_activation_spec",
 ]
 
@@ -180,6 +181,18 @@ def default_weight_spec() -> QuantSpec:
         bits=8, signed=True, symmetric=True, granularity="per_channel", axis=0,
         observer="minmax",
     )
+
+
+def portable_weight_spec() -> QuantSpec:
+    """7-bit signed symmetric per-channel (axis 0) min/max weights: exact and fast on every x86 CPU.
+
+    oneDNN's int8 kernels on CPUs without VNNI (AVX2, AVX512 without VNNI) add u8 x s8
+    products in saturating 16-bit pairs; 8-bit weights can overflow them, so such layers
+    run the (slower) reference path there (see :mod:`fxcompress.quant.isa`). Weights of
+    at most 7 bits never overflow, so their layers run the int8 kernels on every x86 CPU,
+    at the cost of one bit of weight precision.
+    """
+    return default_weight_spec().replace(bits=7)
 
 
 def default_activation_spec() -> QuantSpec:

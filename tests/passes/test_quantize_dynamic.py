@@ -10,6 +10,7 @@ from torch import fx, nn
 import fxcompress
 from fxcompress import artifact, recipes
 from fxcompress.errors import ConfigError
+from fxcompress.quant.isa import int8_arithmetic
 from fxcompress.quant.lowered import DynamicQuantLinear
 from fxcompress.quant.lowered_attention import QuantMultiheadAttention
 from fxcompress.verify import stage_of
@@ -89,7 +90,11 @@ def test_reference_backend_reports_fallbacks_and_agrees_with_x86() -> None:
                          backend="reference")
     fallbacks = ref.report.rows[0].stats["fallbacks"]
     assert len(fallbacks) == 12 and "reference" in fallbacks[0]["reason"]
-    assert x86.report.rows[0].stats["fallbacks"] == []
+    x86_fallbacks = x86.report.rows[0].stats["fallbacks"]
+    if int8_arithmetic().exact_products:
+        assert x86_fallbacks == []
+    else:  # AVX2-class int8 dot products could overflow with 8-bit weights: reported, exact reference
+        assert len(x86_fallbacks) == 12 and all("could overflow" in f["reason"] for f in x86_fallbacks)
     assert cosine(x86.model(ids), ref.model(ids)) >= 0.9999
 
 

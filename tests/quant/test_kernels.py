@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fxcompress.errors import ConfigError, LoweringError
+from fxcompress.quant import isa
 from fxcompress.quant import kernels as K
 from fxcompress.quant import uint8 as U
 from fxcompress.quant.qparams import quantize
@@ -15,6 +16,9 @@ from fxcompress.quant.spec import QuantSpec
 
 ONEDNN = K.onednn_int8_support()
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f"oneDNN int8 unavailable: {ONEDNN.reason}")
+# Most tests use 7-bit weights, which every x86 CPU's int8 kernels compute exactly
+# (fxcompress.quant.isa); 8-bit weights are tested against this CPU's measured arithmetic.
+PORTABLE_BITS = 7
 
 
 def _activation(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, float, int]:
@@ -27,11 +31,13 @@ def _activation(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, float,
     return U.quantize_uint8(x, scale, zp), scale, zp
 
 
-def _weight(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight(shape: tuple[int, ...], seed: int, bits: int = PORTABLE_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-channel integer weights of ``bits`` bits (codes in +-(2**(bits-1) - 1))."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g) / (shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1)) ** 0.5
-    scale = w.flatten(1).abs().amax(1) / 127
-    q = torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).clamp(-127, 127).to(torch.int8)
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.flatten(1).abs().amax(1) / qmax
+    q = torch.round(w / scale.view(-1, *[1] * (w.dim() - 1))).clamp(-qmax, qmax).to(torch.int8)
     return q, scale
 
 
@@ -106,6 +112,49 @@ def test_qconv_kernel_fused_sum_writes_into_accumulator() -> None:
     with pytest.raises(LoweringError, match="without residual"):
         K.QConvKernel(qw, ws, None, input_shape=qx.shape, input_scale=xs, input_zero_point=xzp,
                       stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1).add_(qx, qr.clone())
+
+
+@needs_onednn
+def test_int8_arithmetic_is_measured_and_matches_the_isa() -> None:
+    arithmetic = isa.int8_arithmetic()
+    assert arithmetic.isa == isa.expected_isa()
+    # VNNI and AMX multiply-accumulate in 32 bits; AVX2 and AVX512 without VNNI use 16-bit pairs.
+    if arithmetic.isa in ("AVX2", "AVX512_CORE", "AVX", "SSE41"):
+        assert not arithmetic.exact_products
+    elif arithmetic.isa in ("AVX2_VNNI", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX512_CORE_AMX"):
+        assert arithmetic.exact_products
+    assert arithmetic.isa in arithmetic.describe()
+
+
+def test_pair_overflow_finds_the_worst_same_sign_pair() -> None:
+    assert isa.pair_overflow(torch.tensor([[127, 1, -128, 0], [64, 64, -64, -64]], dtype=torch.int8)) is None
+    assert isa.pair_overflow(torch.tensor([[127, 2, 5], [3, -100, -30]], dtype=torch.int8)) == (0, 127, 5)
+    assert isa.pair_overflow(torch.tensor([[70, 58], [-65, -64]], dtype=torch.int8)) == (1, 65, 64)
+    assert isa.pair_overflow(torch.tensor([[127], [-128]], dtype=torch.int8)) is None  # one weight: no pair
+    q7, _ = _weight((64, 32, 3, 3), seed=20, bits=7)
+    assert isa.pair_overflow(q7) is None  # 7-bit weights never overflow
+    q8, _ = _weight((64, 32, 3, 3), seed=20, bits=8)
+    assert isa.pair_overflow(q8) is not None
+
+
+@needs_onednn
+def test_8bit_weights_run_exactly_or_are_refused_by_this_cpus_arithmetic() -> None:
+    qx, xs, xzp = _activation((1, 32, 9, 9), seed=21)
+    qx = torch.full_like(qx, 255)  # the worst case for a saturating pair
+    qw, ws = _weight((16, 32, 3, 3), seed=22, bits=8)
+    geometry = dict(input_shape=qx.shape, input_scale=xs, input_zero_point=xzp, stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), groups=1)
+    support = K.int8_weight_support(qw)
+    if isa.int8_arithmetic().exact_products:
+        assert support
+        y = F.conv2d(U.dequantize_uint8(qx, xs, xzp), _deq_weight(qw, ws), None, 1, 1)
+        torch.testing.assert_close(K.QConvKernel(qw, ws, None, **geometry)(qx), y, rtol=1e-4, atol=1e-4)
+    else:
+        assert not support and "overflow" in support.reason and "7 bits" in support.reason
+        with pytest.raises(LoweringError, match="overflow"):
+            K.QConvKernel(qw, ws, None, **geometry)
+        with pytest.raises(LoweringError, match="overflow"):
+            K.QLinearKernel(qw.flatten(1), ws, None)
 
 
 def test_supports_qconv_explains_refusals() -> None:

@@ -1,4 +1,12 @@
-"""Lowered modules: x86 path == reference path, fidelity vs float, and copy/save/load safety."""
+"""Lowered modules: x86 path within the contract of the reference path, fidelity vs float, and
+copy/save/load safety.
+
+The x86 modules are checked against their reference twins with the per-op contract of
+:mod:`fxcompress.quant.contract` (codes within one, nearly all equal), never bit for bit:
+kernel paths (AVX2, AVX512-VNNI, AMX) round differently. Weights are 7-bit where a test needs
+the kernels to run, because 8-bit weights take the reference path on CPUs whose int8 dot
+products saturate (:mod:`fxcompress.quant.isa`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from torch import nn
 
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant import uint8 as U
+from fxcompress.quant.contract import CODE_TOLERANCE, reference_twin
 from fxcompress.quant.kernels import onednn_int8_support
 from fxcompress.quant.lowered import (
     Dequantize, DynamicQuantLinear, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv2d,
@@ -45,15 +54,16 @@ def quantized(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     return U.quantize_uint8(x, scale, zp), scale, zp
 
 
-def reference_twin(m: LoweredModule) -> LoweredModule:
-    twin = type(m)(**{**m.config(), "backend": "reference"})
-    twin.load_state_dict(m.state_dict())
-    return twin
+def portable_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel scales for 7-bit codes (|q| <= 63): the weights every x86
+    CPU's int8 kernels compute exactly."""
+    return weight.detach().flatten(1).abs().amax(1) / 63
 
 
 def assert_codes_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The per-op contract: codes within one, and (a sanity bound) nearly all identical."""
     diff = (a.int() - b.int()).abs()
-    assert a.dtype == b.dtype == torch.uint8 and diff.max().item() <= 1
+    assert a.dtype == b.dtype == torch.uint8 and diff.max().item() <= CODE_TOLERANCE
     assert (diff == 0).float().mean().item() >= 0.99
 
 
@@ -65,7 +75,7 @@ def conv_module(post_op: str = "relu", groups: int = 1, stride: int = 1, dilatio
     qx, xs, xzp = quantized(x)
     y = U.apply_post_op(conv(x), post_op, (0.0, 6.0) if post_op == "hardtanh" else ())
     os_, ozp = U.choose_qparams_uint8(y * 1.03)
-    ws = conv.weight.detach().abs().amax(dim=(1, 2, 3)) / 127
+    ws = portable_scale(conv.weight)
     res = dict(residual=True, residual_scale=0.02, residual_zero_point=3) if residual else {}
     m = QuantConv2d.from_float(conv, ws, xs, xzp, None if float_out else os_, ozp, post_op=post_op,
                                post_op_args=(0.0, 6.0) if post_op == "hardtanh" else (), **res)
@@ -176,7 +186,7 @@ def test_resnet18_basic_block_lowered_by_hand() -> None:
     conv1, conv2 = fold_bn(block.conv1, block.bn1), fold_bn(block.conv2, block.bn2)
     qx, xs, xzp = quantized(x)
     (hs, hzp), (ys, yzp) = U.choose_qparams_uint8(h), U.choose_qparams_uint8(y)
-    ws = [c.weight.detach().abs().amax(dim=(1, 2, 3)) / 127 for c in (conv1, conv2)]
+    ws = [portable_scale(c.weight) for c in (conv1, conv2)]
     q1 = QuantConv2d.from_float(conv1, ws[0], xs, xzp, hs, hzp, post_op="relu")
     q2 = QuantConv2d.from_float(conv2, ws[1], hs, hzp, ys, yzp, post_op="relu", residual=True,
                                 residual_scale=xs, residual_zero_point=xzp)
@@ -200,7 +210,7 @@ def test_linear_x86_equals_reference(post_op: str, args: tuple[float, ...], shap
     lin = nn.Linear(64, 48)
     x = digits_features(shape[0], 1, 8).view(*shape) if len(shape) == 2 else digits_features(10, 1, 8).view(*shape)
     qx, xs, xzp = quantized(x)
-    ws = lin.weight.detach().abs().amax(1) / 127
+    ws = portable_scale(lin.weight)
     os_, ozp = U.choose_qparams_uint8(U.apply_post_op(lin(x), post_op, args) * 1.03)
     m = QuantLinear.from_float(lin, ws, xs, xzp, os_, ozp, post_op=post_op, post_op_args=args)
     out = m(qx)
