@@ -17,7 +17,8 @@ from fxcompress.quant.kernels import onednn_int8_support
 from fxcompress.quant.lowering import check_backend_option, resolve_backend
 from fxcompress.quant.lowering.build import uint8_qparams
 from fxcompress.quant.lowering.static import LoweringStats, StaticLowering
-from fxcompress.quant.lowering.timing import faster_or_float, float_reference, median_seconds
+from fxcompress.quant.lowering.choice import choose
+from fxcompress.quant.lowering.timing import float_reference, median_seconds
 
 __all__ = ["Lower"]
 
@@ -38,10 +39,11 @@ class Lower(Pass):
     one code of its reference (the per-op contract of :mod:`fxcompress.quant.contract`,
     which :func:`~fxcompress.quant.contract.check_contract` verifies op by op): oneDNN's
     kernel paths (AVX2, AVX512-VNNI, AMX) accumulate exactly but round their float32
-    steps differently; end to end, agreement is measured, not promised. SiLU, hardswish,
-    GELU and tanh stay float ops after a float-output kernel, because oneDNN approximates
-    them its own way; ``approximate_post_ops=True`` fuses them too (faster where they are
-    frequent; still within the per-op contract).
+    steps differently; end to end, agreement is measured, not promised. The kernels also
+    fuse SiLU, hardswish, GELU and tanh, which oneDNN evaluates with its own approximations
+    (within the per-op contract; much faster where they are frequent, as in EfficientNet);
+    ``approximate_post_ops=False`` keeps them float ops after a float-output kernel
+    instead, applied exactly as torch does by the quantization that follows.
 
     ``backend="x86"`` runs oneDNN's kernels where their preconditions hold at the shape
     of each call and the reference path (dequantize, float compute, requantize: the
@@ -55,13 +57,18 @@ class Lower(Pass):
     float and for any kernel fallback at the traced shapes. A layer the kernels cannot
     take at all (not a 2-D conv or linear, weights not signed symmetric per channel,
     input not quantized to uint8) keeps its folded module (integer weights, computed in
-    float). ``only_if_faster`` times each int8 layer against its float version on its
-    traced shape and keeps float where int8 is slower; with it or ``check_speed`` the
-    lowered model is timed against the float version of the folded model and a
-    ``UserWarning`` says when it is slower. Stats: ``int8_nodes`` (count),
-    ``int8_ops`` (per kind), ``float_nodes`` (quantized layer -> why not int8),
-    ``fallbacks`` ([{node, reason}] for ops on the reference path), ``quantize`` /
-    ``dequantize`` (float boundaries), ``speed`` (when measured).
+    float). ``only_if_faster`` times, on this CPU at each layer's traced shapes, the ways a
+    quantized layer can run: its int8 chain, the layer kept float (its input dequantized and
+    output quantized where its neighbours are integer), and for a conv with a fused residual
+    the int8 conv with the add done in float (the same values; faster where oneDNN's fused
+    ``sum`` kernel is slow); int8 stays unless another way is faster by more than 10%
+    (:mod:`fxcompress.quant.lowering.choice`). With it or ``check_speed`` the lowered model
+    is timed against the float version of the folded model and a ``UserWarning`` says when
+    it is slower. Stats: ``int8_nodes`` (count), ``int8_ops`` (per kind), ``float_nodes``
+    (quantized layer -> why not int8), ``fallbacks`` ([{node, reason}] for ops on the
+    reference path), ``quantize`` /
+    ``dequantize`` (float boundaries), ``choices`` (layers per way, with ``only_if_faster``),
+    ``speed`` (when measured).
     """
 
     name = "lower"
@@ -71,7 +78,7 @@ class Lower(Pass):
     only_if_faster: bool = False
     check_speed: bool = False
     strict: bool = False
-    approximate_post_ops: bool = False
+    approximate_post_ops: bool = True
 
     def __post_init__(self) -> None:
         check_backend_option(self.name, self.backend)
@@ -89,7 +96,7 @@ class Lower(Pass):
         reference = float_reference(gm) if measure else None
         kept_qdq = [n.name for n in gm.graph.nodes if n.op == "call_module"
                     and isinstance(m := gm.get_submodule(str(n.target)), QDQ) and uint8_qparams(m) is None]
-        lowering = StaticLowering(gm, ctx, backend, faster_or_float if self.only_if_faster else None,
+        lowering = StaticLowering(gm, ctx, backend, choose if self.only_if_faster else None,
                                   approximate_post_ops=self.approximate_post_ops)
         stats = lowering.run()
         args, kwargs = ctx.example_inputs()
@@ -106,6 +113,8 @@ class Lower(Pass):
             "float_nodes": dict(stats.float_nodes), "fallbacks": fallbacks,
             "quantize": stats.boundaries["quantize"], "dequantize": stats.boundaries["dequantize"],
         }
+        if self.only_if_faster:
+            out["choices"] = dict(stats.choices)
         notes.append(_summary(stats, fallbacks, backend))
         overflow = [f for f in fallbacks if "could overflow" in f["reason"]]
         if overflow:

@@ -16,6 +16,10 @@ static int8 modules :func:`check_contract` looks at (:data:`STATIC_MODULES`):
   fused residual ``sum`` and some 3-channel first convs differently from AVX512-VNNI, at
   about 1 output in 10^4; oneDNN evaluates SiLU, hardswish and GELU with its own
   approximations); a float32 rounding difference moves a requantized code by one at most.
+* A layer **kept float** (no kernel for it, out of scope, or slower here under
+  ``lower(only_if_faster=True)``) computes in float32 with its dequantized weight: the
+  float model's arithmetic, within float32 round-off of the folded layer's exact integer
+  result, not bit for bit.
 * **End to end, nothing is promised for x86**: a one-code difference early in a deep
   network can grow. Benchmarks report the measured agreement with the folded graph.
 

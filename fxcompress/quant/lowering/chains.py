@@ -7,11 +7,11 @@ then one activation (with a residual add only ReLU). Eval-mode no-ops between th
 EfficientNet's ``conv -> stochastic_depth -> add`` fuses like ResNet's ``conv -> add``.
 Every node of a chain but its end must have one user: its value disappears.
 
-Only activations the kernels compute exactly as torch does are fused by default (ReLU,
-ReLU6/hardtanh, leaky ReLU: comparisons and one multiply). oneDNN evaluates SiLU,
-hardswish, GELU and tanh with its own approximations, a float32 ulp or so away from
-torch's, which moves a requantized code now and then; with ``approximate=True`` they
-are fused too (faster, no longer bit for bit the folded graph).
+ReLU, ReLU6/hardtanh and leaky ReLU (comparisons and one multiply) the kernels compute
+exactly as torch does. oneDNN evaluates SiLU, hardswish, GELU and tanh with its own
+approximations, a float32 ulp or so away from torch's, which moves a requantized code now
+and then (within the per-op contract, :mod:`fxcompress.quant.contract`); they are fused
+only with ``approximate=True``.
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ from fxcompress.quant.lowered import (
 from fxcompress.quant.lowering.build import QParams, float_twin, layer_problem, quant_conv, quant_linear, uint8_qparams
 from fxcompress.quant.kernels import POST_OPS
 from fxcompress.quant.lowering.chains import FusedChain, match_chain, post_op_of
+from fxcompress.quant.lowering.choice import Candidates, Choice
 
-__all__ = ["LOWERED_CONTAINER", "LoweringStats", "StaticLowering", "Decide"]
+__all__ = ["LOWERED_CONTAINER", "LoweringStats", "StaticLowering", "Choose"]
 
 #: The submodule holding the lowered modules that have no folded module to replace.
 LOWERED_CONTAINER = "fxc_lowered"
@@ -58,8 +59,8 @@ _KIND_OF = {QuantMaxPool2d: "max_pool", QuantAdd: "add", QuantAdaptiveAvgPool2d:
 # Modules whose output is a fresh tensor: a fused residual add may write into it.
 _FRESH = (Quantize, QuantizeProduct, Dequantize, QuantConv2d, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
 
-#: ``decide(node, lowered_module, float_module) -> None`` to lower it, or the reason to keep it float.
-Decide = Callable[[fx.Node, LoweredModule, nn.Module], "str | None"]
+#: ``choose(candidates) -> Choice``: how a quantized layer runs (``choice.choose`` times them).
+Choose = Callable[[Candidates], Choice]
 
 
 @dataclass
@@ -71,20 +72,24 @@ class LoweringStats:
     # node -> (module, the arguments of its kernel_support(): input shapes where they matter)
     lowered: dict[str, tuple[LoweredModule, tuple]] = field(default_factory=dict)
     boundaries: Counter = field(default_factory=Counter)  # "quantize" / "dequantize" -> count
+    choices: Counter = field(default_factory=Counter)  # way ("int8", "separate add", "float") -> layers
 
 
 class StaticLowering:
     """One lowering of ``gm`` (see the module docstring); :meth:`run` rewrites it in place."""
 
-    def __init__(self, gm: fx.GraphModule, ctx: PassContext, backend: str, decide: Decide | None = None, *,
-                 approximate_post_ops: bool = False) -> None:
-        self.gm, self.ctx, self.backend, self.decide = gm, ctx, backend, decide
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext, backend: str, choose: Choose | None = None, *,
+                 approximate_post_ops: bool = True) -> None:
+        self.gm, self.ctx, self.backend, self.choose = gm, ctx, backend, choose
         self.approximate_post_ops = approximate_post_ops
         self.old = gm.graph
         self.new = fx.Graph(owning_module=gm)
         self.floats: dict[fx.Node, fx.Node] = {}
         self.codes: dict[fx.Node, tuple[fx.Node, QParams]] = {}
         self.chains: dict[fx.Node, FusedChain] = {}  # op node -> its chain, for the ops lowered
+        # op node -> its folded layer, read before any is replaced: a layer called at several
+        # sites (or reached under several names) is lowered once per call site.
+        self.layers: dict[fx.Node, FoldedLayer] = {}
         self.ends: dict[fx.Node, fx.Node] = {}  # chain end -> op node: where the op is emitted
         self.targets: set[str] = set()  # folded-layer paths already holding a lowered module
         self.inside: set[fx.Node] = set()  # chain nodes the lowered ops absorb
@@ -178,6 +183,7 @@ class StaticLowering:
                                           or any(n in self.inside for n in chain.nodes)):
             chain = match_chain(info, self.gm, allow_add=False, approximate=self.approximate_post_ops)
         self.chains[node] = chain
+        self.layers[node] = layer
         self.ends[chain.end] = node
         self.inside.update(chain.nodes[1:])
 
@@ -364,10 +370,8 @@ class StaticLowering:
 
     # -- emission -----------------------------------------------------------------
     def _emit_layer(self, node: fx.Node, chain: FusedChain) -> None:
-        layer = self._module(node)
-        assert isinstance(layer, FoldedLayer)
-        info = describe(node, self.gm)
-        data = info.inputs[0]
+        layer = self.layers[node]
+        data = describe(node, self.gm).inputs[0]
         u, qx = self.uint8(data)  # type: ignore[misc]
         out = self._out_qparams(chain)
         conv = isinstance(layer.module, nn.Conv2d)
@@ -386,25 +390,69 @@ class StaticLowering:
         else:
             module = quant_linear(layer, qx, out, post_op=chain.post_op, post_op_args=chain.post_op_args,
                                   backend=self.backend)
-        reason = self.decide(node, module, float_twin(layer)) if self.decide is not None else None
-        if reason is not None:
-            self.stats.float_nodes[node.name] = reason
+        way = "int8"
+        if self.choose is not None:
+            choice = self.choose(self._candidates(node, chain, layer, module, qx, out))
+            way = choice.way
+            self.stats.choices[way] += 1
+            if way == "float":
+                self.stats.float_nodes[node.name] = f"kept float: {choice.reason}"
+        if way == "float":
             self._emit_float_chain(node, chain, layer)
-            return
-        new = self._call(node, module, args, target=str(node.target))
+        elif way == "separate add":
+            self._emit_separate_add(node, chain, layer, u, qx)
+        else:
+            new = self._call(node, module, args, target=str(node.target))
+            self._count_int8(node, module, data, conv)
+            if out is not None:
+                self.codes[next(iter(chain.end.users))] = (new, out)
+            else:
+                self.floats[chain.end] = new
+
+    def _count_int8(self, node: fx.Node, module: LoweredModule, data: fx.Node, conv: bool) -> None:
         self.stats.int8_ops["conv" if conv else "linear"] += 1
         self.stats.lowered[node.name] = (module, (self._shape(data),) if conv else ())
-        if out is not None:
-            self.codes[next(iter(chain.end.users))] = (new, out)
-        else:
-            self.floats[chain.end] = new
+
+    def _candidates(self, node: fx.Node, chain: FusedChain, layer: FoldedLayer, module: LoweredModule,
+                    qx: QParams, out: QParams | None) -> Candidates:
+        """The ways to run this layer, for :mod:`.choice` to time."""
+        separate = None
+        residual_kind, residual_qparams = None, None
+        if chain.residual is not None:
+            residual_kind = "uint8" if out is not None else "float"
+            found = self.code_qparams(chain.residual) if out is not None else None
+            residual_qparams = (found.scale, found.zero_point) if found is not None else None
+            separate = quant_conv(layer, qx, None, post_op="none", post_op_args=(), residual=False,
+                                  backend=self.backend)
+        return Candidates(
+            int8=module, float_module=float_twin(layer), separate=separate,  # type: ignore[arg-type]
+            input_shape=self._shape(node.args[0]), output_shape=self._shape(node),  # type: ignore[arg-type]
+            input_qparams=(qx.scale, qx.zero_point),
+            output_qparams=None if out is None else (out.scale, out.zero_point),
+            residual=residual_kind, residual_qparams=residual_qparams,
+            post_op=chain.post_op, post_op_args=chain.post_op_args)
 
     def _emit_float_chain(self, node: fx.Node, chain: FusedChain, layer: FoldedLayer) -> None:
         """The chain computed in float, its layer a float module with the dequantized weight."""
         self.floats[node] = self._call(node, float_twin(layer), (self.float(node.args[0]),),
                                        target=str(node.target))
+        self._copy_chain_rest(chain)
+
+    def _emit_separate_add(self, node: fx.Node, chain: FusedChain, layer: FoldedLayer, u: fx.Node,
+                           qx: QParams) -> None:
+        """The int8 conv with a float32 output; its residual add and activation as float ops
+        (the same values as the fused ``sum``: see :mod:`.choice`)."""
+        conv = quant_conv(layer, qx, None, post_op="none", post_op_args=(), residual=False, backend=self.backend)
+        self.floats[node] = self._call(node, conv, (u,), target=str(node.target))
+        self._count_int8(node, conv, node.args[0], True)  # type: ignore[arg-type]
+        self._copy_chain_rest(chain)
+
+    def _copy_chain_rest(self, chain: FusedChain) -> None:
+        """The chain's nodes after its op as float ops; those a quantization absorbs instead
+        (a ReLU applied by the Quantize that follows) are dropped when unused."""
         for n in chain.nodes[1:]:
             self.floats[n] = self._copy(n, self.float)
+            self.on_demand.append(self.floats[n])
 
     def run(self) -> LoweringStats:
         """Plan, build the new graph, install it in ``gm``; returns the stats."""
