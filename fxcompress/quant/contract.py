@@ -39,7 +39,7 @@ from torch import fx, nn
 
 from fxcompress.errors import InputError
 from fxcompress.quant.lowered import (
-    Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv2d, QuantLinear, QuantMaxPool2d, Quantize,
+    Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd, QuantLinear, QuantMaxPool2d, Quantize,
     QuantizeProduct,
 )
 
@@ -53,7 +53,7 @@ CODE_TOLERANCE = 1
 FLOAT_TOLERANCE = 2.0 ** -16
 #: The modules the contract covers: the static int8 graph's (uint8 activations).
 STATIC_MODULES: tuple[type[LoweredModule], ...] = (
-    Quantize, QuantizeProduct, Dequantize, QuantConv2d, QuantLinear, QuantMaxPool2d, QuantAdaptiveAvgPool2d,
+    Quantize, QuantizeProduct, Dequantize, QuantConvNd, QuantLinear, QuantMaxPool2d, QuantAdaptiveAvgPool2d,
     QuantAdd,
 )
 
@@ -85,11 +85,13 @@ class ContractReport:
     """Every x86 static module checked on one set of inputs.
 
     ``output`` is the graph's output computed on the reference twins: what the folded
-    graph computes, bit for bit.
+    graph computes, bit for bit. ``unchecked`` names the x86 lowered modules outside the
+    contract (dynamic and weight-only linears: float in, float out), which ran as they are.
     """
 
     ops: list[OpAgreement] = field(default_factory=list)
     output: Any = None
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def holds(self) -> bool:
@@ -164,6 +166,8 @@ class _TeacherForced(fx.Interpreter):
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
         module = self.fetch_attr(str(target))
         if not isinstance(module, STATIC_MODULES) or module.backend == "reference":
+            if isinstance(module, LoweredModule) and module.backend != "reference":
+                self.report.unchecked.append(str(target))
             return super().call_module(target, args, kwargs)
         twin = self._twins.get(str(target))
         if twin is None:

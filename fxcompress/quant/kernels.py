@@ -39,6 +39,7 @@ from fxcompress.quant.isa import PAIR_LIMIT, int8_arithmetic, pair_overflow
 __all__ = [
     "Support",
     "CONV_POST_OPS",
+    "CONV_POST_OPS_BY_DIMS",
     "LINEAR_POST_OPS",
     "POST_OPS",
     "INT4_GROUP_SIZES",
@@ -46,6 +47,7 @@ __all__ = [
     "int8_weight_support",
     "supports_qconv",
     "supports_qlinear",
+    "conv_output_size",
     "supports_int8pack_mm",
     "supports_int4pack_mm",
     "QConvKernel",
@@ -60,6 +62,9 @@ __all__ = [
 #: Unary post-ops the oneDNN int8 conv fuses, with the number of float arguments each takes
 #: (``hardtanh``: min, max). ``swish`` is x * sigmoid(x) (SiLU).
 CONV_POST_OPS: dict[str, int] = {"none": 0, "relu": 0, "hardswish": 0, "hardtanh": 2, "swish": 0}
+#: The post-ops the int8 conv fuses, by spatial dimensionality (measured on torch 2.14.1: the
+#: 1-D kernel takes only ReLU, the 3-D one none).
+CONV_POST_OPS_BY_DIMS: dict[int, tuple[str, ...]] = {1: ("none", "relu"), 2: tuple(CONV_POST_OPS), 3: ("none",)}
 #: Unary post-ops the oneDNN int8 linear fuses (``leaky_relu``: slope; ``gelu_tanh`` is
 #: GELU with the tanh approximation).
 LINEAR_POST_OPS: dict[str, int] = {
@@ -152,12 +157,11 @@ def _check_qparams(scale: float, zero_point: int, what: str) -> Support:
     return _YES
 
 
-def _conv_out_hw(input_hw: Sequence[int], kernel_hw: Sequence[int], stride: Sequence[int],
-                 padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, int]:
-    return tuple(  # type: ignore[return-value]
-        (input_hw[i] + 2 * padding[i] - dilation[i] * (kernel_hw[i] - 1) - 1) // stride[i] + 1
-        for i in range(2)
-    )
+def conv_output_size(input_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
+    """The spatial output size of a conv with symmetric numeric ``padding``."""
+    return tuple((input_size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+                 for i in range(len(kernel)))
 
 
 def supports_qconv(
@@ -171,26 +175,30 @@ def supports_qconv(
     post_op: str = "none",
     residual: bool = False,
 ) -> Support:
-    """Whether :class:`QConvKernel` can run this 2-D conv on a uint8 NCHW/NHWC input.
+    """Whether :class:`QConvKernel` can run this 1-, 2- or 3-D conv on a uint8 input.
 
-    ``weight_shape`` is ``(out_channels, in_channels // groups, kh, kw)`` and
-    ``input_shape`` is ``(N, C, H, W)``. Post-op names are those of :data:`CONV_POST_OPS`;
-    with a fused residual ``sum`` only ``none`` and ``relu`` are allowed.
+    ``weight_shape`` is ``(out_channels, in_channels // groups, *kernel)`` and
+    ``input_shape`` is ``(N, C, *spatial)``, with symmetric numeric ``padding``. Post-op
+    names are those of :data:`CONV_POST_OPS`; a fused residual ``sum`` (2-D convs only:
+    the only ``binary`` op this build has) combines only with ``none`` and ``relu``.
     """
     base = onednn_int8_support()
     if not base:
         return base
-    if len(weight_shape) != 4 or len(input_shape) != 4:
-        return _no(f"only 2-D convs on 4-D inputs are supported, got weight {tuple(weight_shape)} "
-                   f"and input {tuple(input_shape)}")
+    if len(weight_shape) != len(input_shape) or len(weight_shape) not in (3, 4, 5):
+        return _no(f"only 1-, 2- and 3-D convs are supported, with inputs of the same rank: got weight "
+                   f"{tuple(weight_shape)} and input {tuple(input_shape)}")
     if input_shape[1] != weight_shape[1] * groups:
         return _no(f"input has {input_shape[1]} channels, the weight expects "
                    f"{weight_shape[1] * groups}")
-    if min(_conv_out_hw(input_shape[2:], weight_shape[2:], stride, padding, dilation)) < 1:
+    if min(conv_output_size(input_shape[2:], weight_shape[2:], stride, padding, dilation)) < 1:
         return _no(f"input {tuple(input_shape)} is too small for this kernel/padding")
-    if post_op not in CONV_POST_OPS:
-        return _no(f"post-op {post_op!r} is not fused by oneDNN int8 conv "
-                   f"(fused: {', '.join(CONV_POST_OPS)})")
+    fused = CONV_POST_OPS_BY_DIMS[len(weight_shape) - 2]
+    if post_op not in fused:
+        return _no(f"post-op {post_op!r} is not fused by oneDNN's {len(weight_shape) - 2}-D int8 conv "
+                   f"(fused: {', '.join(fused)})")
+    if residual and len(weight_shape) != 4:
+        return _no("a fused residual sum exists for 2-D convs only (onednn.qconv2d_pointwise.binary)")
     if residual and post_op not in _SUM_POST_OPS:
         return _no(f"a fused residual sum combines only with {_SUM_POST_OPS}, not {post_op!r}")
     return _YES
@@ -224,9 +232,9 @@ def _check_args(post_op: str, args: Sequence[float], table: dict[str, int]) -> N
 
 
 class QConvKernel:
-    """A oneDNN int8 conv prepacked for one input geometry (C, H, W).
+    """A oneDNN int8 1-, 2- or 3-D conv prepacked for one input geometry (C, *spatial).
 
-    Call it with a uint8 ``(N, C, H, W)`` tensor (channels-last avoids a copy inside the
+    Call it with a uint8 ``(N, C, *spatial)`` tensor (channels-last avoids a copy inside the
     kernel); it returns the channels-last result, uint8 requantized with
     ``(output_scale, output_zero_point)`` or float32 when ``output_scale`` is None.
     The packed weight is an opaque oneDNN tensor: it cannot be copied or saved, so hold

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from fxcompress.artifact.modules import register_module, supported_modules
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, LoweringError
 
-__all__ = ["BACKENDS", "LoweredModule", "as_pair", "check_qparams", "summarize"]
+__all__ = ["BACKENDS", "LoweredModule", "as_pair", "check_qparams", "quantize_weight_int8", "summarize"]
 
 #: ``x86``: oneDNN/aten integer kernels where their preconditions hold, reference elsewhere.
 #: ``reference``: portable torch ops only (dequantize, float compute, requantize).
@@ -64,6 +64,16 @@ def summarize(t: torch.Tensor) -> str:
         return f"{t.item():.4g}"
     f = t.float()
     return f"[{f.min().item():.3g}..{f.max().item():.3g}]x{t.numel()}"
+
+
+def quantize_weight_int8(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel (dim 0); oneDNN ignores weight zero points."""
+    scale = torch.as_tensor(scale, dtype=torch.float32).detach().flatten()
+    if scale.numel() != w.shape[0] or not bool((scale > 0).all() and scale.isfinite().all()):
+        raise LoweringError(f"weight_scale must hold {w.shape[0]} positive finite values "
+                            f"(one per output channel), got shape {tuple(scale.shape)}")
+    q = torch.round(w.detach().float() / scale.view(-1, *([1] * (w.dim() - 1))))
+    return q.clamp_(-128, 127).to(torch.int8), scale
 
 
 class LoweredModule(nn.Module):

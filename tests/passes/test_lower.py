@@ -25,7 +25,8 @@ from fxcompress.quant.isa import int8_arithmetic
 from fxcompress.quant.kernels import onednn_int8_support
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import (
-    Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv2d, QuantLinear, QuantMaxPool2d, Quantize,
+    Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear,
+    QuantMaxPool2d, Quantize,
 )
 from fxcompress.quant.spec import QuantSpec, portable_weight_spec
 from fxcompress.verify import stage_of
@@ -47,6 +48,7 @@ def assert_agrees(low: fx.GraphModule, folded_gm: fx.GraphModule, *inputs: torch
     expected = folded_gm(*inputs)
     report = check_contract(low, *inputs)
     assert report.holds, report.summary()
+    assert report.unchecked == []  # a static graph: every x86 module is under the contract
     outputs = [report.output]
     if not report.ops:  # nothing runs on x86 kernels: the model itself is the reference
         outputs.append(low(*inputs))
@@ -71,11 +73,11 @@ def modules(gm: fx.GraphModule, cls: type | tuple) -> list[tuple[fx.Node, nn.Mod
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)]
 
 
-def folded(model: nn.Module, x: torch.Tensor, calibration: list, **observe) -> fx.GraphModule:
+def folded(model: nn.Module, x: torch.Tensor | tuple, calibration: list, **observe) -> fx.GraphModule:
     passes = list(FOLD)
     if observe:
         passes[1] = ("insert_observers", observe)
-    return fxcompress.run(model, passes, (x,), calibration_data=calibration).model
+    return fxcompress.run(model, passes, x if isinstance(x, tuple) else (x,), calibration_data=calibration).model
 
 
 def _resnet18(**observe: object) -> tuple[fx.GraphModule, torch.Tensor]:
@@ -299,16 +301,16 @@ def test_post_ops_fuse_silu_and_friends_by_default() -> None:
 
 
 class Mixed(nn.Module):
-    """What the int8 kernels cannot take: a Conv1d, and a linear after a float op."""
+    """What the int8 kernels cannot take: a transposed conv; and a linear after a float op."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1d = nn.Conv1d(4, 8, 3)
+        self.up = nn.ConvTranspose1d(4, 8, 2, stride=2)
         self.conv = nn.Conv2d(1, 4, 3)
         self.fc = nn.Linear(8, 6)
 
     def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        y = self.conv1d(s).mean(-1)
+        y = self.up(s).mean(-1)
         return self.fc(y) + self.conv(x).flatten(1).sum(1, keepdim=True)
 
 
@@ -319,10 +321,62 @@ def test_layers_the_kernels_cannot_take_stay_folded_with_reasons() -> None:
     gm = fxcompress.run(model, FOLD, inputs, calibration_data=calibration).model
     result = fxcompress.run(gm, ["lower"], inputs)
     stats, low = result.report.rows[0].stats, result.model
-    assert "no int8 kernel for Conv1d" in stats["float_nodes"]["conv1d"]
-    assert isinstance(low.get_submodule("conv1d"), FoldedLayer)
+    assert "no int8 transposed conv" in stats["float_nodes"]["up"]
+    assert isinstance(low.get_submodule("up"), FoldedLayer)
     assert isinstance(low.get_submodule("conv"), QuantConv2d) and isinstance(low.get_submodule("fc"), QuantLinear)
     assert sqnr(gm(*inputs), low(*inputs)) >= 35
+
+
+class EveryConv(nn.Module):
+    """Every conv kind: 1/2/3-D, depthwise 9x9 'same' (ConvMixer), even-kernel 'same', the
+    reflect/replicate/circular modes, grouped, residual adds in 1-D and 3-D, transposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 3, padding=1)
+        self.c1r = nn.Conv1d(8, 8, 4, padding="same", padding_mode="reflect")
+        self.c2 = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 9, padding="same", groups=16)
+        self.even = nn.Conv2d(16, 16, 4, padding="same", padding_mode="replicate")
+        self.grouped = nn.Conv2d(16, 32, 3, padding=1, padding_mode="circular", groups=4)
+        self.up = nn.ConvTranspose2d(32, 8, 2, stride=2)
+        self.c3 = nn.Conv3d(2, 4, 3, padding=1)
+        self.c3b = nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, s: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a = F.relu(self.c1(s))
+        a = F.relu(self.c1r(a)) + a
+        y = F.relu(self.dw(F.relu(self.c2(x))))
+        y = self.up(F.relu(self.grouped(self.even(y))))
+        z = F.relu(self.c3(v))
+        return a, y, self.c3b(z) + z
+
+
+def every_conv_inputs(batch: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 20, generator=g), torch.randn(batch, 3, 12, 12, generator=g),
+            torch.randn(batch, 2, 5, 6, 6, generator=g))
+
+
+def test_every_conv_kind_lowers_or_stays_folded_with_its_reason() -> None:
+    torch.manual_seed(0)
+    model = EveryConv().eval()
+    inputs = every_conv_inputs(2, 0)
+    calibration = [every_conv_inputs(4, s) for s in (1, 2)]
+    gm = folded(model, inputs, calibration, weights=portable_weight_spec())
+    result = fxcompress.run(gm, ["lower", "eliminate_dead_nodes"], inputs)
+    low, stats = result.model, result.report.rows[0].stats
+    kinds = {name: type(low.get_submodule(name)) for name in ("c1", "c1r", "c2", "dw", "even", "grouped", "up",
+                                                                 "c3", "c3b")}
+    assert kinds == {"c1": QuantConv1d, "c1r": QuantConv1d, "c2": QuantConv2d, "dw": QuantConv2d,
+                     "even": QuantConv2d, "grouped": QuantConv2d, "up": FoldedLayer, "c3": QuantConv3d,
+                     "c3b": QuantConv3d}
+    assert set(stats["float_nodes"]) == {"up"} and "transposed" in stats["float_nodes"]["up"]
+    assert stats["fallbacks"] == []
+    assert low.get_submodule("even").pre_padding == (1, 2, 1, 2)  # 'same' with an even kernel: asymmetric
+    # The 1-D and 3-D residual adds run in float after their int8 conv: the same values.
+    batch = every_conv_inputs(3, 7)
+    assert_agrees(low, gm, *batch, exact=(0, 2), min_sqnr=60)  # the transposed conv reads channels-last
 
 
 @pytest.mark.parametrize("weights, lowered", [

@@ -27,8 +27,8 @@ from fxcompress.quant import uint8 as U
 from fxcompress.quant.contract import CODE_TOLERANCE, reference_twin
 from fxcompress.quant.kernels import onednn_int8_support
 from fxcompress.quant.lowered import (
-    Dequantize, DynamicQuantLinear, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv2d,
-    QuantLinear, QuantMaxPool2d, Quantize, WeightOnlyLinear,
+    Dequantize, DynamicQuantLinear, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv1d, QuantConv2d,
+    QuantConv3d, QuantLinear, QuantMaxPool2d, Quantize, WeightOnlyLinear,
 )
 
 ONEDNN = onednn_int8_support()
@@ -145,6 +145,37 @@ def test_conv_consume_residual_writes_into_it() -> None:
     assert torch.equal(r, out)  # the caller promised nobody reads r afterwards
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv1d(8, 12, 5, padding=2), nn.Conv1d(8, 8, 4, padding="same", padding_mode="reflect"),
+    nn.Conv2d(8, 8, 9, padding="same", groups=8), nn.Conv2d(8, 16, 4, padding="same"),
+    nn.Conv2d(8, 16, 3, padding=2, padding_mode="replicate", dilation=2),
+    nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular", groups=2),
+    nn.Conv3d(8, 4, 3, padding=1), nn.Conv3d(8, 4, (1, 3, 2), stride=(1, 2, 1), padding="valid"),
+], ids=lambda c: repr(c))
+def test_every_conv_kind_and_padding_mode(conv: nn.Module) -> None:
+    """1/2/3-D convs with every padding torch takes: the reference path equals the float conv of the
+    dequantized values (padding applied to codes as the float conv pads values); x86 within a code."""
+    torch.manual_seed(6)
+    dims = len(conv.kernel_size)
+    x = torch.rand((2, 8) + (11,) * dims) * 2
+    qx, xs, xzp = quantized(x)
+    w = conv.weight.detach()
+    ws = portable_scale(w)
+    deq_w = torch.round(w / ws.view(-1, *[1] * (w.dim() - 1))) * ws.view(-1, *[1] * (w.dim() - 1))
+    twin = copy.deepcopy(conv)
+    twin.weight.data = deq_w
+    y = twin(U.dequantize_uint8(qx, xs, xzp)).detach()
+    os_, ozp = U.choose_qparams_uint8(y * 1.03)
+    cls = {1: QuantConv1d, 2: QuantConv2d, 3: QuantConv3d}[dims]
+    m = cls.from_float(conv, ws, xs, xzp, os_, ozp)
+    ref = reference_twin(m)
+    assert (ref(qx).int() - U.quantize_uint8(y, os_, ozp).int()).abs().max().item() <= 1  # float conv rounding
+    assert_codes_close(m(qx), ref(qx))
+    m_f = cls.from_float(conv, ws, xs, xzp)
+    torch.testing.assert_close(m_f(qx), y, rtol=1e-4, atol=1e-4)
+    assert bool(m.kernel_support(qx.shape)) == bool(ONEDNN)
+
+
 def test_conv_bad_input_and_config() -> None:
     m, qx, conv = conv_module()
     with pytest.raises(InputError, match="uint8"):
@@ -161,8 +192,12 @@ def test_conv_bad_input_and_config() -> None:
         QuantConv2d.from_float(conv, torch.ones(32), 0.1, 300)
     with pytest.raises(LoweringError, match="weight_scale"):
         QuantConv2d.from_float(conv, torch.ones(5), 0.1, 0)
-    with pytest.raises(LoweringError, match="padding"):
-        QuantConv2d.from_float(nn.Conv2d(4, 4, 3, padding="same"), torch.ones(4), 0.1, 0)
+    with pytest.raises(LoweringError, match="nn.Conv2d"):
+        QuantConv2d.from_float(nn.ConvTranspose2d(4, 4, 3), torch.ones(4), 0.1, 0)
+    with pytest.raises(LoweringError, match="nn.Conv2d"):
+        QuantConv2d.from_float(nn.Conv1d(4, 4, 3), torch.ones(4), 0.1, 0)
+    with pytest.raises(ConfigError, match="2-D convs only"):
+        QuantConv1d(4, 4, 3, residual=True)
     reason = reference_twin(m).kernel_support(qx.shape)
     assert not reason and "reference" in reason.reason
 

@@ -1,9 +1,9 @@
 """Lowered modules built from folded ones: static int8 conv/linear, and the float twins.
 
 A :class:`~fxcompress.quant.layers.FoldedLayer` holds integer weights with scales and
-zero points; :func:`layer_problem` says whether the x86 int8 kernels can take it (2-D
-conv or linear, signed symmetric weights of at most 8 bits per tensor or per output
-channel, zero points 0), and :func:`quant_conv` / :func:`quant_linear` build the lowered
+zero points; :func:`layer_problem` says whether the x86 int8 kernels can take it (a 1-,
+2- or 3-D conv with any padding, or a linear; signed symmetric weights of at most 8 bits
+per tensor or per output channel, zero points 0), and :func:`quant_conv` / :func:`quant_linear` build the lowered
 module with the activation qparams the graph gives. :func:`float_twin` is the float
 module computing what a folded layer computes (its dequantized weight): what a layer
 becomes when int8 is slower, and what the speed check compares against.
@@ -19,7 +19,7 @@ from torch import nn
 
 from fxcompress.quant.activations import QDQ
 from fxcompress.quant.layers import FoldedLayer
-from fxcompress.quant.lowered import QuantConv2d, QuantLinear
+from fxcompress.quant.lowered import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvNd, QuantLinear
 
 __all__ = ["QParams", "uint8_qparams", "layer_problem", "float_twin", "quant_conv", "quant_linear"]
 
@@ -47,12 +47,11 @@ def uint8_qparams(qdq: QDQ) -> QParams | None:
 def layer_problem(layer: FoldedLayer) -> str | None:
     """Why the x86 int8 conv/linear cannot take this folded layer, or None when it can."""
     module, spec = layer.module, layer.spec
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return (f"conv padding {module.padding!r}, mode {module.padding_mode!r}: the kernel takes "
-                    f"numeric zero padding only")
-    elif not isinstance(module, nn.Linear):
-        return f"no int8 kernel for {type(module).__name__} (2-D convs and linears only)"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return (f"no int8 kernel for {type(module).__name__}: this torch build's oneDNN ops have no int8 "
+                f"transposed conv; it stays folded (int8 weights, float compute)")
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return f"no int8 kernel for {type(module).__name__} (1/2/3-D convs and linears only)"
     if not (spec.signed and spec.symmetric):
         return "weights are not signed symmetric (the int8 kernels ignore weight zero points)"
     if spec.granularity == "per_group":
@@ -78,16 +77,20 @@ def float_twin(layer: FoldedLayer) -> nn.Module:
     return twin
 
 
+_CONVS: dict[int, type[QuantConvNd]] = {1: QuantConv1d, 2: QuantConv2d, 3: QuantConv3d}
+
+
 def quant_conv(layer: FoldedLayer, x: QParams, out: QParams | None, *, post_op: str,
-               post_op_args: tuple[float, ...], residual: QParams | None | bool, backend: str) -> QuantConv2d:
-    """A :class:`QuantConv2d` for a folded 2-D conv; ``out=None`` gives a float32 output.
+               post_op_args: tuple[float, ...], residual: QParams | None | bool, backend: str) -> QuantConvNd:
+    """The lowered conv (:class:`QuantConv1d` / ``2d`` / ``3d``) of a folded conv; ``out=None``
+    gives a float32 output.
 
     ``residual``: False for none, the residual's qparams for a uint8 output, True for a
     float output (float residual).
     """
     fused = residual is not False
     r = residual if isinstance(residual, QParams) else None
-    return QuantConv2d.from_float(
+    return _CONVS[len(layer.weight_shape) - 2].from_float(
         float_twin(layer), _weight_scale(layer), x.scale, x.zero_point,
         None if out is None else out.scale, 0 if out is None else out.zero_point,
         post_op=post_op, post_op_args=post_op_args, residual=fused,

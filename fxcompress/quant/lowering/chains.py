@@ -1,8 +1,9 @@
 """What a lowered int8 op absorbs from the folded graph: residual add, post-op, no-ops.
 
 A folded conv or linear is followed, in the graph, by what oneDNN can fuse into its
-kernel: for a 2-D conv a residual ``add`` of a same-shaped tensor (the ``sum`` post-op),
-then one activation (with a residual add only ReLU). Eval-mode no-ops between them
+kernel: for a 2-D conv a residual ``add`` of a same-shaped tensor (the ``sum`` post-op; the
+1-D and 3-D convs have none, their add runs in float), then one activation (with a
+residual add only ReLU). Eval-mode no-ops between them
 (dropout, identity, torchvision's stochastic depth) are looked through, so
 EfficientNet's ``conv -> stochastic_depth -> add`` fuses like ResNet's ``conv -> add``.
 Every node of a chain but its end must have one user: its value disappears.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from fxcompress.ops import Kind, OpInfo, describe
-from fxcompress.quant.kernels import CONV_POST_OPS, LINEAR_POST_OPS
+from fxcompress.quant.kernels import CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, LINEAR_POST_OPS
 
 __all__ = ["FusedChain", "EXACT_POST_OPS", "match_chain", "post_op_of", "residual_operand"]
 
@@ -105,15 +106,22 @@ def match_chain(info: OpInfo, gm: fx.GraphModule, *, allow_add: bool = True,
     """The longest fusable chain after the 2-D conv or the linear ``info`` (without a
     residual add when ``allow_add`` is False; with approximated post-ops when ``approximate``)."""
     conv = info.kind is Kind.CONV
+    fuses_sum = conv and info.params.get("spatial_dims") == 2  # the fused sum is a 2-D kernel
     taken = [info.node]
     end = _skip_noops(info.node, gm, taken)
     residual = None
     user = _only_user(end)
-    if conv and allow_add and user is not None and (residual := residual_operand(user, end, gm)) is not None:
+    if fuses_sum and allow_add and user is not None and (residual := residual_operand(user, end, gm)) is not None:
         taken.append(user)
         end = _skip_noops(user, gm, taken)
         user = _only_user(end)
-    table = {"relu": 0} if residual is not None else (CONV_POST_OPS if conv else LINEAR_POST_OPS)
+    if residual is not None:
+        table = {"relu": 0}
+    elif conv:
+        fused = CONV_POST_OPS_BY_DIMS[int(info.params.get("spatial_dims", 2))]
+        table = {name: n for name, n in CONV_POST_OPS.items() if name in fused}
+    else:
+        table = LINEAR_POST_OPS
     if not approximate:
         table = {name: n for name, n in table.items() if name in EXACT_POST_OPS}
     post = None

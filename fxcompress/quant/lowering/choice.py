@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxcompress.quant.lowered import Dequantize, LoweredModule, QuantConv2d, Quantize
+from fxcompress.quant.lowered import Dequantize, LoweredModule, QuantConvNd, Quantize
 from fxcompress.quant.lowering.timing import median_seconds
 
 __all__ = ["MARGIN", "Candidates", "Choice", "choose"]
@@ -58,7 +58,7 @@ class Candidates:
 
     int8: LoweredModule
     float_module: nn.Module
-    separate: QuantConv2d | None
+    separate: QuantConvNd | None
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     input_qparams: tuple[float, int]

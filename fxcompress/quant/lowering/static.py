@@ -40,7 +40,7 @@ from fxcompress.pass_base import PassContext
 from fxcompress.quant.activations import QDQ
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import (
-    Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv2d, QuantMaxPool2d, Quantize,
+    Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd, QuantMaxPool2d, Quantize,
     QuantizeProduct,
 )
 from fxcompress.quant.lowering.build import QParams, float_twin, layer_problem, quant_conv, quant_linear, uint8_qparams
@@ -57,7 +57,7 @@ _CODE_KINDS = (Kind.RESHAPE, Kind.PERMUTE, Kind.GETITEM, Kind.SPLIT)
 # The stats kind of each uint8 op made between int8 layers.
 _KIND_OF = {QuantMaxPool2d: "max_pool", QuantAdd: "add", QuantAdaptiveAvgPool2d: "avg_pool"}
 # Modules whose output is a fresh tensor: a fused residual add may write into it.
-_FRESH = (Quantize, QuantizeProduct, Dequantize, QuantConv2d, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
+_FRESH = (Quantize, QuantizeProduct, Dequantize, QuantConvNd, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
 
 #: ``choose(candidates) -> Choice``: how a quantized layer runs (``choice.choose`` times them).
 Choose = Callable[[Candidates], Choice]
@@ -374,7 +374,7 @@ class StaticLowering:
         data = describe(node, self.gm).inputs[0]
         u, qx = self.uint8(data)  # type: ignore[misc]
         out = self._out_qparams(chain)
-        conv = isinstance(layer.module, nn.Conv2d)
+        conv = not isinstance(layer.module, nn.Linear)  # layer_problem admitted only convs and linears
         args: tuple = (u,)
         if conv:
             residual: QParams | bool = False
@@ -495,7 +495,7 @@ class StaticLowering:
         order = {n: i for i, n in enumerate(self.new.nodes)}
         for node in self.new.nodes:
             module = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-            if not (isinstance(module, QuantConv2d) and module.residual and len(node.args) == 2):
+            if not (isinstance(module, QuantConvNd) and module.residual and len(node.args) == 2):
                 continue
             victim = node.args[1]
             assert isinstance(victim, fx.Node)
