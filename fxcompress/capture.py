@@ -37,6 +37,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .errors import ConfigError, InputError, TraceError
+from .raising import raise_functional_layers
 
 __all__ = ["trace", "normalize_inputs", "propagate_shapes", "record_meta", "tensor_metadata", "gc_paused"]
 
@@ -174,8 +175,11 @@ def trace(
     inputs take.  ``autowrap`` lists functions (or Python modules) whose calls
     are recorded as single nodes instead of being traced into.
 
-    A ``GraphModule`` is already captured: it is annotated in place and
-    returned (capture options are then an error, not silently ignored).
+    Functional convs, transposed convs and linears on the model's parameters
+    (``F.conv2d(x, self.weight, ...)``) are raised to ``call_module`` nodes of the torch
+    classes holding the same parameters (:mod:`fxcompress.raising`), so every pass sees
+    layers as modules.  A ``GraphModule`` is already captured: it is annotated in place
+    and returned (capture options are then an error, not silently ignored).
 
     Raises :class:`TraceError` naming the module path and source line where
     tracing failed and the remedy to try, :class:`InputError` when the example
@@ -209,6 +213,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Iterable
         _name_concrete_placeholders(model, graph, concrete or {})
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         _copy_training_flags(model, gm)
+        raise_functional_layers(gm)  # F.conv2d / F.linear on parameters -> nn modules: one dialect
     propagate_shapes(gm, args, kwargs)
     return gm
 

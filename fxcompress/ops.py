@@ -41,7 +41,7 @@ class Kind(str, enum.Enum):
     ELEMENTWISE = "elementwise"  # binary arithmetic and comparisons, with broadcasting
     ACTIVATION = "activation"  # unary, pointwise
     SOFTMAX = "softmax"
-    POOL = "pool"  # per-channel spatial resampling: pooling, interpolation
+    POOL = "pool"  # per-channel spatial resampling: pooling, interpolation, spatial padding
     RESHAPE = "reshape"  # the same data in another shape: view, reshape, flatten, (un)squeeze, expand
     PERMUTE = "permute"  # dims reordered: permute, transpose, swapaxes
     CONCAT = "concat"
@@ -139,6 +139,13 @@ for _d in (1, 2, 3):
                       ("AdaptiveAvgPool", "adaptive_avg_pool"), ("AdaptiveMaxPool", "adaptive_max_pool")):
         _POOL_MODULES[getattr(nn, f"{_cls}{_d}d")] = f"{_op}{_d}d"
 _POOL_ATTRS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "output_size")
+# Padding modules (they pad spatial dims only: 2 values per padded dim), by mode.
+_PAD_MODULES: dict[type, str] = {}
+for _d in (1, 2, 3):
+    for _cls, _mode in (("ConstantPad", "constant"), ("ReflectionPad", "reflect"), ("ReplicationPad", "replicate"),
+                        ("CircularPad", "circular")):
+        if hasattr(nn, f"{_cls}{_d}d"):
+            _PAD_MODULES[getattr(nn, f"{_cls}{_d}d")] = _mode  # ZeroPad*d subclass ConstantPad*d
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 _MODULE_RULES: dict[type, Callable[[nn.Module], tuple[Kind, str, dict]]] = {}
@@ -207,6 +214,7 @@ for _d in (1, 2, 3):
     _fn(Kind.POOL, f"adaptive_max_pool{_d}d", ("output_size", "return_indices"),
         getattr(F, f"adaptive_max_pool{_d}d"))
 _fn(Kind.POOL, "interpolate", ("size", "scale_factor", "mode", "align_corners"), F.interpolate)
+_fn(Kind.POOL, "pad", ("pad", "mode", "value"), F.pad)
 _fn(Kind.LINEAR, "linear", ("weight", "bias"), F.linear)
 _fn(Kind.NORM, "batch_norm", ("running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
     F.batch_norm)
@@ -325,7 +333,7 @@ def _function_entry(target: Any) -> _Entry | None:
 # Defaults that change meaning when absent: F.dropout and stochastic depth drop unless told not to.
 _PARAM_DEFAULTS: dict[str, dict[str, Any]] = {
     "dropout": {"training": True}, "stochastic_depth": {"training": True}, "cat": {"dim": 0},
-    "stack": {"dim": 0}, "batch_norm": {"training": False},
+    "stack": {"dim": 0}, "batch_norm": {"training": False}, "pad": {"mode": "constant", "value": 0.0},
 }
 
 
@@ -415,6 +423,11 @@ def _describe_module(node: fx.Node, m: nn.Module) -> OpInfo:
         if isinstance(m, cls):
             params = {k: getattr(m, k) for k in _POOL_ATTRS if hasattr(m, k)}
             return _module_info(node, m, Kind.POOL, op, {**params, "channel_dim": 1})
+    for cls, mode in _PAD_MODULES.items():
+        if isinstance(m, cls):
+            value = float(getattr(m, "value", 0.0)) if mode == "constant" else None
+            return _module_info(node, m, Kind.POOL, "pad",
+                                {"pad": tuple(m.padding), "mode": mode, "value": value, "channel_dim": 1})
     if isinstance(m, nn.Upsample):
         params = {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode,
                   "align_corners": m.align_corners, "channel_dim": 1}
@@ -473,6 +486,8 @@ def describe(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
         data = tuple(data[0])  # cat/stack take one sequence of tensors
     for key, value in _PARAM_DEFAULTS.get(op, {}).items():
         params.setdefault(key, value)
+    if op == "pad" and not _spatial_pad(data, params):
+        return OpInfo(Kind.UNKNOWN, op, node, inputs=tuple(node.args))
     if kind is Kind.CONV:
         params["transposed"] = op.startswith("conv_transpose")
         params["spatial_dims"] = int(op[-2])
@@ -482,6 +497,14 @@ def describe(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
     w, b = params.get("weight"), params.get("bias")
     return OpInfo(kind, op, node, None, data, params, _attr_tensor(gm, w), _attr_tensor(gm, b),
                   w if isinstance(w, fx.Node) else None, b if isinstance(b, fx.Node) else None)
+
+
+def _spatial_pad(data: tuple, params: dict[str, Any]) -> bool:
+    """Whether an ``F.pad`` pads only the dims after the channels (of a batched input)."""
+    shape = tensor_shape(data[0]) if data else None
+    pad = params.get("pad")
+    return shape is not None and isinstance(pad, (tuple, list)) and len(pad) % 2 == 0 \
+        and len(pad) // 2 <= len(shape) - 2
 
 
 def tensor_shape(node: Any) -> tuple[int, ...] | None:

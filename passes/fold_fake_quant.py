@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from torch import fx
+import torch
+from torch import fx, nn
 
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.activations import QDQ, ActivationFakeQuant, ActivationObserver, preserves_qparams, quant_source
 from fxcompress.quant.layers import FakeQuantLayer, FoldedLayer, ObservedLayer
+from fxcompress.rewrite import replace_modules
 
 __all__ = ["FoldFakeQuant"]
 
@@ -44,22 +46,25 @@ class FoldFakeQuant(Pass):
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         bits: Counter[str] = Counter()
-        qdq = 0
-        float_bytes = int_bytes = 0
-        for path, module in list(gm.named_modules()):
+        sizes = {"before": 0, "after": 0}
+
+        def fold(_: str, module: nn.Module) -> nn.Module | None:
             if isinstance(module, (ObservedLayer, FakeQuantLayer)):
-                float_bytes += module.weight.numel() * module.weight.element_size()
-                folded = FoldedLayer.fold(module)
-                int_bytes += folded.weight.numel() * folded.weight.element_size()
-                gm.set_submodule(path, folded)
+                sizes["before"] += module.weight.numel() * module.weight.element_size()
+                folded = FoldedLayer.fold(module)  # empties the float module of its weight
+                sizes["after"] += folded.weight.numel() * folded.weight.element_size()
                 bits[f"int{folded.spec.bits}"] += 1
-            elif isinstance(module, (ActivationObserver, ActivationFakeQuant)):
-                gm.set_submodule(path, QDQ.from_quantizer(module))
-                qdq += 1
+                return folded
+            if isinstance(module, (ActivationObserver, ActivationFakeQuant)):
+                return QDQ.from_quantizer(module)
+            return None
+
+        replaced = replace_modules(gm, fold)
+        qdq = replaced - sum(bits.values())
         removed = _remove_redundant(gm)
         exact = _record_input_scales(gm)
         stats = {"layers": dict(bits), "qdq": qdq, "removed_qdq": removed, "integer_exact": exact,
-                 "weight_bytes": {"before": float_bytes, "after": int_bytes}}
+                 "weight_bytes": sizes}
         return PassResult(gm, bool(bits or qdq or removed), stats)
 
 
@@ -96,8 +101,12 @@ def _remove_redundant(gm: fx.GraphModule) -> int:
 
 def _record_input_scales(gm: fx.GraphModule) -> int:
     """Give each folded layer fed by a QDQ (possibly through grid-keeping ops) that QDQ's
-    scale; the number of layers that then compute as the int8 kernels do."""
-    exact = 0
+    scale; the number of layers that then compute as the int8 kernels do.
+
+    A layer called at several sites whose inputs have different scales gets none: it
+    computes in float (its sites still lower to int8 kernels, each with its own qparams).
+    """
+    scales: dict[int, tuple[FoldedLayer, list]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
             continue
@@ -107,6 +116,10 @@ def _record_input_scales(gm: fx.GraphModule) -> int:
         source = quant_source(node.args[0], gm)
         quantizer = gm.get_submodule(str(source.target)) if source is not None else None
         per_tensor = isinstance(quantizer, QDQ) and quantizer.scale.numel() == 1
-        layer.set_input_scale(quantizer.scale.reshape(()) if per_tensor else None)
+        scales.setdefault(id(layer), (layer, []))[1].append(quantizer.scale.reshape(()) if per_tensor else None)
+    exact = 0
+    for layer, found in scales.values():
+        same = all(s is not None for s in found) and all(torch.equal(s, found[0]) for s in found)
+        layer.set_input_scale(found[0] if same else None)
         exact += layer.integer_exact
     return exact

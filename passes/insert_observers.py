@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +15,7 @@ from fxcompress.quant.layers import ObservedLayer, layer_support
 from fxcompress.quant.observers import make_observer
 from fxcompress.quant.placement import Chain, consumed_quantized, find_chains, is_float_value
 from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
+from fxcompress.rewrite import replace_modules
 
 __all__ = ["InsertObservers", "OP_KINDS", "ACTIVATION_OBSERVERS", "as_spec"]
 
@@ -93,24 +93,26 @@ class InsertObservers(Pass):
         quantized, kept = _select_layers(gm, ctx, {OP_KINDS[k] for k in self.ops})
         wrapped = 0
         if self.weights is not None:
-            for path in dict.fromkeys(str(info.node.target) for info in quantized):
-                module = gm.get_submodule(path)
-                gm.set_submodule(path, ObservedLayer(module, make_observer(self.weights, where=path)))
-                wrapped += 1
+            # One observed layer per module object, at every name it has: a module called at
+            # several sites (or reached under two names) keeps one weight; each call site gets
+            # its own activation observers below.
+            chosen = {id(info.module) for info in quantized}
+            spec = self.weights
+            wrapped = replace_modules(gm, lambda path, m: ObservedLayer(m, make_observer(spec, where=path))
+                                      if id(m) in chosen else None)
         calls = 0
         if self.activations is not None:
             calls = _Placer(gm, self.activations).place(find_chains(gm, quantized))
         modules = len(_observer_modules(gm))
-        stats: dict[str, Any] = {"layers_quantized": len({str(i.node.target) for i in quantized}),
+        stats: dict[str, Any] = {"layers_quantized": len({id(i.module) for i in quantized}),
                                  "observers": modules, "observer_calls": calls, "kept_float": kept}
         return PassResult(gm, bool(wrapped or calls), stats)
 
 
 def _select_layers(gm: fx.GraphModule, ctx: PassContext, kinds: set[Kind]) -> tuple[list[OpInfo], dict[str, str]]:
     """The op nodes to quantize (graph order), and each layer kept float with the reason."""
-    # A module reachable at two paths, or whose tensors a get_attr reads, cannot be
-    # replaced at one path without changing what the other use computes.
-    paths = Counter(id(m) for _, m in gm.named_modules(remove_duplicate=False))
+    # A module whose tensors a get_attr reads cannot be replaced without changing what that
+    # read computes. (A module under several names is replaced at all of them.)
     read = {str(n.target).rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
     chosen: list[OpInfo] = []
     kept: dict[str, str] = {}
@@ -121,7 +123,7 @@ def _select_layers(gm: fx.GraphModule, ctx: PassContext, kinds: set[Kind]) -> tu
         if info.kind not in kinds:
             continue
         where = str(node.target) if node.op == "call_module" else node.name
-        reason = _reason_kept(info, ctx, paths, read)
+        reason = _reason_kept(info, ctx, read)
         if reason is None:
             chosen.append(info)
         else:
@@ -139,7 +141,7 @@ def _select_layers(gm: fx.GraphModule, ctx: PassContext, kinds: set[Kind]) -> tu
     return chosen, kept
 
 
-def _reason_kept(info: OpInfo, ctx: PassContext, paths: Counter, read: set[str]) -> str | None:
+def _reason_kept(info: OpInfo, ctx: PassContext, read: set[str]) -> str | None:
     node = info.node
     if node.op != "call_module":
         return "functional call: the weight is not owned by a module"
@@ -148,8 +150,6 @@ def _reason_kept(info: OpInfo, ctx: PassContext, paths: Counter, read: set[str])
     reason = layer_support(info.module)
     if reason is not None:
         return reason
-    if paths[id(info.module)] > 1:
-        return "the module is reachable at more than one path"
     if str(node.target) in read:
         return "a get_attr node reads the module's tensors"
     if info.kind is not Kind.EMBEDDING and not is_float_value(node):

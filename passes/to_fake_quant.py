@@ -11,6 +11,7 @@ from fxcompress.ops import Kind, describe
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.activations import ActivationFakeQuant, ActivationObserver
 from fxcompress.quant.layers import FakeQuantLayer, ObservedLayer
+from fxcompress.rewrite import replace_modules
 
 __all__ = ["ToFakeQuant"]
 
@@ -37,15 +38,11 @@ class ToFakeQuant(Pass):
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         _refuse_unfolded_batchnorm(gm)
-        layers = activations = 0
-        for path, module in list(gm.named_modules()):
-            if isinstance(module, ObservedLayer):
-                gm.set_submodule(path, FakeQuantLayer.from_observed(module, learnable_scale=self.learnable_scale))
-                layers += 1
-            elif isinstance(module, ActivationObserver):
-                gm.set_submodule(path, ActivationFakeQuant.from_observer(module,
-                                                                         learnable_scale=self.learnable_scale))
-                activations += 1
+        learnable = self.learnable_scale
+        layers = replace_modules(gm, lambda _, m: FakeQuantLayer.from_observed(m, learnable_scale=learnable)
+                                 if isinstance(m, ObservedLayer) else None)
+        activations = replace_modules(gm, lambda _, m: ActivationFakeQuant.from_observer(m, learnable_scale=learnable)
+                                      if isinstance(m, ActivationObserver) else None)
         return PassResult(gm, bool(layers or activations), {"layers": layers, "activations": activations})
 
 

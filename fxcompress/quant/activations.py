@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.errors import CalibrationError
-from fxcompress.ops import Kind, describe, register_module
+from fxcompress.ops import Kind, OpInfo, describe, register_module
 from fxcompress.quant.fake_quant import FakeQuantize
 from fxcompress.quant.observer_base import Observer
 from fxcompress.quant.qparams import fake_quantize
@@ -36,6 +36,7 @@ __all__ = [
     "QDQ",
     "ACTIVATION_QUANTIZERS",
     "PRESERVING_KINDS",
+    "grid_padding",
     "preserves_qparams",
     "quant_source",
 ]
@@ -197,19 +198,30 @@ _PRESERVING_POOLS = ("max_pool1d", "max_pool2d", "max_pool3d",
                      "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d")
 
 
+def grid_padding(info: OpInfo) -> bool:
+    """Whether ``info`` is a spatial pad whose new values lie on its input's grid: zeros (the
+    zero point's code, which every affine grid holds) or copies (reflect, replicate, circular)."""
+    if info.kind is not Kind.POOL or info.op != "pad":
+        return False
+    mode = info.params.get("mode", "constant")
+    return mode in ("reflect", "replicate", "circular") or (mode == "constant" and not info.params.get("value"))
+
+
 def preserves_qparams(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     """The input whose qparams ``node``'s output carries, or None.
 
     True of ops whose output values are values of their first data input:
     no-ops at inference (eval-mode dropout, identity, contiguous, clone),
-    reshapes, permutes, split/chunk/getitem, and max pooling without indices.
+    reshapes, permutes, split/chunk/getitem, max pooling without indices, and
+    spatial padding with zeros or copies (:func:`grid_padding`).
     For such an op ``op(dequantize(q)) == dequantize(op(q))`` exactly, so a
     quantized input makes a quantized output with the same qparams.
     """
     if node.op not in ("call_module", "call_function", "call_method"):
         return None
     info = describe(node, gm)
-    pooled = info.kind is Kind.POOL and info.op in _PRESERVING_POOLS and not info.params.get("return_indices")
+    pooled = info.kind is Kind.POOL and (info.op in _PRESERVING_POOLS and not info.params.get("return_indices")
+                                         or grid_padding(info))
     if info.kind not in PRESERVING_KINDS and not pooled:
         return None
     if info.kind is Kind.IDENTITY and info.params.get("training"):

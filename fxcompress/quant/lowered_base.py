@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fxcompress.artifact.modules import register_module, supported_modules
-from fxcompress.errors import ConfigError, LoweringError
+from fxcompress.errors import ArtifactError, ConfigError, LoweringError
 
 __all__ = ["BACKENDS", "LoweredModule", "as_pair", "check_qparams", "quantize_weight_int8", "summarize"]
 
@@ -110,8 +110,22 @@ class LoweredModule(nn.Module):
 
     @classmethod
     def _fxc_from_config(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> LoweredModule:
+        """Rebuild from the constructor config, then install the stored tensors themselves
+        (not copies, unlike ``load_state_dict``), so tensors an artifact stores once for
+        several modules (one weight for every call site of a layer) stay shared."""
         module = cls(**config)
-        module.load_state_dict(state)
+        own = module.state_dict()
+        if set(own) != set(state):
+            raise ArtifactError(f"malformed artifact: {cls.__qualname__} expects tensors {sorted(own)}, "
+                                f"the artifact has {sorted(state)}")
+        for name, tensor in state.items():
+            if (own[name].shape, own[name].dtype) != (tensor.shape, tensor.dtype):
+                raise ArtifactError(f"malformed artifact: {cls.__qualname__} tensor {name!r} is {tensor.dtype} "
+                                    f"{tuple(tensor.shape)}, its config implies {own[name].dtype} "
+                                    f"{tuple(own[name].shape)}")
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._buffers[attr] = tensor
+        module.reset_cache()
         return module
 
     def reset_cache(self) -> None:

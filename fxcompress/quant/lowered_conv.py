@@ -174,6 +174,16 @@ class QuantConvNd(LoweredModule):
                 "residual": self.residual, "consume_residual": self.consume_residual,
                 "backend": self.backend}
 
+    def add_pre_padding(self, pad: Sequence[int]) -> None:
+        """Pad the codes by ``pad`` more (an ``F.pad`` spec, last dim first) before the kernel:
+        a zero pad in front of a zero-padding conv, absorbed."""
+        if self.padding_mode != "zeros" or len(pad) != 2 * self.spatial_dims:
+            raise ConfigError(f"add_pre_padding needs zero padding and {2 * self.spatial_dims} values, "
+                              f"got mode {self.padding_mode!r} and {tuple(pad)}")
+        mine = self.pre_padding or (0,) * len(pad)
+        self.pre_padding = tuple(a + int(b) for a, b in zip(mine, pad))
+        self.reset_cache()
+
     def padded_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         """The shape the kernel sees: ``input_shape`` after the ``pre_padding``."""
         shape = list(input_shape)

@@ -465,3 +465,90 @@ def test_dequantize_module_sits_exactly_where_float_ops_read(resnet18) -> None:
     low = fxcompress.run(gm, ["lower"], (x,)).model
     (node, _), = modules(low, Dequantize)
     assert [u.name for u in node.users] == ["layer4_1_conv2"]  # the float residual of the last block
+
+
+class Shared(nn.Module):
+    """One conv called at three sites with different input ranges, and reached under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.alias = self.conv
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.conv(x))
+        b = F.relu(self.conv(y * 3))
+        c = F.relu(self.alias(a))
+        return self.head(a + b + c)
+
+
+def shared_graph() -> fx.GraphModule:
+    """``Shared`` traced, with its third call going through the second name: tracing resolves
+    every name of a module to its first, but a GraphModule may call it under both."""
+    gm = fx.symbolic_trace(Shared().eval())
+    gm.add_submodule("alias", gm.conv)
+    third = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv"][2]
+    third.target = "alias"
+    gm.recompile()
+    return gm
+
+
+def test_a_layer_called_at_several_sites_is_lowered_per_site_with_one_weight(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = shared_graph()
+    inputs = (torch.randn(2, 8, 10, 10), torch.randn(2, 8, 10, 10))
+    calibration = [(torch.randn(4, 8, 10, 10), torch.randn(4, 8, 10, 10)) for _ in range(2)]
+    observed = fxcompress.run(model, FOLD[:2], inputs)
+    assert observed.report.rows[1].stats["layers_quantized"] == 2 and observed.report.rows[1].stats["kept_float"] == {}
+    gm = fxcompress.run(model, [FOLD[0], ("insert_observers", {"weights": portable_weight_spec()}), *FOLD[2:]],
+                        inputs, calibration_data=calibration).model
+    assert gm.conv is gm.alias  # one folded layer under both names
+    # Its sites read inputs of different scales: the folded graph computes it in float.
+    assert not gm.conv.integer_exact and gm.head.integer_exact
+    lowered = fxcompress.run(gm, ["lower", "eliminate_dead_nodes"], inputs)
+    low, stats = lowered.model, lowered.report.rows[0].stats
+    sites = [(n, m) for n, m in modules(low, QuantConv2d) if m.out_channels == 8]
+    assert len(sites) == 3 and stats["int8_ops"]["conv"] == 4 and stats["float_nodes"] == {}
+    assert len({(m.input_scale.item(), m.input_zero_point.item()) for _, m in sites}) == 3  # own qparams each
+    assert len({m.weight.data_ptr() for _, m in sites}) == 1  # one weight
+    report = check_contract(low, *inputs)
+    assert report.holds, report.summary()
+    assert sqnr(gm(*inputs), report.output) >= 35  # the float-computed folded layer vs its exact sites
+    artifact.save(lowered, tmp_path / "shared.fxc")
+    loaded = artifact.load(tmp_path / "shared.fxc")
+    assert torch.equal(loaded(*inputs), low(*inputs))
+    assert len({m.weight.data_ptr() for n, m in modules(loaded, QuantConv2d) if m.out_channels == 8}) == 1
+
+
+class Pads(nn.Module):
+    """TensorFlow-style 'same' (a zero pad, then a conv), a reflection pad between convs, and a
+    pad with a non-zero value (its values are off the grid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.a = nn.Conv2d(3, 8, 3, stride=2)
+        self.reflect = nn.ReflectionPad2d(1)
+        self.b = nn.Conv2d(8, 8, 3)
+        self.c = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.a(self.pad(x)))
+        y = F.relu(self.b(self.reflect(y)))
+        return self.c(F.pad(y, (1, 1, 1, 1), value=0.5))
+
+
+def test_pads_are_absorbed_computed_on_codes_or_kept_float() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 13, 13)
+    gm = folded(Pads().eval(), x, [torch.randn(4, 3, 13, 13) for _ in range(2)], weights=portable_weight_spec())
+    result = fxcompress.run(gm, ["lower", "eliminate_dead_nodes"], (x,))
+    low = result.model
+    assert low.get_submodule("a").pre_padding == (0, 1, 0, 1)  # the zero pad went into the conv
+    assert not [n for n in low.graph.nodes if n.op == "call_module" and n.target == "pad"]
+    pads = [n for n in low.graph.nodes if n.op == "call_function" and n.target is F.pad
+            and n.meta["tensor_meta"].dtype == torch.uint8]
+    assert [(n.name, n.args[2]) for n in pads] == [("reflect", "reflect")]  # on codes, between int8 convs
+    assert result.report.rows[0].stats["quantize"] == 2  # the input, and after the 0.5-valued pad
+    assert_agrees(low, gm, torch.randn(3, 3, 13, 13))

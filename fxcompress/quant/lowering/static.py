@@ -33,11 +33,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.pass_base import PassContext
-from fxcompress.quant.activations import QDQ
+from fxcompress.quant.activations import QDQ, grid_padding
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import (
     Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd, QuantMaxPool2d, Quantize,
@@ -90,6 +92,8 @@ class StaticLowering:
         # op node -> its folded layer, read before any is replaced: a layer called at several
         # sites (or reached under several names) is lowered once per call site.
         self.layers: dict[fx.Node, FoldedLayer] = {}
+        self.first_site: dict[int, nn.Module] = {}  # id(folded layer) -> its first call site's lowered module
+        self.twins: dict[int, nn.Module] = {}  # id(folded layer) -> its float module, where kept float
         self.ends: dict[fx.Node, fx.Node] = {}  # chain end -> op node: where the op is emitted
         self.targets: set[str] = set()  # folded-layer paths already holding a lowered module
         self.inside: set[fx.Node] = set()  # chain nodes the lowered ops absorb
@@ -134,6 +138,8 @@ class StaticLowering:
             return self.code_qparams(first)
         if info.kind is Kind.POOL and info.op == "max_pool2d" and not info.params.get("return_indices") \
                 and len(self._shape(first)) == 4:
+            return self.code_qparams(first)
+        if grid_padding(info):  # zeros are the zero point's code; copies are codes
             return self.code_qparams(first)
         return None
 
@@ -282,6 +288,12 @@ class StaticLowering:
         u, qp = self.uint8(first)  # type: ignore[misc]
         if info.kind is Kind.IDENTITY:
             return u, qp
+        if info.kind is Kind.POOL and info.op == "pad":
+            mode, pad = info.params.get("mode", "constant"), list(info.params["pad"])
+            args = (u, pad, mode, qp.zero_point) if mode == "constant" else (u, pad, mode)
+            new = self.new.create_node("call_function", F.pad, args, {}, name=node.name)
+            new.meta = {k: v for k, v in node.meta.items() if k not in ("tensor_meta", "type")}
+            return new, qp
         if info.kind is Kind.POOL:
             p = info.params
             pool = QuantMaxPool2d(p["kernel_size"], p.get("stride") or None, p.get("padding", 0),
@@ -369,9 +381,27 @@ class StaticLowering:
         return self._call(value, module, (u,))
 
     # -- emission -----------------------------------------------------------------
+    def _absorbed_pad(self, data: fx.Node, layer: FoldedLayer) -> tuple[fx.Node, tuple[int, ...]] | None:
+        """``(its input, pad)`` when ``data`` is a zero pad that only this conv reads, which the
+        lowered conv applies to its codes itself (TensorFlow-style "same" padding: one pass over
+        memory saved)."""
+        if data.op not in ("call_module", "call_function") or len(data.users) != 1 or \
+                isinstance(layer.module, nn.Linear) or layer.module.padding_mode != "zeros":
+            return None
+        info = describe(data, self.gm)
+        source = info.inputs[0] if info.inputs else None
+        if not (grid_padding(info) and info.params.get("mode", "constant") == "constant") or \
+                not isinstance(source, fx.Node) or not self.has_codes(source):
+            return None
+        pad = tuple(int(v) for v in info.params["pad"])
+        return (source, pad) if len(pad) == 2 * (len(layer.weight_shape) - 2) else None
+
     def _emit_layer(self, node: fx.Node, chain: FusedChain) -> None:
         layer = self.layers[node]
         data = describe(node, self.gm).inputs[0]
+        absorbed = self._absorbed_pad(data, layer)  # type: ignore[arg-type]
+        if absorbed is not None:
+            data = absorbed[0]
         u, qx = self.uint8(data)  # type: ignore[misc]
         out = self._out_qparams(chain)
         conv = not isinstance(layer.module, nn.Linear)  # layer_problem admitted only convs and linears
@@ -390,7 +420,10 @@ class StaticLowering:
         else:
             module = quant_linear(layer, qx, out, post_op=chain.post_op, post_op_args=chain.post_op_args,
                                   backend=self.backend)
+        if absorbed is not None:
+            module.add_pre_padding(absorbed[1])  # type: ignore[union-attr]
         way = "int8"
+        module = self._shared(layer, module)
         if self.choose is not None:
             choice = self.choose(self._candidates(node, chain, layer, module, qx, out))
             way = choice.way
@@ -408,6 +441,18 @@ class StaticLowering:
                 self.codes[next(iter(chain.end.users))] = (new, out)
             else:
                 self.floats[chain.end] = new
+
+    def _shared(self, layer: FoldedLayer, module: nn.Module) -> nn.Module:
+        """``module`` holding the same weight tensors as the module of ``layer``'s first call
+        site: a layer called at several sites is lowered once per site (each with its own
+        activation qparams) and stored once."""
+        first = self.first_site.setdefault(id(layer), module)
+        if first is not module and type(first) is type(module):
+            for name in ("weight", "weight_scale", "bias"):
+                mine, theirs = getattr(module, name, None), getattr(first, name, None)
+                if isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor) and torch.equal(mine, theirs):
+                    setattr(module, name, theirs)
+        return module
 
     def _count_int8(self, node: fx.Node, module: LoweredModule, data: fx.Node, conv: bool) -> None:
         self.stats.int8_ops["conv" if conv else "linear"] += 1
@@ -434,15 +479,18 @@ class StaticLowering:
 
     def _emit_float_chain(self, node: fx.Node, chain: FusedChain, layer: FoldedLayer) -> None:
         """The chain computed in float, its layer a float module with the dequantized weight."""
-        self.floats[node] = self._call(node, float_twin(layer), (self.float(node.args[0]),),
-                                       target=str(node.target))
+        twin = self.twins.get(id(layer))
+        if twin is None:  # one float module serves every call site kept float
+            twin = self.twins[id(layer)] = float_twin(layer)
+        self.floats[node] = self._call(node, twin, (self.float(node.args[0]),), target=str(node.target))
         self._copy_chain_rest(chain)
 
     def _emit_separate_add(self, node: fx.Node, chain: FusedChain, layer: FoldedLayer, u: fx.Node,
                            qx: QParams) -> None:
         """The int8 conv with a float32 output; its residual add and activation as float ops
         (the same values as the fused ``sum``: see :mod:`.choice`)."""
-        conv = quant_conv(layer, qx, None, post_op="none", post_op_args=(), residual=False, backend=self.backend)
+        conv = self._shared(layer, quant_conv(layer, qx, None, post_op="none", post_op_args=(), residual=False,
+                                              backend=self.backend))
         self.floats[node] = self._call(node, conv, (u,), target=str(node.target))
         self._count_int8(node, conv, node.args[0], True)  # type: ignore[arg-type]
         self._copy_chain_rest(chain)
