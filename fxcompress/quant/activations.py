@@ -23,8 +23,10 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from fxcompress.artifact.modules import assign_state, describe_child
 from fxcompress.errors import CalibrationError
 from fxcompress.ops import Kind, describe, register_module
+from fxcompress.quant import codecs
 from fxcompress.quant.fake_quant import FakeQuantize
 from fxcompress.quant.observer_base import Observer
 from fxcompress.quant.qparams import fake_quantize
@@ -115,6 +117,18 @@ class ActivationObserver(nn.Module):
     def extra_repr(self) -> str:
         return f"calibrated={self.calibrated}"
 
+    # -- artifact codec (fxcompress.quant.codecs): a loaded observer calibrates on exactly --------
+    def _fxc_config(self) -> dict:
+        return {"observer": describe_child("observer", self.observer)}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "ActivationObserver":
+        codecs.expect_keys(config, ("observer",))
+        module = cls(codecs.child("observer", config["observer"], state, Observer))
+        assign_state(module, codecs.own_state(state), resizable=("scale", "zero_point"))
+        codecs.check_qparams(module.scale, module.zero_point, module.spec, "activation", empty_ok=True)
+        return module
+
 
 class ActivationFakeQuant(nn.Module):
     """Fake-quantizes the activations at its call sites (QAT)."""
@@ -148,6 +162,17 @@ class ActivationFakeQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fake_quant(x)
+
+    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
+    def _fxc_config(self) -> dict:
+        return {"fake_quant": describe_child("fake_quant", self.fake_quant)}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "ActivationFakeQuant":
+        codecs.expect_keys(config, ("fake_quant",))
+        module = cls(codecs.child("fake_quant", config["fake_quant"], state, FakeQuantize))
+        assign_state(module, codecs.own_state(state))
+        return module
 
 
 class QDQ(nn.Module):
@@ -184,11 +209,29 @@ class QDQ(nn.Module):
         return (f"bits={self.spec.bits}, dtype={str(self.spec.dtype).removeprefix('torch.')}, "
                 f"scale={float(self.scale.reshape(-1)[0]):.4g}, zero_point={int(self.zero_point.reshape(-1)[0])}")
 
+    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
+    def _fxc_config(self) -> dict:
+        return {"spec": self.spec.to_dict(), "where": self.where}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "QDQ":
+        codecs.expect_keys(config, ("spec", "where"))
+        spec = codecs.spec_from_config(config["spec"])
+        own = codecs.own_state(state)
+        if set(own) != {"scale", "zero_point"}:
+            raise codecs.malformed(f"QDQ holds tensors {sorted(own)}, expected ['scale', 'zero_point']")
+        codecs.check_qparams(own["scale"], own["zero_point"], spec, "QDQ")
+        module = cls(spec, own["scale"], own["zero_point"], codecs.text(config, "where"))
+        assign_state(module, own)  # the stored tensors themselves, not the constructor's copies
+        return module
+
 
 #: The activation quantizer classes, one per stage.
 ACTIVATION_QUANTIZERS: tuple[type[nn.Module], ...] = (ActivationObserver, ActivationFakeQuant, QDQ)
 
 register_module(QDQ, lambda m: (Kind.ACTIVATION, "quantize_dequantize", {}))
+for _cls in ACTIVATION_QUANTIZERS:  # storable in artifacts
+    codecs.register(_cls)
 
 #: Op kinds whose output holds values of their first input only (rearranged, selected,
 #: or their maximum), so it is quantized exactly when, and as, that input is.

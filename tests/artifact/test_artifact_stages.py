@@ -22,6 +22,9 @@ from torch import fx, nn
 import fxcompress
 from fxcompress import artifact, recipes, zoo
 from fxcompress.examples import digits
+from fxcompress.pass_base import PassContext
+from fxcompress.passes.calibrate import Calibrate
+from fxcompress.passes.fold_fake_quant import FoldFakeQuant
 from fxcompress.quant.activations import ActivationFakeQuant, ActivationObserver, QDQ
 from fxcompress.quant.layers import FakeQuantLayer, FoldedLayer, ObservedLayer
 
@@ -63,8 +66,16 @@ def _round_trip(gm: fx.GraphModule, path: Path, inputs: list) -> fx.GraphModule:
     return loaded
 
 
-@pytest.mark.parametrize("recipe", ["static", "qat", "qat_learnable_scale"])
-@pytest.mark.parametrize("case", sorted(CASES))
+# resnet18 takes ~20 s per pipeline here: one variant in the fast suite (it holds every stage's
+# module types), the other two with `make test-all`.
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("case,recipe", [
+    ("digits_cnn", "static"), ("digits_cnn", "qat"), ("digits_cnn", "qat_learnable_scale"),
+    ("resnet18", "qat_learnable_scale"),
+    pytest.param("resnet18", "static", marks=_SLOW), pytest.param("resnet18", "qat", marks=_SLOW),
+])
 def test_every_stage_round_trips(case: str, recipe: str, tmp_path: Path) -> None:
     model, x, batches = CASES[case]()
     pipeline = {"static": STATIC, "qat": QAT, "qat_learnable_scale": QAT_LEARNABLE}[recipe]
@@ -84,3 +95,78 @@ def test_every_stage_round_trips(case: str, recipe: str, tmp_path: Path) -> None
         if name == "to_fake_quant":  # a model saved while training keeps its flags
             _round_trip(copy.deepcopy(gm).train(), tmp_path / "train.fxc", [(x,)])
     assert "lower" in seen
+
+
+class UpsamplingNet(nn.Module):
+    """Convs around a ConvTranspose2d (no int8 kernel takes it), then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.up(F.relu(self.conv1(x))))
+        x = self.conv3(F.relu(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _seeded_net() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return UpsamplingNet().eval()
+
+
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+@pytest.mark.parametrize("where", [{"skip": ["conv2"]}, {"scope": ["conv1", "fc"]}])
+def test_partly_lowered_model_round_trips(backend: str, where: dict, tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, batches = torch.randn(2, 3, 8, 8, generator=gen), [torch.randn(4, 3, 8, 8, generator=gen) for _ in range(3)]
+    pipeline = [("lower", {"backend": backend, **where}) if _name(e) == "lower" else e for e in recipes.int8_static()]
+    result = fxcompress.run(_seeded_net(), pipeline, x, calibration_data=batches, progress=False)
+    gm = result.model
+    folded = sorted(p for p, m in gm.named_modules() if type(m) is FoldedLayer)
+    kept = {"up", "conv2"} if "skip" in where else {"up", "conv2", "conv3"}
+    assert set(folded) == kept  # the transposed conv and the layers out of scope stay folded
+    assert any(type(m).__module__.startswith("fxcompress.quant.lowered") for m in gm.modules())
+    artifact.save(result, tmp_path / "partial.fxc")
+    loaded = artifact.load(tmp_path / "partial.fxc")
+    assert_identical(gm, loaded, [(x,), (batches[0],)])
+    assert all(loaded.get_submodule(p).module.weight is None for p in folded)  # integers only, still
+
+
+def _observers(gm: fx.GraphModule) -> dict[str, ActivationObserver]:
+    return {p: m for p, m in gm.named_modules() if isinstance(m, ActivationObserver)}
+
+
+@pytest.mark.parametrize("observer", ["minmax", "histogram", "moving_average", "percentile", "mse"])
+def test_observed_model_saved_mid_calibration_calibrates_on_identically(observer: str, tmp_path: Path) -> None:
+    data = digits.load_digits_data()
+    x = data.test_x[:4]
+    first, rest = [data.train_x[i:i + 32] for i in (0, 32)], [data.train_x[i:i + 32] for i in (64, 96, 128)]
+    activations = {"bits": 8, "signed": False, "symmetric": False, "observer": observer}
+    observed = fxcompress.run(digits.pretrained_digits_cnn(), ["fuse_conv_bn",
+                              ("insert_observers", {"activations": activations})], x, progress=False).model
+    # Partly calibrated: the observers hold statistics of the first batches, no qparams yet.
+    with torch.inference_mode():
+        for batch in first:
+            observed(batch)
+    assert all(not m.calibrated and m.observer.has_data for m in _observers(observed).values())
+    artifact.save(observed, tmp_path / "mid.fxc")
+    loaded = artifact.load(tmp_path / "mid.fxc")
+    assert_same_state(observed, loaded)
+    direct = copy.deepcopy(observed)
+    for gm in (direct, loaded):  # the calibrate pass itself, on the rest of the data
+        Calibrate()(gm, PassContext(example_args=(x,), calibration_data=rest, progress=False))
+    assert_same_state(direct, loaded)
+    for path, module in _observers(direct).items():
+        scale, zero_point = _observers(loaded)[path].qparams()
+        assert torch.equal(scale, module.scale) and torch.equal(zero_point, module.zero_point), path
+        assert scale.numel() == 1 and float(scale) > 0
+    # And it folds to the same model.
+    fold = [FoldFakeQuant()(gm, PassContext(example_args=(x,), progress=False)).gm for gm in (direct, loaded)]
+    assert_same_state(*fold)
+    assert torch.equal(fold[0](data.test_x), fold[1](data.test_x))
