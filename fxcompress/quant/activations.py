@@ -16,6 +16,10 @@ at that target changes class stage by stage, the nodes stay:
 
 :func:`quant_source` finds, for any value of a folded graph, the QDQ node whose
 qparams it carries (through the ops that preserve qparams).
+
+All three save and load in artifacts bit for bit (:mod:`fxcompress.quant.codecs`);
+an observer keeps its statistics, so a model saved halfway through calibration
+calibrates on to the same qparams after loading.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ fake-quantized model predicts its lowered model's outputs.  Gradients:
   ``round(x/s) - x/s`` inside the range and ``qmin - zp`` / ``qmax - zp``
   when clipped, scaled by ``1 / sqrt(elements_per_scale * qmax)``.  The zero
   point stays fixed.
+
+Artifacts store the observer (through the registry), both switches, whether the
+scale is learnable, and the qparams as they are (:mod:`fxcompress.quant.codecs`).
 """
 
 from __future__ import annotations

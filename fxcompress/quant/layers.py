@@ -20,6 +20,12 @@ untouched; only the module changes, stage by stage:
 
 Each wrapper describes itself (:func:`fxcompress.ops.describe`) as the op of
 the module it wraps, so analyses still see a conv / linear / embedding.
+
+Each wrapper saves and loads in artifacts bit for bit (:mod:`fxcompress.quant.codecs`):
+the wrapped module and the observer / fake-quant module are described through the
+artifact registry, a folded layer's spec is stored and its integer (or packed)
+weight kept as it is; on load the weight is checked against the spec (dtype, range,
+packed size) and the module's shape, and the qparams against both.
 """
 
 from __future__ import annotations
