@@ -47,7 +47,7 @@ def _digits_case() -> tuple[nn.Module, torch.Tensor, list]:
 
 
 def _resnet_case() -> tuple[nn.Module, torch.Tensor, list]:
-    x = zoo.example_input("resnet18", batch=2, reduced=True)
+    x = zoo.example_input("resnet18", batch=1, reduced=True)
     gen = torch.Generator().manual_seed(1)
     batches = [(zoo.example_input("resnet18", batch=2, reduced=True, seed=s),
                 torch.randint(0, 1000, (2,), generator=gen)) for s in (1, 2)]
@@ -66,15 +66,16 @@ def _round_trip(gm: fx.GraphModule, path: Path, inputs: list) -> fx.GraphModule:
     return loaded
 
 
-# resnet18 takes ~20 s per pipeline here: one variant in the fast suite (it holds every stage's
-# module types), the other two with `make test-all`.
+# resnet18 takes 20-40 s per pipeline on 2 shared cores: `make test-all` runs it, and
+# benchmarks/artifact_stages.py reports the same stages (size, save, load, equal).  The digits
+# CNN holds every stage's module types and runs in the fast suite.
 _SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("case,recipe", [
     ("digits_cnn", "static"), ("digits_cnn", "qat"), ("digits_cnn", "qat_learnable_scale"),
-    ("resnet18", "qat_learnable_scale"),
     pytest.param("resnet18", "static", marks=_SLOW), pytest.param("resnet18", "qat", marks=_SLOW),
+    pytest.param("resnet18", "qat_learnable_scale", marks=_SLOW),
 ])
 def test_every_stage_round_trips(case: str, recipe: str, tmp_path: Path) -> None:
     model, x, batches = CASES[case]()
