@@ -18,8 +18,14 @@ of torchvision modules.  Three kinds of entries:
   ``Sequential`` subclasses that keep ``Sequential.forward``, such as
   torchvision's ``Conv2dNormActivation``, which load as ``nn.Sequential``):
   their children are stored recursively.
-* **registered classes** (fxcompress's lowered modules, or yours), see
-  :func:`register_module`.
+* **registered classes** (every fxcompress module that can sit in a graph:
+  the lowered modules, the quantization wrappers, observers and fake-quant
+  modules; or yours), see :func:`register_module`.  A registered class that
+  holds other modules describes them through this same registry
+  (:func:`describe_child` in its config, :func:`build_child` when it is
+  rebuilt), so every nested module obeys the rules above; one registered with
+  ``check=True`` is also rebuilt at save time from its config and a copy of
+  its tensors and must come back the same (types, tensors, plain attributes).
 
 Only the exact registered type matches: a subclass of ``nn.Conv2d`` with its
 own ``forward`` is not a ``Conv2d``, and is refused with its path and class.
@@ -28,21 +34,24 @@ Modules carrying hooks are refused too: a hook is code, and code is not stored.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 from torch import nn
 
 from fxcompress.artifact import values
 from fxcompress.artifact.allowlist import import_fxcompress_module
+from fxcompress.artifact.module_state import assign_state, difference, swap_state
 from fxcompress.errors import ArtifactError
 
-__all__ = ["register_module", "supported_modules", "describe", "build"]
+__all__ = ["register_module", "supported_modules", "describe", "build", "describe_child", "build_child",
+           "assign_state"]
 
 ToConfig = Callable[[nn.Module], dict]
 FromConfig = Callable[[dict, dict[str, torch.Tensor]], nn.Module]
@@ -55,6 +64,7 @@ class _Codec:
     to_config: ToConfig
     from_config: FromConfig
     dry_run: bool  # rebuild on meta at save time and compare (torch.nn-style classes)
+    check: bool = False  # registered classes: rebuild from a copy at save time and compare
 
 
 _by_name: dict[str, _Codec] = {}
@@ -96,6 +106,7 @@ def register_module(
     name: str | None = None,
     to_config: ToConfig | None = None,
     from_config: FromConfig | None = None,
+    check: bool = False,
 ) -> Any:
     """Make ``cls`` storable as a ``call_module`` leaf; usable as a class decorator.
 
@@ -110,9 +121,18 @@ def register_module(
     it must be stable across versions.  Register at import of the defining
     module: on load, names under ``fxcompress.`` are imported on demand, others
     must have been imported by the caller.
+
+    A class holding submodules puts :func:`describe_child` of each in its
+    config and rebuilds them with :func:`build_child`; :func:`assign_state`
+    installs its own stored tensors with their names, dtypes and shapes
+    checked.  With ``check=True``, saving a leaf of this class first rebuilds
+    it from its encoded config and a copy of its tensors and refuses the
+    model (``ArtifactError``, nothing written) unless the copy has the same
+    submodule types, tensors (names, dtypes, shapes, values) and plain
+    attributes: the save-time proof that the artifact will load bit-identical.
     """
     if cls is None:
-        return lambda c: register_module(c, name=name, to_config=to_config, from_config=from_config)
+        return lambda c: register_module(c, name=name, to_config=to_config, from_config=from_config, check=check)
     to_config = to_config or getattr(cls, "_fxc_config", None)
     from_config = from_config or getattr(cls, "_fxc_from_config", None)
     if to_config is None or from_config is None:
@@ -124,7 +144,7 @@ def register_module(
     if not _DOTTED.fullmatch(name):
         raise ArtifactError(f"register_module({cls.__qualname__}): name {name!r} must be a dotted Python name")
     _builtins()  # a name clash with a torch.nn entry must be seen now, not at the first save
-    _add(_Codec(name, cls, to_config, from_config, dry_run=False))
+    _add(_Codec(name, cls, to_config, from_config, dry_run=False, check=check))
     return cls
 
 
@@ -163,10 +183,10 @@ def _ctor_codec(name: str, cls: type, derived: Mapping[str, tuple[str, str]]) ->
                 raise ArtifactError(f"{name} has no attribute {p.name!r} to rebuild it from")
         return config
 
-    def from_config(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    def from_config(config: dict, state: dict[str, torch.Tensor], missing: Collection[str] = ()) -> nn.Module:
         with torch.device("meta"):  # nothing is initialised; the stored tensors replace these
             module = cls(**config)
-        _swap_state(module, state)
+        swap_state(module, state, missing)
         return module
 
     return _Codec(name, cls, to_config, from_config, dry_run=True)
@@ -176,33 +196,6 @@ def _get(module: nn.Module, dotted: str) -> Any:
     for part in dotted.split("."):
         module = getattr(module, part, None)
     return module
-
-
-def _swap_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Put ``state``'s tensors in place of the module's own, names and shapes checked."""
-    own = module.state_dict(keep_vars=True)
-    if set(own) != set(state):
-        raise ArtifactError(
-            f"malformed artifact: {type(module).__qualname__} expects tensors {sorted(own)}, "
-            f"the artifact has {sorted(state)}"
-        )
-    for key, tensor in state.items():
-        if own[key].shape != tensor.shape:
-            raise ArtifactError(
-                f"malformed artifact: {type(module).__qualname__} tensor {key!r} has shape "
-                f"{tuple(tensor.shape)}, its config implies {tuple(own[key].shape)}"
-            )
-        owner_path, _, field = key.rpartition(".")
-        owner = module.get_submodule(owner_path)
-        if field in owner._parameters:
-            if not isinstance(tensor, nn.Parameter):
-                raise ArtifactError(f"malformed artifact: {key!r} must be a parameter")
-            owner._parameters[field] = tensor
-        else:
-            owner._buffers[field] = tensor
-    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if left:
-        raise ArtifactError(f"{type(module).__qualname__} keeps tensors outside its state_dict: {left}")
 
 
 def _builtins() -> None:
@@ -251,17 +244,44 @@ def _is_container(module: nn.Module) -> str | None:
     return None
 
 
+# The path of the leaf being described or built, so that a registered class's
+# describe_child / build_child calls (which do not know where their module sits)
+# name the full path of a nested module in errors.
+_current_path: contextvars.ContextVar[str] = contextvars.ContextVar("fxcompress_artifact_path", default="")
+_MALFORMED = "malformed artifact: "
+
+
 def describe(path: str, module: nn.Module) -> dict:
     """The stored description of the leaf at ``path``; ``ArtifactError`` if unrepresentable."""
     for sub_path, sub in module.named_modules(prefix=path):
         hooks = (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks, sub._backward_pre_hooks)
         if any(hooks):
             raise ArtifactError(f"module {sub_path!r} has hooks; an artifact stores no code: remove them first")
+    return _describe(path, module, encode=True, missing=())
+
+
+def describe_child(name: str, module: nn.Module, *, missing: Collection[str] = ()) -> dict:
+    """The description of submodule ``name`` of a registered module, for its config.
+
+    Call it from ``to_config`` / ``_fxc_config``: the result holds plain values
+    (the outer config's encoding stores them) and is built back by
+    :func:`build_child`.  The submodule goes through this registry like a leaf
+    (a torch.nn class, a container or a registered class; the same dry run,
+    the same refusals).  ``missing`` names tensors of a torch.nn submodule
+    that its owner removed (set to None, such as the float weight of a
+    folded layer): they are neither stored nor compared, and must be None.
+    """
+    parent = _current_path.get()
+    return _describe(f"{parent}.{name}" if parent else name, module, encode=False, missing=missing)
+
+
+def _describe(path: str, module: nn.Module, *, encode: bool, missing: Collection[str]) -> dict:
     container = _is_container(module)
     if container is not None:
-        if module._parameters or module._buffers:
+        if module._parameters or module._buffers or missing:
             raise ArtifactError(f"container {path!r} holds its own tensors; artifacts cannot rebuild it")
-        return {"type": container, "children": [[n, describe(f"{path}.{n}", c)] for n, c in module.named_children()]}
+        return {"type": container, "children": [
+            [n, _describe(f"{path}.{n}", c, encode=encode, missing=())] for n, c in module.named_children()]}
     codec = _lookup_cls(type(module))
     if codec is None:
         cls = type(module)
@@ -270,16 +290,36 @@ def describe(path: str, module: nn.Module) -> dict:
             "it is not a supported torch.nn module. Register it with fxcompress.artifact.register_module, "
             "or trace through it (do not make it a leaf module)"
         )
-    config = codec.to_config(module)
+    _check_missing(path, module, codec, missing)
+    token = _current_path.set(path)
+    try:
+        config = codec.to_config(module)
+    finally:
+        _current_path.reset(token)
     if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
         raise ArtifactError(f"module {path!r}: {codec.name} config must be a dict with str keys")
-    desc = {"type": codec.name, "config": values.encode(config, f"module {path!r} config")}
+    encoded = values.encode(config, f"module {path!r} config")
     if codec.dry_run:
-        _dry_run(path, module, codec, config)
-    return desc
+        _dry_run(path, module, codec, config, missing)
+    elif codec.check and encode:  # a nested module is checked as part of its top-level leaf
+        _check_rebuild(path, module, codec, encoded)
+    return {"type": codec.name, "config": encoded if encode else config}
 
 
-def _dry_run(path: str, module: nn.Module, codec: _Codec, config: dict) -> None:
+def _check_missing(path: str, module: nn.Module, codec: _Codec, missing: Collection[str]) -> None:
+    if not missing:
+        return
+    if not codec.dry_run:
+        raise ArtifactError(f"module {path!r} ({codec.name}): only torch.nn modules can be stored without "
+                            f"some of their tensors ({sorted(missing)})")
+    for name in missing:
+        slots = module._parameters if name in module._parameters else module._buffers
+        if name not in slots or slots[name] is not None:
+            raise ArtifactError(f"module {path!r} ({codec.name}) must have no tensor {name!r} to be stored "
+                                "without it")
+
+
+def _dry_run(path: str, module: nn.Module, codec: _Codec, config: dict, missing: Collection[str] = ()) -> None:
     """Rebuild ``module`` on meta from its config and insist it comes back the same."""
     try:
         with torch.device("meta"):
@@ -287,7 +327,7 @@ def _dry_run(path: str, module: nn.Module, codec: _Codec, config: dict) -> None:
     except Exception as exc:  # the constructor's own complaint, with our context
         raise ArtifactError(f"module {path!r} ({codec.name}) cannot be rebuilt from its attributes: {exc}") from exc
     want = {k: tuple(t.shape) for k, t in module.state_dict().items()}
-    got = {k: tuple(t.shape) for k, t in rebuilt.state_dict().items()}
+    got = {k: tuple(t.shape) for k, t in rebuilt.state_dict().items() if k not in missing}
     problem = None
     if want != got:
         problem = f"its tensors {want} would come back as {got}"
@@ -306,14 +346,49 @@ def _dry_run(path: str, module: nn.Module, codec: _Codec, config: dict) -> None:
         raise ArtifactError(f"module {path!r} ({codec.name}) cannot be stored faithfully: {problem}")
 
 
+def _check_rebuild(path: str, module: nn.Module, codec: _Codec, encoded: Any) -> None:
+    """Rebuild a registered ``module`` from its encoded config and a copy of its tensors;
+    insist on the same module (see :func:`register_module`'s ``check``)."""
+    state = {k: nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
+             else t.detach().clone() for k, t in module.state_dict(keep_vars=True).items()}
+    try:
+        rebuilt = _build(path, {"type": codec.name, "config": encoded}, state, decode=True, missing=())
+    except ArtifactError as exc:
+        raise ArtifactError(f"module {path!r} ({codec.name}) would not load back: {exc}") from exc
+    problem = difference(module, rebuilt)
+    if problem:
+        raise ArtifactError(f"module {path!r} ({codec.name}) cannot be stored faithfully: {problem}")
+
+
 def build(path: str, desc: Any, state: dict[str, torch.Tensor]) -> nn.Module:
     """Rebuild the leaf described by ``desc`` with its ``state`` (names relative to it)."""
+    return _build(path, desc, state, decode=True, missing=())
+
+
+def build_child(name: str, desc: Any, state: Mapping[str, torch.Tensor], *,
+                missing: Collection[str] = ()) -> nn.Module:
+    """Rebuild submodule ``name`` from what :func:`describe_child` gave, inside ``from_config``.
+
+    ``state`` is the owner's state (as ``from_config`` received it): the
+    entries under ``name.`` are the submodule's.  A malformed description or
+    state raises ``ArtifactError`` naming the submodule's full path.  Tensors
+    named in ``missing`` come back as meta tensors of the shape the config
+    gives; the owner must replace or remove them (as it did before saving).
+    """
+    parent = _current_path.get()
+    prefix = name + "."
+    sub = {k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)}
+    return _build(f"{parent}.{name}" if parent else name, desc, sub, decode=False, missing=missing)
+
+
+def _build(path: str, desc: Any, state: Mapping[str, torch.Tensor], *, decode: bool,
+           missing: Collection[str]) -> nn.Module:
     if not isinstance(desc, dict) or not isinstance(desc.get("type"), str):
         raise ArtifactError(f"malformed artifact: module {path!r} has no type")
     name = desc["type"]
     if name in _CONTAINERS:
         children = desc.get("children")
-        if set(desc) != {"type", "children"} or not isinstance(children, list):
+        if set(desc) != {"type", "children"} or not isinstance(children, list) or missing:
             raise ArtifactError(f"malformed artifact: container {path!r} is not described by its children")
         built = OrderedDict()
         for item in children:
@@ -321,7 +396,7 @@ def build(path: str, desc: Any, state: dict[str, torch.Tensor]) -> nn.Module:
                 raise ArtifactError(f"malformed artifact: container {path!r} has a bad child entry")
             prefix = item[0] + "."
             sub = {k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)}
-            built[item[0]] = build(f"{path}.{item[0]}", item[1], sub)
+            built[item[0]] = _build(f"{path}.{item[0]}", item[1], sub, decode=decode, missing=())
         module = _CONTAINERS[name](built) if name != "torch.nn.ModuleList" else nn.ModuleList(built.values())
         if set(module.state_dict()) != set(state):
             raise ArtifactError(f"malformed artifact: container {path!r} has tensors none of its children own")
@@ -329,15 +404,30 @@ def build(path: str, desc: Any, state: dict[str, torch.Tensor]) -> nn.Module:
     if set(desc) != {"type", "config"}:
         raise ArtifactError(f"malformed artifact: module {path!r} has keys {sorted(desc)}")
     codec = _lookup_name(name)
-    config = values.decode(desc["config"], f"module {path!r} config")
+    config = values.decode(desc["config"], f"module {path!r} config") if decode else desc["config"]
     if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
         raise ArtifactError(f"malformed artifact: module {path!r} config is not a dict with str keys")
+    if missing and not codec.dry_run:
+        raise ArtifactError(f"malformed artifact: module {path!r} must be a torch.nn module, not {name}")
+    token = _current_path.set(path)
     try:
-        module = codec.from_config(config, state)
-    except ArtifactError:
-        raise
+        module = codec.from_config(config, dict(state), missing) if missing else codec.from_config(config, dict(state))
+    except ArtifactError as exc:
+        if getattr(exc, "fxc_path", None) is not None:  # a nested module's error, already located
+            raise
+        raise _located(exc, path, name) from exc
     except Exception as exc:  # a constructor rejecting a forged or damaged config
-        raise ArtifactError(f"malformed artifact: cannot rebuild module {path!r} ({name}): {exc}") from exc
-    if type(module) is not codec.cls or set(module.state_dict()) != set(state):
+        raise _located(exc, path, name) from exc
+    finally:
+        _current_path.reset(token)
+    if type(module) is not codec.cls or set(module.state_dict()) - set(missing) != set(state):
         raise ArtifactError(f"{name}.from_config did not rebuild module {path!r} with exactly its stored tensors")
     return module
+
+
+def _located(exc: Exception, path: str, name: str) -> ArtifactError:
+    """``exc`` as an ``ArtifactError`` naming the module it arose in."""
+    reason = str(exc).removeprefix(_MALFORMED) if isinstance(exc, ArtifactError) else f"cannot rebuild it: {exc}"
+    located = ArtifactError(f"{_MALFORMED}module {path!r} ({name}): {reason}")
+    located.fxc_path = path  # type: ignore[attr-defined]
+    return located

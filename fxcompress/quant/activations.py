@@ -16,6 +16,10 @@ at that target changes class stage by stage, the nodes stay:
 
 :func:`quant_source` finds, for any value of a folded graph, the QDQ node whose
 qparams it carries (through the ops that preserve qparams).
+
+All three save and load in artifacts bit for bit (:mod:`fxcompress.quant.codecs`);
+an observer keeps its statistics, so a model saved halfway through calibration
+calibrates on to the same qparams after loading.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from fxcompress.artifact.modules import assign_state, describe_child
 from fxcompress.errors import CalibrationError
 from fxcompress.ops import Kind, OpInfo, describe, register_module
+from fxcompress.quant import codecs
 from fxcompress.quant.fake_quant import FakeQuantize
 from fxcompress.quant.observer_base import Observer
 from fxcompress.quant.qparams import fake_quantize
@@ -116,6 +122,18 @@ class ActivationObserver(nn.Module):
     def extra_repr(self) -> str:
         return f"calibrated={self.calibrated}"
 
+    # -- artifact codec (fxcompress.quant.codecs): a loaded observer calibrates on exactly --------
+    def _fxc_config(self) -> dict:
+        return {"observer": describe_child("observer", self.observer)}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "ActivationObserver":
+        codecs.expect_keys(config, ("observer",))
+        module = cls(codecs.child("observer", config["observer"], state, Observer))
+        assign_state(module, codecs.own_state(state), resizable=("scale", "zero_point"))
+        codecs.check_qparams(module.scale, module.zero_point, module.spec, "activation", empty_ok=True)
+        return module
+
 
 class ActivationFakeQuant(nn.Module):
     """Fake-quantizes the activations at its call sites (QAT)."""
@@ -149,6 +167,17 @@ class ActivationFakeQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fake_quant(x)
+
+    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
+    def _fxc_config(self) -> dict:
+        return {"fake_quant": describe_child("fake_quant", self.fake_quant)}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "ActivationFakeQuant":
+        codecs.expect_keys(config, ("fake_quant",))
+        module = cls(codecs.child("fake_quant", config["fake_quant"], state, FakeQuantize))
+        assign_state(module, codecs.own_state(state))
+        return module
 
 
 class QDQ(nn.Module):
@@ -185,11 +214,29 @@ class QDQ(nn.Module):
         return (f"bits={self.spec.bits}, dtype={str(self.spec.dtype).removeprefix('torch.')}, "
                 f"scale={float(self.scale.reshape(-1)[0]):.4g}, zero_point={int(self.zero_point.reshape(-1)[0])}")
 
+    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
+    def _fxc_config(self) -> dict:
+        return {"spec": self.spec.to_dict(), "where": self.where}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "QDQ":
+        codecs.expect_keys(config, ("spec", "where"))
+        spec = codecs.spec_from_config(config["spec"])
+        own = codecs.own_state(state)
+        if set(own) != {"scale", "zero_point"}:
+            raise codecs.malformed(f"QDQ holds tensors {sorted(own)}, expected ['scale', 'zero_point']")
+        codecs.check_qparams(own["scale"], own["zero_point"], spec, "QDQ")
+        module = cls(spec, own["scale"], own["zero_point"], codecs.text(config, "where"))
+        assign_state(module, own)  # the stored tensors themselves, not the constructor's copies
+        return module
+
 
 #: The activation quantizer classes, one per stage.
 ACTIVATION_QUANTIZERS: tuple[type[nn.Module], ...] = (ActivationObserver, ActivationFakeQuant, QDQ)
 
 register_module(QDQ, lambda m: (Kind.ACTIVATION, "quantize_dequantize", {}))
+for _cls in ACTIVATION_QUANTIZERS:  # storable in artifacts
+    codecs.register(_cls)
 
 #: Op kinds whose output holds values of their first input only (rearranged, selected,
 #: or their maximum), so it is quantized exactly when, and as, that input is.

@@ -10,6 +10,9 @@ fake-quantized model predicts its lowered model's outputs.  Gradients:
   ``round(x/s) - x/s`` inside the range and ``qmin - zp`` / ``qmax - zp``
   when clipped, scaled by ``1 / sqrt(elements_per_scale * qmax)``.  The zero
   point stays fixed.
+
+Artifacts store the observer (through the registry), both switches, whether the
+scale is learnable, and the qparams as they are (:mod:`fxcompress.quant.codecs`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fxcompress.artifact.modules import assign_state, describe_child
 from fxcompress.errors import CalibrationError, ConfigError
+from fxcompress.quant import codecs
 from fxcompress.quant.observer_base import Observer, ResizingBuffers
 from fxcompress.quant.observers import make_observer
 from fxcompress.quant.qparams import apply_per_qparam, fake_quantize
@@ -190,3 +195,22 @@ class FakeQuantize(ResizingBuffers, nn.Module):
         return (f"spec={self.spec}, learnable={self.learnable}, "
                 f"observer_enabled={self.observer_enabled}, "
                 f"fake_quant_enabled={self.fake_quant_enabled}")
+
+    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
+    def _fxc_config(self) -> dict:
+        return {"observer": describe_child("observer", self.observer), "learnable": self.learnable,
+                "observer_enabled": self.observer_enabled, "fake_quant_enabled": self.fake_quant_enabled}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "FakeQuantize":
+        codecs.expect_keys(config, ("observer", "learnable", "observer_enabled", "fake_quant_enabled"))
+        observer = codecs.child("observer", config["observer"], state, Observer)
+        module = cls(observer.spec, observer, learnable=codecs.flag(config, "learnable"))
+        module.observer_enabled = codecs.flag(config, "observer_enabled")
+        module.fake_quant_enabled = codecs.flag(config, "fake_quant_enabled")
+        assign_state(module, codecs.own_state(state), resizable=("scale", "zero_point"))
+        codecs.check_qparams(module.scale, module.zero_point, module.spec, "FakeQuantize", empty_ok=True)
+        return module
+
+
+codecs.register(FakeQuantize)

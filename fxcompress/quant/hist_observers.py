@@ -26,6 +26,7 @@ from abc import abstractmethod
 import torch
 
 from fxcompress.errors import ConfigError
+from fxcompress.quant import codecs
 from fxcompress.quant.histogram import (
     accumulate, f32_down, f32_up, flat_memory_view, grown_grid, percentile_range, rebin,
     rebin_aligned, search_clip_ratio, search_l2_range,
@@ -184,3 +185,8 @@ class MSEObserver(HistogramRangeObserver):
     def _range_from_histogram(self, counts: torch.Tensor, lo: float, hi: float,
                               mn: float, mx: float) -> tuple[float, float]:
         return search_clip_ratio(counts, lo, hi, mn, mx, self.spec)
+
+
+# Storable in artifacts (codec: Observer._fxc_config / _fxc_from_config).
+for _cls in (HistogramObserver, PercentileObserver, MSEObserver):
+    codecs.register(_cls)

@@ -20,6 +20,12 @@ untouched; only the module changes, stage by stage:
 
 Each wrapper describes itself (:func:`fxcompress.ops.describe`) as the op of
 the module it wraps, so analyses still see a conv / linear / embedding.
+
+Each wrapper saves and loads in artifacts bit for bit (:mod:`fxcompress.quant.codecs`):
+the wrapped module and the observer / fake-quant module are described through the
+artifact registry, a folded layer's spec is stored and its integer (or packed)
+weight kept as it is; on load the weight is checked against the spec (dtype, range,
+packed size) and the module's shape, and the qparams against both.
 """
 
 from __future__ import annotations
@@ -32,10 +38,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxcompress import macs
+from fxcompress.artifact.modules import assign_state, describe_child
+from fxcompress.errors import ConfigError
 from fxcompress.ops import Kind, describe, register_module
+from fxcompress.quant import codecs
 from fxcompress.quant.fake_quant import FakeQuantize
 from fxcompress.quant.int_math import accumulate, rescale
 from fxcompress.quant.observer_base import Observer
+from fxcompress.quant.observers import MinMaxObserver
 from fxcompress.quant.qparams import dequantize, pack_int, quantize, unpack_int
 from fxcompress.quant.spec import QuantSpec
 
@@ -149,6 +159,24 @@ class ObservedLayer(_FloatWeightLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
+    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
+    def _fxc_config(self) -> dict:
+        return {"module": describe_child("module", self.module),
+                "weight_observer": describe_child("weight_observer", self.weight_observer)}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "ObservedLayer":
+        codecs.expect_keys(config, ("module", "weight_observer"))
+        module = _stored_layer(config, state)
+        observer = codecs.child("weight_observer", config["weight_observer"], state, Observer)
+        # The constructor observes the weight: give it a throwaway min/max observer (cheap),
+        # whose qparams fix the shape the stored ones must have, then the stored observer.
+        layer = cls(module, MinMaxObserver(observer.spec.replace(observer="minmax")))
+        layer.weight_observer = observer
+        assign_state(layer, codecs.own_state(state))
+        codecs.check_qparams(layer.weight_scale, layer.weight_zero_point, layer.spec, "weight")
+        return layer
+
 
 class FakeQuantLayer(_FloatWeightLayer):
     """A conv / linear / embedding computing with its fake-quantized weight (QAT).
@@ -184,6 +212,23 @@ class FakeQuantLayer(_FloatWeightLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return weighted_forward(self.module, x, self.weight_fake_quant(self.module.weight), self.bias)
+
+    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
+    def _fxc_config(self) -> dict:
+        return {"module": describe_child("module", self.module),
+                "weight_fake_quant": describe_child("weight_fake_quant", self.weight_fake_quant)}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "FakeQuantLayer":
+        codecs.expect_keys(config, ("module", "weight_fake_quant"))
+        module = _stored_layer(config, state)
+        fake_quant = codecs.child("weight_fake_quant", config["weight_fake_quant"], state, FakeQuantize)
+        shape = codecs.qparam_shape(fake_quant.spec, tuple(module.weight.shape))
+        codecs.check_qparams(fake_quant.scale, fake_quant.zero_point, fake_quant.spec, "weight", shape=shape,
+                             empty_ok=True)
+        layer = cls(module, fake_quant)
+        assign_state(layer, codecs.own_state(state))
+        return layer
 
 
 class FoldedLayer(nn.Module):
@@ -286,6 +331,58 @@ class FoldedLayer(nn.Module):
                 f"granularity={self.spec.granularity}, axis={self.spec.axis}, weight={storage} "
                 f"{list(self.weight_shape)}{exact}")
 
+    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
+    # Stored: the module without its weight (its config gives the weight's shape), the spec, and
+    # the state as it is (packed storage included); rebuilt through the constructor.
+    def _fxc_config(self) -> dict:
+        return {"module": describe_child("module", self.module, missing=("weight",)), "spec": self.spec.to_dict()}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "FoldedLayer":
+        codecs.expect_keys(config, ("module", "spec"))
+        spec = codecs.spec_from_config(config["spec"])
+        module = _stored_layer(config, state, missing=("weight",))
+        shape = tuple(module.weight.shape)  # a meta tensor: what the module's config implies
+        own = codecs.own_state(state)
+        known = {"weight", "weight_scale", "weight_zero_point", "input_scale"}
+        if not {"weight", "weight_scale", "weight_zero_point"} <= set(own) <= known:
+            raise codecs.malformed(f"FoldedLayer holds tensors {sorted(own)}, expected {sorted(known)} "
+                                   "(input_scale optional)")
+        stored = own["weight"]
+        if spec.bits in (2, 4):
+            if stored.dtype != torch.uint8 or stored.dim() != 1:
+                raise codecs.malformed(f"{spec.bits}-bit weights are stored packed (1-D uint8), got "
+                                       f"{stored.dtype} of shape {tuple(stored.shape)}")
+            try:
+                codes = unpack_int(stored, spec.bits, (math.prod(shape),), signed=spec.signed).reshape(shape)
+            except ConfigError as exc:
+                raise codecs.malformed(f"packed weight for shape {shape}: {exc}") from exc
+        else:
+            if tuple(stored.shape) != shape:
+                raise codecs.malformed(f"weight has shape {tuple(stored.shape)}, its module's config implies {shape}")
+            codes = stored
+        codecs.check_codes(codes, spec, "weight")
+        codecs.check_qparams(own["weight_scale"], own["weight_zero_point"], spec, "weight",
+                             shape=codecs.qparam_shape(spec, shape))
+        layer = cls(module, codes, own["weight_scale"], own["weight_zero_point"], spec)
+        if "input_scale" in own:
+            input_scale = own["input_scale"]
+            if input_scale.dtype != torch.float32 or input_scale.dim() != 0:
+                raise codecs.malformed(f"input_scale must be a float32 scalar, got {input_scale.dtype} of shape "
+                                       f"{tuple(input_scale.shape)}")
+            layer.set_input_scale(input_scale)
+        assign_state(layer, own)  # the stored tensors themselves, not the constructor's copies
+        return layer
+
+
+def _stored_layer(config: dict, state: dict[str, torch.Tensor], missing: tuple[str, ...] = ()) -> nn.Module:
+    """The wrapped conv / linear / embedding of a stored layer wrapper, refused unless a wrapper could hold it."""
+    module = codecs.child("module", config["module"], state, WEIGHTED_TYPES, missing=missing)
+    reason = layer_support(module)
+    if reason is not None:
+        raise codecs.malformed(f"a quantized layer cannot wrap this {type(module).__name__}: {reason}")
+    return module
+
 
 #: The layer wrapper classes, one per stage.
 QUANTIZED_LAYERS: tuple[type[nn.Module], ...] = (ObservedLayer, FakeQuantLayer, FoldedLayer)
@@ -302,6 +399,7 @@ def _wrapped_op(layer: nn.Module) -> tuple[Kind, str, dict]:
 
 for _cls in QUANTIZED_LAYERS:
     register_module(_cls, _wrapped_op)
+    codecs.register(_cls)  # storable in artifacts
 
 
 def _count_layer_macs(gm: fx.GraphModule, node: fx.Node) -> dict[str, int]:

@@ -11,6 +11,10 @@ survives ``state_dict``/``load_state_dict`` and ``deepcopy``).  The contract:
   nothing was observed.
 * ``merge(other)`` folds another observer's state into this one, so
   calibration can be split across processes (see each class for how exact).
+
+Artifacts store an observer as its spec, its ``where`` label and its state,
+exactly (:meth:`Observer._fxc_from_config`): a loaded observer computes the
+same qparams and calibrates on exactly as the saved one would have.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxcompress.artifact.modules import assign_state
 from fxcompress.errors import CalibrationError, ConfigError
+from fxcompress.quant import codecs
 from fxcompress.quant.qparams import compute_qparams, reduction_view
 from fxcompress.quant.spec import QuantSpec
 
@@ -171,3 +177,46 @@ class Observer(ResizingBuffers, nn.Module, ABC):
     def extra_repr(self) -> str:
         where = f", where={self.where!r}" if self.where else ""
         return f"spec={self.spec}{where}"
+
+    # -- artifact codec (fxcompress.quant.codecs; each concrete class registers itself) -------------
+    #: Leading dims of state created empty that is not one value per qparam (see _fxc_check_state).
+    _fxc_leading_dims: dict[str, tuple[int, ...]] = {}
+
+    def _fxc_config(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "where": self.where}
+
+    @classmethod
+    def _fxc_from_config(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> "Observer":
+        codecs.expect_keys(config, ("spec", "where"))
+        spec = codecs.spec_from_config(config["spec"])
+        if spec.observer != cls.kind:
+            raise codecs.malformed(f"{cls.__name__} holds a spec with observer={spec.observer!r}, "
+                                   f"expected {cls.kind!r}")
+        observer = cls(spec, codecs.text(config, "where"))
+        # State created empty takes its shape from the data observed: checked after loading.
+        observed = {n for n, b in observer._buffers.items() if b is not None and tuple(b.shape) == (0,)}
+        assign_state(observer, state, resizable=observed)
+        observer._fxc_check_state(observed)
+        return observer
+
+    def _fxc_check_state(self, observed: set[str]) -> None:
+        """Raise unless the state created empty (``observed``) is empty before any data and
+        afterwards one value per qparam (after ``_fxc_leading_dims``), of one qparam shape."""
+        if int(self.num_observed) < 0:
+            raise codecs.malformed(f"{self._label()} has observed {int(self.num_observed)} tensors")
+        shapes = {name: tuple(getattr(self, name).shape) for name in sorted(observed)}
+        if not self.has_data:
+            if any(shape != (0,) for shape in shapes.values()):
+                raise codecs.malformed(f"{self._label()} observed nothing but holds state of shapes {shapes}")
+            return
+        qshapes = set()
+        for name, shape in shapes.items():
+            leading = self._fxc_leading_dims.get(name, ())
+            if shape[:len(leading)] != leading:
+                raise codecs.malformed(f"{self._label()} state {name!r} has shape {shape}, expected {leading} + "
+                                       "the qparam shape")
+            qshapes.add(shape[len(leading):])
+        ndim = codecs.QPARAM_NDIM[self.spec.granularity]
+        if len(qshapes) > 1 or any(len(q) != ndim or 0 in q for q in qshapes):
+            raise codecs.malformed(f"{self._label()} state of shapes {shapes} does not hold one value per "
+                                   f"qparam of {self.spec.granularity} quantization")

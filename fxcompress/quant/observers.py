@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from fxcompress.quant import codecs
 from fxcompress.quant.hist_observers import HistogramObserver, MSEObserver, PercentileObserver
 from fxcompress.quant.observer_base import Observer
 from fxcompress.quant.qparams import compute_qparams, reduction_view
@@ -125,6 +126,7 @@ class PerChannelMSEObserver(Observer):
 
     kind = "mse"
     granularities = ("per_channel", "per_group")
+    _fxc_leading_dims = {"errors": (len(_MSE_RATIOS),)}  # artifact codec: one score per ratio and qparam
 
     def __init__(self, spec: QuantSpec, where: str = "") -> None:
         super().__init__(spec, where)
@@ -179,6 +181,11 @@ _BY_KIND: dict[str, type[Observer]] = {
     "histogram": HistogramObserver,
     "percentile": PercentileObserver,
 }
+
+
+# Storable in artifacts (codec: Observer._fxc_config / _fxc_from_config).
+for _cls in (MinMaxObserver, MovingAverageMinMaxObserver, PerChannelMSEObserver):
+    codecs.register(_cls)
 
 
 def make_observer(spec: QuantSpec, where: str = "") -> Observer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,10 @@ from torch.utils import _pytree as pytree
 from torchvision.models import swin_transformer as swin
 
 from fxcompress import artifact
+from fxcompress.artifact import values
 from fxcompress.errors import ArtifactError
 
+from artifact_forge import forge
 from conftest import realistic
 
 S = (2, 3, 4, 4)  # a small NCHW input
@@ -263,3 +266,26 @@ def test_registering_first_in_a_fresh_process_keeps_torch_nn_supported(tmp_path:
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.fxc")], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.returncode == 0, done.stderr
+
+
+def test_docs_example_of_a_module_holding_a_module_round_trips(tmp_path: Path) -> None:
+    # The block of docs/artifacts.md that defines a class through describe_child / build_child.
+    text = (Path(__file__).resolve().parents[2] / "docs" / "artifacts.md").read_text()
+    block = next(b for b in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M) if "build_child" in b)
+    namespace: dict[str, Any] = {"__name__": "artifacts_doc"}
+    exec(compile(block, "docs/artifacts.md", "exec"), namespace)
+    conv = realistic(nn.Conv2d(3, 4, 3, padding=1), seed=5)
+    q = torch.randint(-127, 128, conv.weight.shape, dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    module = namespace["Int8Conv"](conv, q, torch.tensor(0.01))
+    loaded = _round_trip(_leaf_model(module, 1), [torch.randn(S)], tmp_path / "doc.fxc")
+    assert loaded.leaf.conv.weight is None and torch.equal(loaded.leaf.q, q)
+    artifact.save(_leaf_model(module, 1), tmp_path / "doc.fxc", overwrite=True)
+
+    def smaller_conv(doc: dict) -> None:  # the stored q no longer fits the conv's config
+        config = values.decode(doc["modules"]["leaf"]["config"], "test")
+        config["conv"]["config"]["out_channels"] = 2
+        doc["modules"]["leaf"]["config"] = values.encode(config, "test")
+
+    forge(tmp_path / "doc.fxc", graph=smaller_conv)
+    with pytest.raises(ArtifactError, match=r"module 'leaf(\.conv)?'.*shape"):
+        artifact.load(tmp_path / "doc.fxc")
