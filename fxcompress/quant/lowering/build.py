@@ -19,9 +19,14 @@ from torch import nn
 
 from fxcompress.quant.activations import QDQ
 from fxcompress.quant.layers import FoldedLayer
-from fxcompress.quant.lowered import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvNd, QuantLinear
+from fxcompress.quant.lowered import (
+    QuantAdaptiveAvgPool2d, QuantAdd, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvNd, QuantLinear, QuantMaxPool2d,
+)
 
-__all__ = ["QParams", "uint8_qparams", "layer_problem", "float_twin", "quant_conv", "quant_linear"]
+__all__ = ["QParams", "STATS_KIND", "uint8_qparams", "layer_problem", "float_twin", "quant_conv", "quant_linear"]
+
+#: The stats kind (``int8_ops`` key) of each uint8 op made between int8 layers.
+STATS_KIND: dict[type, str] = {QuantMaxPool2d: "max_pool", QuantAdd: "add", QuantAdaptiveAvgPool2d: "avg_pool"}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.quant.lowered import Dequantize, LoweredModule, QuantConvNd, Quantize
@@ -53,7 +54,8 @@ class Candidates:
     ``input_shape``/``output_shape`` are the traced shapes; ``input_qparams`` the uint8
     input's; ``output_qparams`` the uint8 output's (None: the chain ends in float);
     ``residual`` is "uint8", "float" or None; ``post_op`` the chain's activation (kernel
-    name) applied by the float ways before their quantization.
+    name) applied by the float ways before their quantization; ``input_padding`` a zero pad
+    (``F.pad`` spec) the int8 ways apply to their codes and the float way to its input.
     """
 
     int8: LoweredModule
@@ -67,11 +69,12 @@ class Candidates:
     residual_qparams: tuple[float, int] | None
     post_op: str
     post_op_args: tuple[float, ...]
+    input_padding: tuple[int, ...] = ()
 
     def key(self) -> str:
         return repr((type(self.int8).__name__, self.int8.config(), tuple(self.int8.weight.shape),
                      self.input_shape, self.output_shape, self.output_qparams is None, self.residual,
-                     self.post_op, torch.get_num_threads()))
+                     self.post_op, self.input_padding, torch.get_num_threads()))
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ def _ways(c: Candidates) -> dict[str, Callable[[], Any]]:
         add_input = (lambda: r_dequantize(r_codes)) if r_dequantize is not None else (lambda: r_float)
         ways["separate add"] = lambda: finish(c.separate(x) + add_input())
     add = (lambda y: y + r_float) if c.residual else (lambda y: y)
-    ways["float"] = lambda: finish(add(c.float_module(dequantize(x))))
+    pad = (lambda v: F.pad(v, c.input_padding)) if c.input_padding else (lambda v: v)
+    ways["float"] = lambda: finish(add(c.float_module(pad(dequantize(x)))))
     return ways
 
 

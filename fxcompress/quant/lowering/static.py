@@ -21,23 +21,23 @@ that are only ever needed in one form are only computed in that form.
 Lowered activations are channels-last (what the kernels want), so ``x.view(...)`` calls
 become ``x.reshape(...)`` (a view wherever one exists, a copy where channels-last needs it).
 
-Each quantized conv/linear becomes :class:`QuantConv2d`/:class:`QuantLinear` with its
-fused chain (:mod:`.chains`); one the kernels cannot take keeps its
-:class:`FoldedLayer` (integer storage, dequantize + float compute: the reference
-path), with the reason recorded.
+Each quantized conv/linear becomes a lowered conv/:class:`QuantLinear` with its fused chain
+(:mod:`.chains`), emitted by :mod:`.emit_layer` in the way :mod:`.choice` picks; one the
+kernels cannot take keeps its :class:`FoldedLayer` (integer storage, dequantize + float
+compute), with the reason recorded. The ops that compute a quantization's codes straight
+from their inputs are :mod:`.producers`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxcompress.ops import Kind, OpInfo, describe
+from fxcompress.ops import Kind, describe
 from fxcompress.pass_base import PassContext
 from fxcompress.quant.activations import QDQ, grid_padding
 from fxcompress.quant.layers import FoldedLayer
@@ -45,10 +45,11 @@ from fxcompress.quant.lowered import (
     Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd, QuantMaxPool2d, Quantize,
     QuantizeProduct,
 )
-from fxcompress.quant.lowering.build import QParams, float_twin, layer_problem, quant_conv, quant_linear, uint8_qparams
-from fxcompress.quant.kernels import POST_OPS
-from fxcompress.quant.lowering.chains import FusedChain, match_chain, post_op_of
+from fxcompress.quant.lowering.build import STATS_KIND, QParams, layer_problem, uint8_qparams
+from fxcompress.quant.lowering.chains import FusedChain, match_chain
 from fxcompress.quant.lowering.choice import Candidates, Choice
+from fxcompress.quant.lowering.emit_layer import LayerEmitter
+from fxcompress.quant.lowering.producers import UInt8Producers, impure
 
 __all__ = ["LOWERED_CONTAINER", "LoweringStats", "StaticLowering", "Choose"]
 
@@ -56,8 +57,6 @@ __all__ = ["LOWERED_CONTAINER", "LoweringStats", "StaticLowering", "Choose"]
 LOWERED_CONTAINER = "fxc_lowered"
 # Ops that give uint8 codes of their (first) uint8 input unchanged in value.
 _CODE_KINDS = (Kind.RESHAPE, Kind.PERMUTE, Kind.GETITEM, Kind.SPLIT)
-# The stats kind of each uint8 op made between int8 layers.
-_KIND_OF = {QuantMaxPool2d: "max_pool", QuantAdd: "add", QuantAdaptiveAvgPool2d: "avg_pool"}
 # Modules whose output is a fresh tensor: a fused residual add may write into it.
 _FRESH = (Quantize, QuantizeProduct, Dequantize, QuantConvNd, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
 
@@ -92,8 +91,6 @@ class StaticLowering:
         # op node -> its folded layer, read before any is replaced: a layer called at several
         # sites (or reached under several names) is lowered once per call site.
         self.layers: dict[fx.Node, FoldedLayer] = {}
-        self.first_site: dict[int, nn.Module] = {}  # id(folded layer) -> its first call site's lowered module
-        self.twins: dict[int, nn.Module] = {}  # id(folded layer) -> its float module, where kept float
         self.ends: dict[fx.Node, fx.Node] = {}  # chain end -> op node: where the op is emitted
         self.targets: set[str] = set()  # folded-layer paths already holding a lowered module
         self.inside: set[fx.Node] = set()  # chain nodes the lowered ops absorb
@@ -103,12 +100,14 @@ class StaticLowering:
         self.container = existing if isinstance(existing, nn.ModuleDict) else nn.ModuleDict()
         self.stats = LoweringStats()
         self._capable: dict[fx.Node, QParams | None] = {}
+        self.producers = UInt8Producers(self)
+        self.emitter = LayerEmitter(self)
 
     # -- planning ---------------------------------------------------------------
     def _module(self, node: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
 
-    def _qdq(self, node: fx.Node) -> QParams | None:
+    def qdq_qparams(self, node: fx.Node) -> QParams | None:
         """The uint8 qparams of a QDQ node the kernels reproduce, else None."""
         module = self._module(node)
         return uint8_qparams(module) if isinstance(module, QDQ) else None
@@ -124,7 +123,7 @@ class StaticLowering:
         return self._capable[node]
 
     def _find_qparams(self, node: fx.Node) -> QParams | None:
-        found = self._qdq(node)
+        found = self.qdq_qparams(node)
         if found is not None or node.op not in ("call_module", "call_function", "call_method"):
             return found
         info = describe(node, self.gm)
@@ -137,14 +136,14 @@ class StaticLowering:
         if info.kind is Kind.IDENTITY and not info.params.get("training", False) or info.kind in _CODE_KINDS:
             return self.code_qparams(first)
         if info.kind is Kind.POOL and info.op == "max_pool2d" and not info.params.get("return_indices") \
-                and len(self._shape(first)) == 4:
+                and len(self.shape(first)) == 4:
             return self.code_qparams(first)
         if grid_padding(info):  # zeros are the zero point's code; copies are codes
             return self.code_qparams(first)
         return None
 
     @staticmethod
-    def _shape(node: fx.Node) -> tuple[int, ...]:
+    def shape(node: fx.Node) -> tuple[int, ...]:
         meta = node.meta.get("tensor_meta")
         return tuple(meta.shape) if hasattr(meta, "shape") else ()
 
@@ -160,14 +159,14 @@ class StaticLowering:
             info = describe(node, self.gm) if node.op in ("call_module", "call_function", "call_method") else None
             if info is None or node.op == "output":
                 continue
-            if self.has_codes(node) and not _impure(node):
+            if self.has_codes(node) and not impure(node):
                 self.deferred.add(node)
             elif info.kind is Kind.SHAPE and node.args and isinstance(node.args[0], fx.Node) \
                     and self.has_codes(node.args[0]):
                 self.deferred.add(node)  # x.size() of a uint8-able value: asked of whichever form exists
-            elif self._quant_producer(node) is not None:
+            elif self.producers.find(node) is not None:
                 self.deferred.add(node)
-                if self._add_under(node, info) is not None and info.kind is Kind.ACTIVATION:
+                if self.producers.add_under(node, info) is not None and info.kind is Kind.ACTIVATION:
                     self.deferred.add(node.args[0])  # type: ignore[arg-type]  # relu(add): the add goes with it
 
     def _plan_layer(self, node: fx.Node, layer: FoldedLayer) -> None:
@@ -184,7 +183,7 @@ class StaticLowering:
             self.stats.float_nodes[node.name] = f"kept folded (dequantize + float compute): {reason}"
             return
         chain = match_chain(info, self.gm, approximate=self.approximate_post_ops)
-        if chain.residual is not None and (self._out_qparams(chain) is not None
+        if chain.residual is not None and (self.out_qparams(chain) is not None
                                           and not self.has_codes(chain.residual)
                                           or any(n in self.inside for n in chain.nodes)):
             chain = match_chain(info, self.gm, allow_add=False, approximate=self.approximate_post_ops)
@@ -193,13 +192,13 @@ class StaticLowering:
         self.ends[chain.end] = node
         self.inside.update(chain.nodes[1:])
 
-    def _out_qparams(self, chain: FusedChain) -> QParams | None:
+    def out_qparams(self, chain: FusedChain) -> QParams | None:
         """The uint8 qparams the op emits: those of the QDQ that is the chain end's only user."""
         users = list(chain.end.users)
-        return self._qdq(users[0]) if len(users) == 1 else None
+        return self.qdq_qparams(users[0]) if len(users) == 1 else None
 
     # -- forms ------------------------------------------------------------------
-    def _copy(self, node: fx.Node, arg: Callable[[fx.Node], fx.Node]) -> fx.Node:
+    def copy_node(self, node: fx.Node, arg: Callable[[fx.Node], fx.Node]) -> fx.Node:
         new = self.new.node_copy(node, arg)
         if new.op == "call_method" and new.target == "view":
             # Lowered activations are channels-last, where view() of split channels fails;
@@ -208,7 +207,7 @@ class StaticLowering:
         new.meta = {k: v for k, v in node.meta.items() if k not in ("tensor_meta", "type")}
         return new
 
-    def _call(self, like: fx.Node, module: nn.Module, args: tuple, *, target: str | None = None,
+    def call(self, like: fx.Node, module: nn.Module, args: tuple, *, target: str | None = None,
               name: str | None = None) -> fx.Node:
         """A call of ``module`` (at ``target``, else in the lowered container) named ``name``
         (default: like ``like``, whose metadata it takes)."""
@@ -231,15 +230,15 @@ class StaticLowering:
         found = self.floats.get(node)
         if found is not None:
             return found
-        if self._qdq(node) is not None:
+        if self.qdq_qparams(node) is not None:
             u, qp = self.uint8(node)  # type: ignore[misc]
-            made = self._call(node, Dequantize.from_qparams(qp.scale, qp.zero_point, backend=self.backend), (u,),
+            made = self.call(node, Dequantize.from_qparams(qp.scale, qp.zero_point, backend=self.backend), (u,),
                               name=f"dequantize_{node.args[0].name}")  # type: ignore[union-attr]
         elif node in self.deferred and describe(node, self.gm).kind is Kind.SHAPE:
-            made = self._copy(node, self._any_form)
+            made = self.copy_node(node, self._any_form)
         else:
-            made = self._copy(node, self.float)
-        if node in self.deferred or self._qdq(node) is not None:
+            made = self.copy_node(node, self.float)
+        if node in self.deferred or self.qdq_qparams(node) is not None:
             self.on_demand.append(made)
         self.floats[node] = made
         return made
@@ -257,7 +256,7 @@ class StaticLowering:
         found = self.codes.get(node)
         if found is not None or not self.has_codes(node):
             return found
-        qp = self._qdq(node)
+        qp = self.qdq_qparams(node)
         if qp is not None:
             made = self._quant_of(node, qp)
         else:
@@ -270,11 +269,12 @@ class StaticLowering:
         """Codes of ``QDQ(v)``: a uint8 add / average pool of codes, or a Quantize of float ``v``."""
         value = qdq.args[0]
         assert isinstance(value, fx.Node)
-        producer = self._quant_producer(value)
+        producer = self.producers.find(value)
         if producer is not None:
             return producer(qdq, qp), qp
-        made = self._call(qdq, Quantize.from_qparams(qp.scale, qp.zero_point, backend=self.backend),
-                          (self.float(value),), name=f"quantize_{value.name}")
+        guard = str(value.target) if value.op == "placeholder" else ""  # inputs are checked for NaN/Inf
+        made = self.call(qdq, Quantize.from_qparams(qp.scale, qp.zero_point, guard=guard, backend=self.backend),
+                         (self.float(value),), name=f"quantize_{value.name}")
         return made, qp
 
     def _code_op(self, node: fx.Node) -> tuple[fx.Node, QParams]:
@@ -283,7 +283,7 @@ class StaticLowering:
         if info.kind is Kind.CONCAT:
             qp = self.code_qparams(node)
             assert qp is not None
-            return self._copy(node, lambda a: self.uint8(a)[0] if a in info.inputs else self.float(a)), qp
+            return self.copy_node(node, lambda a: self.uint8(a)[0] if a in info.inputs else self.float(a)), qp
         first = info.inputs[0]
         u, qp = self.uint8(first)  # type: ignore[misc]
         if info.kind is Kind.IDENTITY:
@@ -298,210 +298,12 @@ class StaticLowering:
             p = info.params
             pool = QuantMaxPool2d(p["kernel_size"], p.get("stride") or None, p.get("padding", 0),
                                   p.get("dilation", 1), bool(p.get("ceil_mode", False)), backend=self.backend)
-            self.stats.int8_ops[_KIND_OF[QuantMaxPool2d]] += 1
+            self.stats.int8_ops[STATS_KIND[QuantMaxPool2d]] += 1
             self.stats.lowered[node.name] = (pool, ())
-            return self._call(node, pool, (u,)), qp
-        return self._copy(node, lambda a: u if a is first else self._any_form(a)), qp
-
-    def _add_under(self, value: fx.Node, info: OpInfo) -> tuple[OpInfo, bool] | None:
-        """``(add, relu)`` when ``value`` is an add (or a ReLU of a single-use add) of two
-        uint8-able values, which a uint8 add computes."""
-        relu = info.kind is Kind.ACTIVATION and info.op == "relu" and isinstance(value.args[0], fx.Node) \
-            and len(value.args[0].users) == 1
-        add = describe(value.args[0], self.gm) if relu else info  # type: ignore[arg-type]
-        if add.kind is Kind.ELEMENTWISE and add.op == "add" and add.params.get("alpha", 1) == 1 \
-                and len(add.inputs) == 2 and all(isinstance(i, fx.Node) and self.has_codes(i) for i in add.inputs):
-            return add, relu
-        return None
-
-    def _quant_producer(self, value: fx.Node) -> Callable[[fx.Node, QParams], fx.Node] | None:
-        """An op computing ``QDQ(value)``'s codes directly, when ``value`` is such an op's output
-        that nothing else reads: a uint8 adaptive average pool or add (+ ReLU) of uint8-able
-        values, or a :class:`Quantize` applying ``value``'s activation to its float input."""
-        users = list(value.users)
-        if len(users) != 1 or self._qdq(users[0]) is None or value.op == "placeholder" or _impure(value):
-            return None
-        info = describe(value, self.gm)
-        found = self._add_under(value, info)
-        if found is not None:
-            add, relu = found
-            return lambda qdq, qp: self._add(value, add.inputs, relu, qp)
-        gated = self._gated(info)
-        if gated is not None:
-            return lambda qdq, qp: self._product_quantize(value, *gated, qp)
-        post = post_op_of(info, POST_OPS) if info.kind is Kind.ACTIVATION else None
-        if post is not None and info.inputs and isinstance(info.inputs[0], fx.Node):
-            return lambda qdq, qp: self._activation_quantize(value, info.inputs[0], post, qp)
-        pooled = info.kind is Kind.POOL and info.op == "adaptive_avg_pool2d"
-        size = info.params.get("output_size")
-        if pooled and info.inputs and isinstance(info.inputs[0], fx.Node) and self.has_codes(info.inputs[0]) \
-                and size is not None and None not in (size if isinstance(size, (tuple, list)) else (size,)):
-            return lambda qdq, qp: self._avg_pool(value, info.inputs[0], size, qp)
-        return None
-
-    def _add(self, value: fx.Node, inputs: tuple, relu: bool, qp: QParams) -> fx.Node:
-        (ua, qa), (ub, qb) = self.uint8(inputs[0]), self.uint8(inputs[1])  # type: ignore[misc]
-        module = QuantAdd.from_qparams((qa.scale, qa.zero_point), (qb.scale, qb.zero_point),
-                                       (qp.scale, qp.zero_point), relu=relu, backend=self.backend)
-        self.stats.int8_ops[_KIND_OF[QuantAdd]] += 1
-        self.stats.lowered[value.name] = (module, (self._shape(inputs[0]), self._shape(inputs[1])))
-        return self._call(value, module, (ua, ub))
-
-    def _gated(self, info: OpInfo) -> tuple[fx.Node, fx.Node] | None:
-        """``(x, gains)`` when ``info`` multiplies a float ``(N, C, H, W)`` value by ``(N, C, 1, 1)``
-        gains (squeeze-excitation), which :class:`QuantizeProduct` quantizes in one pass."""
-        if info.kind is not Kind.ELEMENTWISE or info.op != "mul" or len(info.inputs) != 2 \
-                or not all(isinstance(i, fx.Node) for i in info.inputs):
-            return None
-        a, b = info.inputs
-        sa, sb = self._shape(a), self._shape(b)
-        for x, gains, sx, sg in ((a, b, sa, sb), (b, a, sb, sa)):
-            if len(sx) == 4 and tuple(sg) == (sx[0], sx[1], 1, 1) and not self.has_codes(x):
-                return x, gains
-        return None
-
-    def _product_quantize(self, value: fx.Node, x: fx.Node, gains: fx.Node, qp: QParams) -> fx.Node:
-        module = QuantizeProduct.from_qparams(qp.scale, qp.zero_point, backend=self.backend)
-        return self._call(value, module, (self.float(x), self.float(gains)), name=f"quantize_{value.name}")
-
-    def _activation_quantize(self, value: fx.Node, x: fx.Node, post: tuple[str, tuple[float, ...]],
-                             qp: QParams) -> fx.Node:
-        """``QDQ(act(x))`` for a float ``x``: one Quantize applying the activation (torch's op)
-        chunk by chunk, the pass over memory an activation of its own would cost saved."""
-        module = Quantize.from_qparams(qp.scale, qp.zero_point, activation=post[0], activation_args=post[1],
-                                       backend=self.backend)
-        return self._call(value, module, (self.float(x),), name=f"quantize_{value.name}")
-
-    def _avg_pool(self, value: fx.Node, x: fx.Node, size: Any, qp: QParams) -> fx.Node:
-        u, qx = self.uint8(x)  # type: ignore[misc]
-        module = QuantAdaptiveAvgPool2d.from_float(nn.AdaptiveAvgPool2d(size), qx.scale, qx.zero_point,
-                                                   qp.scale, qp.zero_point, backend=self.backend)
-        self.stats.int8_ops[_KIND_OF[QuantAdaptiveAvgPool2d]] += 1
-        self.stats.lowered[value.name] = (module, (self._shape(x),))
-        return self._call(value, module, (u,))
+            return self.call(node, pool, (u,)), qp
+        return self.copy_node(node, lambda a: u if a is first else self._any_form(a)), qp
 
     # -- emission -----------------------------------------------------------------
-    def _absorbed_pad(self, data: fx.Node, layer: FoldedLayer) -> tuple[fx.Node, tuple[int, ...]] | None:
-        """``(its input, pad)`` when ``data`` is a zero pad that only this conv reads, which the
-        lowered conv applies to its codes itself (TensorFlow-style "same" padding: one pass over
-        memory saved)."""
-        if data.op not in ("call_module", "call_function") or len(data.users) != 1 or \
-                isinstance(layer.module, nn.Linear) or layer.module.padding_mode != "zeros":
-            return None
-        info = describe(data, self.gm)
-        source = info.inputs[0] if info.inputs else None
-        if not (grid_padding(info) and info.params.get("mode", "constant") == "constant") or \
-                not isinstance(source, fx.Node) or not self.has_codes(source):
-            return None
-        pad = tuple(int(v) for v in info.params["pad"])
-        return (source, pad) if len(pad) == 2 * (len(layer.weight_shape) - 2) else None
-
-    def _emit_layer(self, node: fx.Node, chain: FusedChain) -> None:
-        layer = self.layers[node]
-        data = describe(node, self.gm).inputs[0]
-        absorbed = self._absorbed_pad(data, layer)  # type: ignore[arg-type]
-        if absorbed is not None:
-            data = absorbed[0]
-        u, qx = self.uint8(data)  # type: ignore[misc]
-        out = self._out_qparams(chain)
-        conv = not isinstance(layer.module, nn.Linear)  # layer_problem admitted only convs and linears
-        args: tuple = (u,)
-        if conv:
-            residual: QParams | bool = False
-            if chain.residual is not None:
-                if out is not None:
-                    r, residual = self.uint8(chain.residual)  # type: ignore[misc]
-                else:
-                    r, residual = self.float(chain.residual), True
-                args = (u, r)
-            module: LoweredModule = quant_conv(layer, qx, out, post_op=chain.post_op,
-                                               post_op_args=chain.post_op_args, residual=residual,
-                                               backend=self.backend)
-        else:
-            module = quant_linear(layer, qx, out, post_op=chain.post_op, post_op_args=chain.post_op_args,
-                                  backend=self.backend)
-        if absorbed is not None:
-            module.add_pre_padding(absorbed[1])  # type: ignore[union-attr]
-        way = "int8"
-        module = self._shared(layer, module)
-        if self.choose is not None:
-            choice = self.choose(self._candidates(node, chain, layer, module, qx, out))
-            way = choice.way
-            self.stats.choices[way] += 1
-            if way == "float":
-                self.stats.float_nodes[node.name] = f"kept float: {choice.reason}"
-        if way == "float":
-            self._emit_float_chain(node, chain, layer)
-        elif way == "separate add":
-            self._emit_separate_add(node, chain, layer, u, qx)
-        else:
-            new = self._call(node, module, args, target=str(node.target))
-            self._count_int8(node, module, data, conv)
-            if out is not None:
-                self.codes[next(iter(chain.end.users))] = (new, out)
-            else:
-                self.floats[chain.end] = new
-
-    def _shared(self, layer: FoldedLayer, module: nn.Module) -> nn.Module:
-        """``module`` holding the same weight tensors as the module of ``layer``'s first call
-        site: a layer called at several sites is lowered once per site (each with its own
-        activation qparams) and stored once."""
-        first = self.first_site.setdefault(id(layer), module)
-        if first is not module and type(first) is type(module):
-            for name in ("weight", "weight_scale", "bias"):
-                mine, theirs = getattr(module, name, None), getattr(first, name, None)
-                if isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor) and torch.equal(mine, theirs):
-                    setattr(module, name, theirs)
-        return module
-
-    def _count_int8(self, node: fx.Node, module: LoweredModule, data: fx.Node, conv: bool) -> None:
-        self.stats.int8_ops["conv" if conv else "linear"] += 1
-        self.stats.lowered[node.name] = (module, (self._shape(data),) if conv else ())
-
-    def _candidates(self, node: fx.Node, chain: FusedChain, layer: FoldedLayer, module: LoweredModule,
-                    qx: QParams, out: QParams | None) -> Candidates:
-        """The ways to run this layer, for :mod:`.choice` to time."""
-        separate = None
-        residual_kind, residual_qparams = None, None
-        if chain.residual is not None:
-            residual_kind = "uint8" if out is not None else "float"
-            found = self.code_qparams(chain.residual) if out is not None else None
-            residual_qparams = (found.scale, found.zero_point) if found is not None else None
-            separate = quant_conv(layer, qx, None, post_op="none", post_op_args=(), residual=False,
-                                  backend=self.backend)
-        return Candidates(
-            int8=module, float_module=float_twin(layer), separate=separate,  # type: ignore[arg-type]
-            input_shape=self._shape(node.args[0]), output_shape=self._shape(node),  # type: ignore[arg-type]
-            input_qparams=(qx.scale, qx.zero_point),
-            output_qparams=None if out is None else (out.scale, out.zero_point),
-            residual=residual_kind, residual_qparams=residual_qparams,
-            post_op=chain.post_op, post_op_args=chain.post_op_args)
-
-    def _emit_float_chain(self, node: fx.Node, chain: FusedChain, layer: FoldedLayer) -> None:
-        """The chain computed in float, its layer a float module with the dequantized weight."""
-        twin = self.twins.get(id(layer))
-        if twin is None:  # one float module serves every call site kept float
-            twin = self.twins[id(layer)] = float_twin(layer)
-        self.floats[node] = self._call(node, twin, (self.float(node.args[0]),), target=str(node.target))
-        self._copy_chain_rest(chain)
-
-    def _emit_separate_add(self, node: fx.Node, chain: FusedChain, layer: FoldedLayer, u: fx.Node,
-                           qx: QParams) -> None:
-        """The int8 conv with a float32 output; its residual add and activation as float ops
-        (the same values as the fused ``sum``: see :mod:`.choice`)."""
-        conv = self._shared(layer, quant_conv(layer, qx, None, post_op="none", post_op_args=(), residual=False,
-                                              backend=self.backend))
-        self.floats[node] = self._call(node, conv, (u,), target=str(node.target))
-        self._count_int8(node, conv, node.args[0], True)  # type: ignore[arg-type]
-        self._copy_chain_rest(chain)
-
-    def _copy_chain_rest(self, chain: FusedChain) -> None:
-        """The chain's nodes after its op as float ops; those a quantization absorbs instead
-        (a ReLU applied by the Quantize that follows) are dropped when unused."""
-        for n in chain.nodes[1:]:
-            self.floats[n] = self._copy(n, self.float)
-            self.on_demand.append(self.floats[n])
-
     def run(self) -> LoweringStats:
         """Plan, build the new graph, install it in ``gm``; returns the stats."""
         self.plan()
@@ -511,11 +313,11 @@ class StaticLowering:
             # after the op itself (a ResNet downsample branch).
             if node in self.ends:
                 op = self.ends[node]
-                self._emit_layer(op, self.chains[op])
+                self.emitter.emit(op, self.chains[op])
             elif node.op == "output":
-                self._copy(node, self.float)
+                self.copy_node(node, self.float)
             elif node not in self.chains and node not in self.inside and node not in self.deferred:
-                self.floats[node] = self._copy(node, self.float)
+                self.floats[node] = self.copy_node(node, self.float)
         self._drop_unused()
         self._consume_residuals()
         self.gm.graph = self.new
@@ -532,7 +334,7 @@ class StaticLowering:
         for name, (module, _) in list(self.stats.lowered.items()):
             if id(module) not in called:  # only uint8 pools and adds are made on demand
                 del self.stats.lowered[name]
-                self.stats.int8_ops[_KIND_OF[type(module)]] -= 1
+                self.stats.int8_ops[STATS_KIND[type(module)]] -= 1
         self.stats.int8_ops = +self.stats.int8_ops  # drops kinds counted down to 0
         for cls, key in (((Quantize, QuantizeProduct), "quantize"), (Dequantize, "dequantize")):
             self.stats.boundaries[key] = sum(isinstance(self.container[k], cls) and id(self.container[k]) in called
@@ -551,7 +353,3 @@ class StaticLowering:
             last = all(order[u] <= order[node] for u in victim.users)
             if isinstance(producer, _FRESH) and last:
                 module.consume_residual = True
-
-
-def _impure(node: fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and node.is_impure()
