@@ -76,35 +76,48 @@ class Quantize(LoweredModule):
     quantization loop (one pass over memory instead of two): how the lowering runs an
     activation oneDNN would approximate differently, between a float32-output kernel
     and the quantization that follows it.
+
+    With ``guard`` (the name of the graph input it reads; the lowering sets it) it refuses
+    non-finite values with an :class:`~fxcompress.errors.InputError`: integer codes cannot
+    represent NaN or Inf (NaN would land on a code, Inf saturate), so a model that quietly
+    returned plausible outputs for a NaN input would hide the fault the float model shows.
+    The check is one sum over the input (NaN and Inf propagate through it; a finite input
+    whose sum overflows float32 is refused too), about a tenth of the quantization's cost.
     """
 
     def __init__(self, *, activation: str = "none", activation_args: Sequence[float] = (),
-                 backend: str = "x86") -> None:
+                 guard: str = "", backend: str = "x86") -> None:
         super().__init__(backend)
         self.activation = activation
         self.activation_args = _check_post_op(activation, activation_args, POST_OPS)
+        self.guard = str(guard)
         self.register_qparams("output")
 
     @classmethod
     def from_qparams(cls, scale: float | torch.Tensor, zero_point: int | torch.Tensor, *,
-                     activation: str = "none", activation_args: Sequence[float] = (),
+                     activation: str = "none", activation_args: Sequence[float] = (), guard: str = "",
                      backend: str = "x86") -> Quantize:
-        m = cls(activation=activation, activation_args=activation_args, backend=backend)
+        m = cls(activation=activation, activation_args=activation_args, guard=guard, backend=backend)
         m.set_qparams("output", scale, zero_point)
         return m
 
     def config(self) -> dict[str, Any]:
         return {"activation": self.activation, "activation_args": list(self.activation_args),
-                "backend": self.backend}
+                "guard": self.guard, "backend": self.backend}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._cache is None:
             self._cache = {"q": self.qparams("output")}
+        if self.guard and x.is_floating_point() and not bool(torch.isfinite(x.sum())):
+            raise InputError(f"input {self.guard!r} holds NaN or Inf values: a lowered int8 model cannot "
+                             f"represent them (the float model would return NaN or Inf); check or clean "
+                             f"the input")
         return quantize_uint8(x, *self._cache["q"], self.activation, self.activation_args)
 
     def extra_repr(self) -> str:
         act = f"activation={self.activation}, " if self.activation != "none" else ""
-        return (f"{act}bits=8, scale={summarize(self.output_scale)}, zp={int(self.output_zero_point)}, "
+        guard = f"guard={self.guard!r}, " if self.guard else ""
+        return (f"{act}{guard}bits=8, scale={summarize(self.output_scale)}, zp={int(self.output_zero_point)}, "
                 f"backend={self.backend}")
 
 
@@ -235,7 +248,7 @@ class QuantLinear(LoweredModule):
                                    post_op_args=self.post_op_args, output_scale=os_,
                                    output_zero_point=ozp)
             cache["run"] = lambda x: kernel(x, xs, xzp)
-        else:  # the kernel's arithmetic with portable ops, bit for bit (int_math)
+        else:  # the arithmetic the kernel is held to, with portable ops (int_math)
             cache["run"] = lambda x: requantize_uint8(apply_post_op(
                 rescale(accumulate(F.linear, x.to(torch.int16) - xzp, self.weight), xs, self.weight_scale,
                         self.bias, -1), self.post_op, self.post_op_args), os_, ozp)
