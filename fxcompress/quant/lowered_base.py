@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from fxcompress.artifact.modules import register_module, supported_modules
+from fxcompress.artifact.modules import assign_state, register_module
 from fxcompress.errors import ArtifactError, ConfigError, LoweringError
 
 __all__ = ["BACKENDS", "LoweredModule", "as_pair", "check_qparams", "quantize_weight_int8", "summarize"]
@@ -89,9 +89,6 @@ class LoweredModule(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # The registry fills its torch.nn entries lazily, and (fxcompress.artifact.modules
-        # as of this writing) skips that once anything is registered: fill them first.
-        supported_modules()
         register_module(cls)  # artifact name: "<module>.<qualname>", imported on load
 
     def __init__(self, backend: str) -> None:
@@ -114,18 +111,17 @@ class LoweredModule(nn.Module):
         (not copies, unlike ``load_state_dict``), so tensors an artifact stores once for
         several modules (one weight for every call site of a layer) stay shared."""
         module = cls(**config)
-        own = module.state_dict()
-        if set(own) != set(state):
-            raise ArtifactError(f"malformed artifact: {cls.__qualname__} expects tensors {sorted(own)}, "
-                                f"the artifact has {sorted(state)}")
-        for name, tensor in state.items():
-            if (own[name].shape, own[name].dtype) != (tensor.shape, tensor.dtype):
-                raise ArtifactError(f"malformed artifact: {cls.__qualname__} tensor {name!r} is {tensor.dtype} "
-                                    f"{tuple(tensor.shape)}, its config implies {own[name].dtype} "
-                                    f"{tuple(own[name].shape)}")
-            owner, _, attr = name.rpartition(".")
-            module.get_submodule(owner)._buffers[attr] = tensor
-        module.reset_cache()
+        by_owner: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            owner, _, name = key.rpartition(".")
+            by_owner.setdefault(owner, {})[name] = tensor
+        for path, sub in module.named_modules():  # submodules (an attention's projections) too
+            assign_state(sub, by_owner.pop(path, {}))
+            if isinstance(sub, LoweredModule):
+                sub.reset_cache()
+        if by_owner:
+            raise ArtifactError(f"malformed artifact: {cls.__qualname__} has no submodules {sorted(by_owner)} "
+                                f"for the tensors stored under them")
         return module
 
     def reset_cache(self) -> None:

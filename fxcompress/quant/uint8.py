@@ -58,10 +58,28 @@ _CHUNK = 1 << 18
 
 
 @functools.lru_cache(maxsize=4096)
+def _scalar(value: float) -> torch.Tensor:
+    """``value`` as a 0-dim float32 tensor (memoised). An elementwise op given a Python number
+    wraps it into a tensor on every call (a few microseconds, hundreds of times a forward);
+    the value is float32-exact here, so the result is the same bit for bit."""
+    with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+        return torch.tensor(value, dtype=torch.float32)
+
+
+_BOUNDS = (float(1 << 23), float((1 << 23) + 255))
+
+
+@functools.lru_cache(maxsize=4096)
 def _inverse(scale: float) -> float:
     """``1 / scale`` rounded to float32, as the kernels compute it (memoised: a tensor
     round trip costs more than a small quantize)."""
     return float(torch.tensor(scale, dtype=torch.float32).reciprocal())
+
+
+def _round_clamp_(y: torch.Tensor, zero_point: int) -> torch.Tensor:
+    """``y + zero_point``, then rounded and clamped to [0, 255] through the magic number, in place."""
+    lo, hi = _BOUNDS
+    return y.add_(_scalar(float(zero_point))).add_(_scalar(_MAGIC)).clamp_(_scalar(lo), _scalar(hi))
 
 
 def _quantize_flat(x: torch.Tensor, out: torch.Tensor, inverse: float, zero_point: int,
@@ -73,8 +91,8 @@ def _quantize_flat(x: torch.Tensor, out: torch.Tensor, inverse: float, zero_poin
         buf = scratch[: stop - start]
         # The activation runs chunk by chunk while the chunk is in cache (elementwise:
         # the same values as on the whole tensor), instead of in a pass of its own.
-        torch.mul(apply_post_op(x[start:stop], post_op, post_op_args), inverse, out=buf)
-        buf.add_(zero_point).add_(_MAGIC).clamp_(_MAGIC, _MAGIC + 255)
+        torch.mul(apply_post_op(x[start:stop], post_op, post_op_args), _scalar(inverse), out=buf)
+        _round_clamp_(buf, zero_point)
         out[start:stop].copy_(bits[: stop - start])
 
 
@@ -94,8 +112,8 @@ def quantize_uint8(x: torch.Tensor, scale: float, zero_point: int, post_op: str 
         x = x.float()
     inverse = _inverse(scale)
     if x.numel() <= _CHUNK:
-        y = apply_post_op(x, post_op, post_op_args).mul(inverse)
-        y.add_(zero_point).add_(_MAGIC).clamp_(_MAGIC, _MAGIC + 255)
+        y = apply_post_op(x, post_op, post_op_args).mul(_scalar(inverse))
+        _round_clamp_(y, zero_point)
         return y.view(torch.int32).to(torch.uint8)
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         out = torch.empty(x.shape, dtype=torch.uint8, memory_format=torch.channels_last)
@@ -134,7 +152,7 @@ def quantize_product_uint8(x: torch.Tensor, gains: torch.Tensor, scale: float, z
             stop = min(start + step, h * w)
             buf = scratch[: (stop - start) * c].view(stop - start, c)
             torch.mul(rows[i, start:stop], gain_rows[i], out=buf)
-            buf.mul_(inverse).add_(zero_point).add_(_MAGIC).clamp_(_MAGIC, _MAGIC + 255)
+            _round_clamp_(buf.mul_(_scalar(inverse)), zero_point)
             out_rows[i, start:stop].copy_(buf.view(torch.int32))
     return out
 
@@ -143,7 +161,9 @@ def dequantize_uint8(q: torch.Tensor, scale: float, zero_point: int,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 -> ``(q - zero_point) * scale`` in ``dtype``, keeping the memory format."""
     y = q.to(dtype)
-    return y.sub_(zero_point).mul_(scale)
+    if dtype != torch.float32:
+        return y.sub_(zero_point).mul_(scale)
+    return y.sub_(_scalar(float(zero_point))).mul_(_scalar(float(scale)))
 
 
 def requantize_uint8(y: torch.Tensor, scale: float | None, zero_point: int) -> torch.Tensor:
