@@ -17,7 +17,8 @@ from tabulate import tabulate
 
 import fxcompress
 
-__all__ = ["ROOT", "SECTIONS", "cpu_name", "environment", "markdown_table", "write_section"]
+__all__ = ["ROOT", "SECTIONS", "cpu_name", "int8_kernels", "environment", "weights_for_this_cpu",
+           "markdown_table", "write_section"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ROOT / "docs" / "benchmarks"
@@ -34,14 +35,40 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def int8_kernels() -> str:
+    """The oneDNN ISA this process's int8 kernels use and how they multiply (measured)."""
+    from fxcompress.quant.isa import int8_arithmetic
+    from fxcompress.quant.kernels import onednn_int8_support
+
+    support = onednn_int8_support()
+    return f"oneDNN int8 {int8_arithmetic().describe()}" if support else f"no oneDNN int8 ({support.reason})"
+
+
 def environment() -> str:
-    """One markdown line: versions, CPU, cores, torch threads and the load when written.
+    """One markdown line: versions, CPU and its int8 kernel path, cores, torch threads and the
+    load when written.
 
     The load average says whether other work shared the machine while timing.
     """
     return (f"fxcompress {fxcompress.__version__}, torch {torch.__version__}, Python "
-            f"{platform.python_version()}; {cpu_name()}, {os.cpu_count()} logical cores, "
-            f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+            f"{platform.python_version()}; {cpu_name()}, {int8_kernels()}, {os.cpu_count()} logical "
+            f"cores, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+
+
+def weights_for_this_cpu() -> tuple[str, object]:
+    """``(label, QuantSpec)``: the weights whose layers run on this CPU's int8 kernels.
+
+    8-bit (the default) where the kernels multiply exactly; 7-bit
+    (``portable_weight_spec``) where they add in saturating 16-bit pairs (AVX2), on
+    which 8-bit weights take the reference path (see ``docs/lowering.md``).
+    """
+    from fxcompress.quant.isa import int8_arithmetic
+    from fxcompress.quant.kernels import onednn_int8_support
+    from fxcompress.quant.spec import default_weight_spec, portable_weight_spec
+
+    if onednn_int8_support() and not int8_arithmetic().exact_products:
+        return "7-bit (portable_weight_spec)", portable_weight_spec()
+    return "8-bit (default)", default_weight_spec()
 
 
 def markdown_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:

@@ -93,7 +93,7 @@ def int8_static(
     activations: Any = None,
     num_batches: int | None = None,
     backend: str | None = None,
-    only_if_faster: bool | None = None,
+    only_if_faster: bool = True,
     skip: Sequence[str] = (),
 ) -> list[Entry]:
     """Static int8: observe, calibrate on ``calibration_data``, fold, lower to integer kernels.
@@ -102,7 +102,10 @@ def int8_static(
     values (or their dict form); left out, the observer pass's defaults apply
     (symmetric per-channel int8 weights, affine per-tensor uint8 activations
     with a histogram observer: what the x86 kernels take).  ``skip`` keeps the
-    matching modules float.  Fusion comes first so that the folded BatchNorm is
+    matching modules float.  ``only_if_faster`` (on by default) lets ``lower``
+    time each layer's ways to run on this CPU and keep the fastest, so the
+    result is never slower than float layer by layer (x86 backend; see
+    ``docs/lowering.md``).  Fusion comes first so that the folded BatchNorm is
     quantized as part of its conv, and dead-node elimination last because
     lowering leaves the float weights behind.
     """

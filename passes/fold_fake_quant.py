@@ -35,7 +35,9 @@ class FoldFakeQuant(Pass):
     quantize-dequantize output (directly or through ops that keep its grid) records
     that input's scale, and then computes as the int8 kernels do, exact integer
     accumulation included (see :class:`~fxcompress.quant.layers.FoldedLayer`), so
-    ``lower`` reproduces the folded graph bit for bit.  Stats: ``layers`` (per bit
+    ``lower(backend="reference")`` reproduces the folded graph bit for bit (x86: within a
+    code per op).  A layer called at several sites whose inputs have different scales
+    computes in float.  Stats: ``layers`` (per bit
     width), ``qdq`` (modules), ``removed_qdq`` (redundant nodes), ``integer_exact``
     (layers computing as the kernels do), and ``weight_bytes`` before/after for the
     folded layers.

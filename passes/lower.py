@@ -62,7 +62,8 @@ class Lower(Pass):
     output quantized where its neighbours are integer), and for a conv with a fused residual
     the int8 conv with the add done in float (the same values; faster where oneDNN's fused
     ``sum`` kernel is slow); int8 stays unless another way is faster by more than 10%
-    (:mod:`fxcompress.quant.lowering.choice`). With it or ``check_speed`` the lowered model
+    (:mod:`fxcompress.quant.lowering.choice`); it applies to the x86 backend (the reference
+    one is portable by choice, not timed). With it or ``check_speed`` the lowered model
     is timed against the float version of the folded model and a ``UserWarning`` says when
     it is slower. Stats: ``int8_nodes`` (count), ``int8_ops`` (per kind), ``float_nodes``
     (quantized layer -> why not int8), ``fallbacks`` ([{node, reason}] for ops on the
@@ -96,7 +97,8 @@ class Lower(Pass):
         reference = float_reference(gm) if measure else None
         kept_qdq = [n.name for n in gm.graph.nodes if n.op == "call_module"
                     and isinstance(m := gm.get_submodule(str(n.target)), QDQ) and uint8_qparams(m) is None]
-        lowering = StaticLowering(gm, ctx, backend, choose if self.only_if_faster else None,
+        measured = self.only_if_faster and backend == "x86"  # the reference backend is chosen, not timed
+        lowering = StaticLowering(gm, ctx, backend, choose if measured else None,
                                   approximate_post_ops=self.approximate_post_ops)
         stats = lowering.run()
         args, kwargs = ctx.example_inputs()
@@ -113,7 +115,7 @@ class Lower(Pass):
             "float_nodes": dict(stats.float_nodes), "fallbacks": fallbacks,
             "quantize": stats.boundaries["quantize"], "dequantize": stats.boundaries["dequantize"],
         }
-        if self.only_if_faster:
+        if measured:
             out["choices"] = dict(stats.choices)
         notes.append(_summary(stats, fallbacks, backend))
         overflow = [f for f in fallbacks if "could overflow" in f["reason"]]

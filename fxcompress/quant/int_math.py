@@ -1,4 +1,4 @@
-"""The arithmetic of the int8 kernels, with portable torch ops, bit for bit.
+"""The arithmetic of the int8 kernels, with portable torch ops: the reference they are held to.
 
 oneDNN's x86 int8 conv and linear (``torch.ops.onednn.qconv_pointwise`` /
 ``qlinear_pointwise``) accumulate ``(x_code - x_zp) * w_code`` exactly in int32, then
@@ -9,14 +9,17 @@ finish in float32, every step rounded to float32:
    (:func:`add_dequantized`);
 3. the post-op; then requantization as :func:`fxcompress.quant.uint8.quantize_uint8`.
 
-Measured bit for bit on torch 2.14.1 (AVX512-VNNI/AMX) over every conv of resnet50,
-mobilenet_v2 and efficientnet_b0 at 224 px; other operation orders (one combined
-scale, a fused multiply-add of the bias, division by the output scale) each differ
-at a few codes in 10^7.
+Measured bit for bit on torch 2.14.1 with AVX512-VNNI (AMD EPYC) over every conv of
+resnet50, mobilenet_v2 and efficientnet_b0 at 224 px; other operation orders (one
+combined scale, a fused multiply-add of the bias, division by the output scale) each
+differ at a few codes in 10^7. Other kernel paths round some float32 steps differently
+(Intel AMX: the fused residual ``sum`` and some 3-channel first convs, about 1 output in
+10^4), which is why the x86 lowering is held to one code per op, not to equality
+(:mod:`fxcompress.quant.contract`).
 
 The folded graph (:class:`~fxcompress.quant.layers.FoldedLayer`) and the reference
-path of the lowered modules compute with these functions, so a folded model, its
-reference lowering and its x86 lowering agree exactly, not just to within a code.
+path of the lowered modules compute with these functions, so a folded model and its
+reference lowering agree exactly, on any CPU.
 The accumulation here is a float64 conv/linear of integer values: every product and
 partial sum is an integer below 2**53, hence exact whatever algorithm torch picks
 (float32 accumulation is not: its rounding depends on the algorithm and the memory

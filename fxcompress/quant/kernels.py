@@ -15,7 +15,10 @@ Numeric conventions, shared with the reference path of :mod:`fxcompress.quant.lo
 * static weights are int8 symmetric per output channel: ``w ~= q[c] * scale[c]`` (oneDNN
   ignores weight zero points, so none are stored);
 * the oneDNN kernels requantize inside the kernel (round half to even); the reference
-  path reproduces their arithmetic bit for bit (:mod:`fxcompress.quant.int_math`).
+  path computes the arithmetic they are specified by (:mod:`fxcompress.quant.int_math`),
+  and each kernel path (AVX2, AVX512-VNNI, AMX) is within one code of it per op
+  (:mod:`fxcompress.quant.contract`). On CPUs whose int8 dot products saturate
+  (:mod:`fxcompress.quant.isa`), only weights that cannot overflow them take the kernels.
 
 Facts checked on torch 2.14.1 (x86, AVX512-VNNI): prepacking a conv weight for the real
 input height/width matters (a 512x512 3x3 conv on 7x7 ran 3.6x slower when packed

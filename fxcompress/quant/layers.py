@@ -248,7 +248,8 @@ class FoldedLayer(nn.Module):
     of a quantize-dequantize, else None) makes a conv or linear with per-tensor or
     per-channel weights compute as the int8 kernels do (:mod:`fxcompress.quant.int_math`):
     exact integer accumulation, then the kernels' float32 rescaling, so the lowered
-    model reproduces the folded one bit for bit.  That path runs on float32 inputs
+    reference lowering reproduces the folded model bit for bit (and the x86 one within a
+    code per op: :mod:`fxcompress.quant.contract`).  That path runs on float32 inputs
     that lie on the input grid (checked on every call; under autograd the gradient is
     the float path's); any other input takes the dequantized float path, which is the
     same value up to float32 rounding.

@@ -275,7 +275,7 @@ class QuantConvNd(LoweredModule):
         return r
 
     def _reference(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """The kernel's arithmetic with portable ops, bit for bit (:mod:`..int_math`)."""
+        """The arithmetic the kernel is held to, with portable ops (:mod:`..int_math`)."""
         cache = self._cache if self._cache is not None else self._init_cache()
         (xs, xzp), (os_, ozp), (rs, rzp) = cache["in"], cache["out"], cache["res"]
         conv = _CONV[self.spatial_dims]
