@@ -21,6 +21,22 @@ Class attributes a pass may set:
 ``changes_outputs``
     whether output *values* may change (quantization does, fusion does not).
     Output structure, shapes and dtypes never change, for any pass.
+``needs``
+    the :func:`fxcompress.run` inputs the pass cannot work without, by their
+    :class:`PassContext` field names (``"calibration_data"``, ``"loss_fn"``,
+    ``"eval_fn"``); a tuple, or a property when it depends on the options.
+    The manager refuses a pipeline that lacks one, before any work.
+``stages``
+    the graph stages (:data:`fxcompress.verify.STAGES`) the pass runs on, or
+    None for any; stages only move forward, so the manager refuses, before
+    any work, a graph that is already past all of them.
+``runs_before``
+    names of passes that must not run earlier in the pipeline (or in an
+    earlier run on the same graph): the mirror of ``requires``, e.g. pruning
+    cannot follow quantization.
+``float32_only``
+    the pass computes for float32 models only; the manager refuses, before
+    any work, floating parameters or example inputs of another dtype.
 """
 
 from __future__ import annotations
@@ -73,6 +89,10 @@ class Pass:
     exact: ClassVar[bool] = False
     eval_only: ClassVar[bool] = False
     changes_outputs: ClassVar[bool] = True
+    needs: ClassVar[tuple[str, ...]] = ()
+    stages: ClassVar[tuple[str, ...] | None] = None
+    runs_before: ClassVar[tuple[str, ...]] = ()
+    float32_only: ClassVar[bool] = False
 
     def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement __call__")

@@ -122,8 +122,15 @@ def _mutations_are_last_uses(gm: fx.GraphModule, stage: str) -> list[str]:
 
 @register_check
 def _parameters_are_finite(gm: fx.GraphModule, stage: str) -> list[str]:
+    """Parameters hold no NaN or Inf, buffers no NaN (-inf is a legitimate attention-mask value);
+    run() refuses a model that breaks this, so a pass that breaks it is named."""
     problems = []
+    params = {id(p) for p in gm.parameters()}
     for name, tensor in gm.state_dict(keep_vars=True).items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            continue
+        if id(tensor) in params and not torch.isfinite(tensor).all():
             problems.append(f"state {name!r} holds NaN or Inf")
+        elif id(tensor) not in params and torch.isnan(tensor).any():
+            problems.append(f"state {name!r} holds NaN")
     return problems

@@ -27,12 +27,13 @@ class Calibrate(Pass):
     one batch: a tensor, a tuple of positional inputs or a dict of keyword inputs.
     A labelled ``(inputs, target)`` pair is recognised when the model takes one input
     and the item is a 2-tuple whose first element is a tensor shaped like the example
-    input except in the batch dim; the target is then ignored.  Raises
-    :class:`~fxcompress.errors.CalibrationError` for missing or empty data, a batch
+    input except in the batch dim; the target is then ignored.  The manager refuses a run
+    without ``calibration_data`` (or with a half-precision model) before any work. Raises
+    :class:`~fxcompress.errors.CalibrationError` for empty data, a batch
     whose inputs differ from the example inputs in number, dtype, rank or non-batch
     sizes (naming the batch, expected and given), NaN/Inf in a batch, NaN/Inf reaching
-    an observer (naming its node) and an observer no batch reached.  A graph without
-    activation observers (``activations=None``) needs no data: the pass does nothing.
+    an observer (naming its node) and an observer no batch reached.  On a graph without
+    activation observers (``activations=None``) the pass does nothing.
     Stats: ``batches``, ``samples``, ``observers``.
     """
 
@@ -41,6 +42,10 @@ class Calibrate(Pass):
     exact = True
     eval_only = True
     changes_outputs = False
+    needs = ("calibration_data",)
+    # The qparams are computed for, and folded into, float32 layers: a half-precision
+    # model is refused before any work instead of failing at fold_fake_quant.
+    float32_only = True
 
     num_batches: int | None = None
 

@@ -55,6 +55,10 @@ class PruneChannels(Pass):
     name = "prune_channels"
     exact = False
     changes_outputs = True
+    stages = ("float",)
+    # Pruning slices float weights: once anything quantized or lowered them it has nothing to cut.
+    runs_before = ("insert_observers", "to_fake_quant", "fold_fake_quant", "lower", "quantize_dynamic",
+                   "quantize_weights")
 
     ratio: float = 0.5
     importance: Union[str, Callable] = "l2"
@@ -85,6 +89,11 @@ class PruneChannels(Pass):
             if not isinstance(pattern, str):
                 raise ConfigError(f"prune_channels: layer_ratios keys are module-name patterns, got {pattern!r}")
             _check_ratio(f"layer_ratios[{pattern!r}]", r)
+
+    @property
+    def needs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Taylor importance measures gradients: it needs data and a loss."""
+        return ("calibration_data", "loss_fn") if self.importance == "taylor" else ()
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stage = stage_of(gm)
