@@ -44,6 +44,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .boundary import clone_inputs
 from .errors import ConfigError, InputError, TraceError
+from .pass_base import close_matches
 
 __all__ = ["trace", "normalize_inputs", "propagate_shapes", "record_meta", "tensor_metadata", "gc_paused"]
 
@@ -213,6 +214,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Iterable
             )
         gm = model
     else:
+        _check_leaf_patterns(model, leaf_modules)
         concrete = None
         for proxy_buffers in (False, True):
             tracer = _PathTracer(leaf_modules, autowrap, proxy_buffers)
@@ -239,6 +241,18 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Iterable
         _copy_training_flags(model, gm)
     propagate_shapes(gm, args, kwargs)
     return gm
+
+
+def _check_leaf_patterns(model: nn.Module, leaf_modules: Iterable[type | str]) -> None:
+    """ConfigError for a ``leaf_modules`` path pattern that matches no module (a typo, as for scope)."""
+    patterns = [p for p in leaf_modules if isinstance(p, str)]
+    if not patterns:
+        return
+    paths = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+            raise ConfigError(f"leaf_modules pattern {pattern!r} matches no module of {type(model).__name__}"
+                              f"{close_matches(pattern, paths)}")
 
 
 def _with_defaults(model: nn.Module, args: tuple, kwargs: dict,

@@ -402,3 +402,13 @@ def test_shape_propagation_never_writes_into_its_inputs() -> None:
     gm = fxcompress.trace(Halves(), x)
     propagate_shapes(gm, (x,))
     assert torch.equal(x, torch.ones(3))
+
+
+def test_a_leaf_modules_pattern_that_matches_nothing_is_a_config_error_like_a_scope_typo() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Linear(4, 2)))
+    with pytest.raises(ConfigError, match=r"leaf_modules pattern '2\.\*' matches no module of Sequential"):
+        fxcompress.trace(model, torch.randn(1, 4), leaf_modules=["2.*"])
+    with pytest.raises(ConfigError, match=r"leaf_modules pattern '01' matches no module of Sequential \(did you mean"):
+        fxcompress.trace(model, torch.randn(1, 4), leaf_modules=["01"])
+    gm = fxcompress.trace(model, torch.randn(1, 4), leaf_modules=["1.*", nn.GELU])  # a type absent is fine
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1.0", "1.1"]
