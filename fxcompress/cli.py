@@ -296,7 +296,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                  check="full", progress=False, seed=args.seed)
     print(f"\n{result.report}")
     print("\noriginal vs compressed; task metric = test accuracy (%), latency on a batch of 32:\n")
-    print(compare(model, result.model, example, eval_fn=test_accuracy, threads=(1,), min_run_time=0.4))
+    print(compare(model, result.model, example, data=list(data.test_x.split(64)), eval_fn=test_accuracy,
+                  threads=(1,), min_run_time=0.4))
     return 0
 
 

@@ -278,6 +278,9 @@ class PassManager:
         with gc_paused():
             outputs = propagate_shapes(gm, args, kwargs)
             report = Report(before=snapshot(gm))
+            from .macs import uncounted  # imported on use, as snapshot() does
+
+            report.notes.extend(f"MACs leave out node {node!r}: {why}" for node, why in uncounted(gm).items())
         reference = _spec(_flatten(outputs))
         history = list(gm.meta.get(HISTORY_KEY, []))
         steps: Any = self.steps
