@@ -31,7 +31,7 @@ from torch import nn
 from .errors import ConfigError, InputError
 
 __all__ = ["clone_inputs", "check_example_inputs", "check_weights", "check_run_arguments", "check_data",
-           "check_metric", "backends"]
+           "check_metric", "backends", "first_non_float32", "NEED_HINTS"]
 
 
 def clone_inputs(value: Any) -> Any:
@@ -146,3 +146,25 @@ def check_metric(value: Any, where: str) -> float:
     if math.isnan(value):
         raise ConfigError(f"eval_fn returned NaN {where}; it must return a number")
     return value
+
+
+#: What to tell a caller who left out an input a pass ``needs`` (Pass.needs names PassContext fields).
+NEED_HINTS = {
+    "calibration_data": "give calibration_data=[batch, ...] to fxcompress.run (a list or DataLoader of "
+                        "representative input batches; (inputs, target) pairs for training)",
+    "loss_fn": "give loss_fn=fn(outputs, target) -> scalar tensor to fxcompress.run",
+    "eval_fn": "give eval_fn=fn(model) -> float to fxcompress.run",
+}
+
+
+def first_non_float32(model: torch.nn.Module | None, args: tuple, kwargs: dict) -> str | None:
+    """A phrase naming the first floating tensor (state or example input) that is not float32."""
+    if model is not None:
+        for name, t in model.state_dict(keep_vars=True).items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
+                return f"the model's {name!r} is {str(t.dtype).removeprefix('torch.')}"
+    inputs = [(f"#{i}", a) for i, a in enumerate(args)] + [(repr(k), v) for k, v in kwargs.items()]
+    for name, value in inputs:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32:
+            return f"example input {name} is {str(value.dtype).removeprefix('torch.')}"
+    return None

@@ -42,8 +42,6 @@ verification time grows linearly with the graph.  Tests always run with
 from __future__ import annotations
 
 import time
-import weakref
-import zlib
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence, Union
 
@@ -54,6 +52,7 @@ from . import boundary
 from .capture import gc_paused, propagate_shapes
 from .errors import ConfigError, FxCompressError, InputError, PassError
 from .pass_base import Pass, PassContext, PassResult, check_option_types, close_matches, module_path_of, path_matches
+from .pass_effects import Fingerprints, align_new_modules
 from .registry import get_pass
 from .report import PassRow, Report, snapshot
 from .verify import STAGES, stage_of, verify
@@ -210,13 +209,13 @@ class PassManager:
             for need in p.needs:
                 if getattr(ctx, need, None) is None:
                     raise ConfigError(f"pass {p.name!r} (entry {i}) needs {need}: "
-                                      f"{_NEED_HINTS.get(need, f'give {need}= to fxcompress.run')}")
+                                      f"{boundary.NEED_HINTS.get(need, f'give {need}= to fxcompress.run')}")
                 if need == "calibration_data":
                     readers.append(p.name)
         boundary.check_data(ctx.calibration_data, readers)
         strict = next((s.pass_ for s in self.steps if s.pass_.float32_only), None)
         if strict is not None:
-            offender = _not_float32(model, *ctx.example_inputs())
+            offender = boundary.first_non_float32(model, *ctx.example_inputs())
             if offender is not None:
                 raise ConfigError(
                     f"pass {strict.name!r} quantizes float32 models, but {offender}: convert the model and "
@@ -288,7 +287,7 @@ class PassManager:
             from tqdm.auto import tqdm
 
             steps = tqdm(self.steps, desc="fxcompress", unit="pass", leave=False)
-        fingerprints = _Fingerprints()
+        fingerprints = Fingerprints()
         for index, step in enumerate(steps):
             before = [s.pass_.name for s in self.steps[:index]]
             with gc_paused():
@@ -299,7 +298,7 @@ class PassManager:
             seconds = time.perf_counter() - start
             gm = result.gm
             with gc_paused():
-                _align_new_modules(gm, modules_before)
+                align_new_modules(gm, modules_before)
                 modified = bool(result.modified) and fingerprints(gm) != fingerprint
                 outputs = self._check(step, before, gm, ctx, outputs, reference)
                 after = snapshot(gm)
@@ -401,89 +400,6 @@ class PassManager:
             if _meta_shapes(old) != _meta_shapes(new):
                 raise self._error(step, before, f"node {node.name!r} records {_meta_shapes(old)} but computes "
                                   f"{_meta_shapes(new)}: a rewrite left stale metadata")
-
-
-_NEED_HINTS = {
-    "calibration_data": "give calibration_data=[batch, ...] to fxcompress.run (a list or DataLoader of "
-                        "representative input batches; (inputs, target) pairs for training)",
-    "loss_fn": "give loss_fn=fn(outputs, target) -> scalar tensor to fxcompress.run",
-    "eval_fn": "give eval_fn=fn(model) -> float to fxcompress.run",
-}
-
-
-def _not_float32(model: torch.nn.Module | None, args: tuple, kwargs: dict) -> str | None:
-    """A phrase naming the first floating tensor (state or example input) that is not float32."""
-    if model is not None:
-        for name, t in model.state_dict(keep_vars=True).items():
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
-                return f"the model's {name!r} is {str(t.dtype).removeprefix('torch.')}"
-    inputs = [(f"#{i}", a) for i, a in enumerate(args)] + [(repr(k), v) for k, v in kwargs.items()]
-    for name, value in inputs:
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32:
-            return f"example input {name} is {str(value.dtype).removeprefix('torch.')}"
-    return None
-
-
-def _align_new_modules(gm: fx.GraphModule, before: dict[str, torch.nn.Module]) -> None:
-    """Give modules a pass added the train/eval flag of what they replace, else of their parent.
-
-    Modules are created in training mode; a rewrite of an eval-mode model must
-    not leave, say, a quantized conv in training mode (an eval-only pass would
-    then refuse the result, and an artifact would save the wrong flag).
-    Parents come before children in ``named_modules``, so a new container's
-    new children follow it.
-    """
-    known = {id(m) for m in before.values()}
-    for name, module in gm.named_modules():
-        if id(module) in known:
-            continue
-        if name in before:
-            module.training = before[name].training
-        elif name:
-            module.training = gm.get_submodule(name.rpartition(".")[0]).training
-
-
-class _Fingerprints:
-    """What a pass can visibly change, for the ``modified`` flag: the graph's code, which
-    module sits at each path, and the values of every state tensor and graph constant.
-
-    Values are a CRC-32 of the tensor's bytes, so rewriting a tensor with the values it
-    had is no change.  A tensor is hashed again only when it is a new object or its
-    in-place version counter moved (inference tensors keep none: always hashed), so a
-    pass that touches little costs little.
-    """
-
-    def __init__(self) -> None:
-        self._crc: dict[int, tuple[weakref.ref, int | None, int]] = {}
-
-    def _tensor(self, t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return id(t)
-        if t.layout is not torch.strided or t.device.type != "cpu":
-            return id(t), t.data_ptr()  # not hashed: only a new object or storage counts as a change
-        try:
-            version: int | None = t._version
-        except RuntimeError:  # an inference tensor keeps no version counter
-            version = None
-        cached = self._crc.get(id(t))
-        if cached is not None and cached[0]() is t and version is not None and cached[1] == version:
-            crc = cached[2]
-        else:
-            crc = zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-            self._crc[id(t)] = (weakref.ref(t), version, crc)
-        return str(t.dtype), tuple(t.shape), crc
-
-    def __call__(self, gm: fx.GraphModule) -> tuple:
-        state = tuple((k, self._tensor(t)) for k, t in gm.state_dict(keep_vars=True).items())
-        constants = []
-        for node in gm.graph.find_nodes(op="get_attr"):
-            owner, _, attr = str(node.target).rpartition(".")
-            try:
-                constants.append(self._tensor(getattr(gm.get_submodule(owner), attr)))
-            except AttributeError:
-                constants.append(object())
-        modules = tuple((name, id(m)) for name, m in gm.named_modules())
-        return str(gm.graph), modules, state, tuple(constants)
 
 
 def _with_prefix(exc: FxCompressError, where: str) -> FxCompressError:
