@@ -161,3 +161,14 @@ def test_run_help_says_a_recipe_is_trusted_code(capsys) -> None:
         main(["run", "--help"])
     out = capsys.readouterr().out
     assert "trusted code" in out and "imports the modules it names" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("kind", ["directory", "binary"])
+def test_a_recipe_path_that_is_a_directory_or_not_text_is_one_line_of_error(capsys, tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "recipe.toml"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\xff\xfe\x00[model]")
+    code, out, err = _run(capsys, "run", "--recipe", str(path))
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err
