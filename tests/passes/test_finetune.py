@@ -76,3 +76,18 @@ def test_bad_options(options: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         fxcompress.run(_untrained(), [("finetune", options)], EXAMPLE, calibration_data=PAIRS,
                        loss_fn=F.cross_entropy)
+
+
+def test_training_batches_are_not_written_into() -> None:
+    class Halves(torch.nn.Module):  # normalises its input in place
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.div_(2).flatten(1))
+
+    pairs = [(x.clone(), y) for x, y in PAIRS[:2]]
+    fxcompress.run(Halves().eval(), [("finetune", {"steps": 3}), ("prune_channels", {"importance": "taylor"})],
+                   EXAMPLE.clone(), calibration_data=pairs, loss_fn=F.cross_entropy)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(pairs, PAIRS[:2]))
