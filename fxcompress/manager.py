@@ -206,7 +206,7 @@ class PassManager:
         readers = []
         for i, step in enumerate(self.steps):
             p = step.pass_
-            for need in p.needs:
+            for need in p.needs_after([s.pass_ for s in self.steps[:i]]):
                 if getattr(ctx, need, None) is None:
                     raise ConfigError(f"pass {p.name!r} (entry {i}) needs {need}: "
                                       f"{boundary.NEED_HINTS.get(need, f'give {need}= to fxcompress.run')}")

@@ -25,7 +25,9 @@ Class attributes a pass may set:
     the :func:`fxcompress.run` inputs the pass cannot work without, by their
     :class:`PassContext` field names (``"calibration_data"``, ``"loss_fn"``,
     ``"eval_fn"``); a tuple, or a property when it depends on the options.
-    The manager refuses a pipeline that lacks one, before any work.
+    The manager refuses a pipeline that lacks one, before any work.  A pass
+    whose needs depend on the passes before it overrides
+    :meth:`Pass.needs_after` instead.
 ``stages``
     the graph stages (:data:`fxcompress.verify.STAGES`) the pass runs on, or
     None for any; stages only move forward, so the manager refuses, before
@@ -48,7 +50,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import fx
@@ -96,6 +98,10 @@ class Pass:
 
     def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement __call__")
+
+    def needs_after(self, earlier: "Sequence[Pass]") -> tuple[str, ...]:
+        """What the pass needs when ``earlier`` run before it in the pipeline (default: ``needs``)."""
+        return tuple(self.needs)
 
     # -- options -----------------------------------------------------------
     @classmethod

@@ -192,7 +192,7 @@ def test_inf_inside_the_model_names_the_node() -> None:
 
 
 def test_nothing_to_do_without_activation_observers() -> None:
-    result = _calibrated(BATCHES, pipeline=["fuse_conv_bn", ("insert_observers", {"activations": None}), "calibrate"])
+    result = _calibrated(None, pipeline=["fuse_conv_bn", ("insert_observers", {"activations": None}), "calibrate"])
     row = result.report.rows[-1]
     assert not row.modified and row.stats["batches"] == 0
 
