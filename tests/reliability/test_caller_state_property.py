@@ -92,21 +92,23 @@ def cases(draw: st.DrawFn) -> dict[str, Any]:
     blocks = draw(st.lists(st.sampled_from(BLOCKS), max_size=4))
     classes = draw(st.integers(1, 5))
     model = _realistic(Drawn(channels, blocks, classes, draw(st.booleans())), draw(st.integers(0, 9)))
+    # First choices are the richest: hypothesis draws them most often, and the derandomized CI
+    # run must exercise whole pipelines, not mostly empty ones.
     model.train(draw(st.sampled_from([False, False, True])))
-    if draw(st.booleans()):
+    if draw(st.sampled_from(["recipe", "entries"])) == "recipe":
         passes = list(draw(st.sampled_from(RECIPES)))
     else:
-        passes = draw(st.lists(st.sampled_from(ENTRIES), max_size=4))
+        passes = draw(st.lists(st.sampled_from(ENTRIES), min_size=1, max_size=4))
     batch = draw(st.integers(1, 3))
     x = torch.randn(batch, 3, 6, 6, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
     if draw(st.integers(0, 9)) == 9:  # not 0: hypothesis draws the smallest values most often
         x[0, 0, 0, 0] = float("nan")
-    data = draw(st.sampled_from(["none", "inputs", "labelled"]))
+    data = draw(st.sampled_from(["labelled", "inputs", "none"]))
     labels = torch.zeros(batch, dtype=torch.long)
     calibration = {"none": None, "inputs": [x.clone(), x.clone() * 0.5],
                    "labelled": [(x.clone(), labels), (x.clone() * 0.5, labels)]}[data]
     return {"model": model, "passes": passes, "x": x, "calibration_data": calibration,
-            "loss_fn": F.cross_entropy if draw(st.booleans()) else None,
+            "loss_fn": draw(st.sampled_from([F.cross_entropy, None])),
             "backend": draw(st.sampled_from(["reference", "reference", "x86"]))}
 
 
@@ -139,7 +141,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(max_examples=25, derandomize=True, **PROPERTY)
+@settings(max_examples=50, derandomize=True, **PROPERTY)
 @given(cases())
 def test_run_leaves_the_caller_alone_and_raises_only_fxcompress_errors(case: dict[str, Any]) -> None:
     _check(case)
