@@ -3,19 +3,31 @@
 The public face.  A model is captured with :func:`trace`, a pipeline of passes
 runs under a verifying :class:`PassManager`, and :func:`run` ties both
 together without ever touching the caller's model.
+
+``import fxcompress`` stays light: the subpackages and modules
+(``fxcompress.recipes``, ``.bench``, ``.quant``, ``.prune``, ``.ops``,
+``.macs``, ``.artifact``, ...) and the artifact functions (:func:`save`,
+:func:`load`, :func:`verify_artifact`) are imported on first attribute
+access.
+
+``fxcompress.verify`` is the module of graph invariants
+(``fxcompress.verify.register_check``, ``stage_of``); calling it,
+``fxcompress.verify(path)``, checks an artifact as :func:`verify_artifact`
+does, the spelling earlier versions documented.
 """
 
 from __future__ import annotations
 
-from . import errors
+import importlib
+from typing import Any
+
+from . import errors, verify
 from .api import Result, run
 from .capture import trace
 from .manager import PassManager
 from .pass_base import Pass, PassContext, PassResult, function_pass
-from .registry import available_passes, get_pass, register
+from .registry import available_passes, get_pass, register, unregister
 from .report import Report
-from .train import finetune
-from .artifact import load, save, verify
 
 __version__ = "0.1.0"
 
@@ -30,12 +42,42 @@ __all__ = [
     "PassManager",
     "function_pass",
     "register",
+    "unregister",
     "get_pass",
     "available_passes",
     "finetune",
     "save",
     "load",
+    "verify_artifact",
     "verify",
     "errors",
     "__version__",
 ]
+
+# Names imported on first use: attribute -> (module, attribute in it, or None for the module itself).
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "save": ("artifact", "save"),
+    "load": ("artifact", "load"),
+    "verify_artifact": ("artifact", "verify"),
+    "finetune": ("train", "finetune"),
+    **{name: (name, None) for name in (
+        "api", "artifact", "attention_mask", "bench", "boundary", "capture", "cli", "examples", "macs",
+        "manager", "ops", "pass_base", "passes", "prune", "quant", "recipe_file", "recipes", "registry",
+        "report", "train", "zoo",
+    )},
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fxcompress' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(f"{__name__}.{module}")
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -3,7 +3,11 @@
 The caller's model is never mutated: ``run`` works on a deep copy (the only
 copy it makes; for a ``GraphModule`` the node metadata containers are copied
 too), so the caller's parameters, buffers, structure, node metadata and
-training flags are exactly as before, whatever the passes do.
+training flags are exactly as before, whatever the passes do.  The example
+inputs are copied once too, so a model that writes into its input leaves the
+caller's tensors as they were.  Everything that can be checked is checked
+before any work (:mod:`fxcompress.boundary`, :meth:`PassManager.check_context`,
+:meth:`PassManager.validate`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import fx, nn
 
+from . import boundary
 from .capture import gc_paused, normalize_inputs, trace
 from .errors import ConfigError
 from .manager import CHECKS, Check, PassManager, PipelineEntry
@@ -109,18 +114,24 @@ def run(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"run() takes an nn.Module or GraphModule, got {type(model).__name__}")
+    boundary.check_run_arguments(backend=backend, seed=seed, progress=progress, eval_fn=eval_fn, loss_fn=loss_fn)
     manager = PassManager(passes, check=_check_level(check), tolerance=tolerance, progress=progress)
     args, kwargs = normalize_inputs(example_inputs)
-    source_hash = state_hash(model)
-    gm = trace(_private_copy(model), example_inputs, leaf_modules=leaf_modules,
-               concrete_args=concrete_args, autowrap=autowrap)
-    manager.validate(gm)  # before eval_fn: a pipeline that cannot run costs nothing
+    boundary.check_example_inputs(args, kwargs)
+    boundary.check_weights(model)
+    # The one copy of the inputs: nothing below can write into the caller's tensors.
+    args, kwargs = boundary.clone_inputs(args), boundary.clone_inputs(kwargs)
     ctx = PassContext(example_args=args, example_kwargs=kwargs, calibration_data=calibration_data,
                       eval_fn=eval_fn, loss_fn=loss_fn, backend=backend, seed=seed, progress=progress)
-    metric_before = eval_fn(gm) if eval_fn is not None else None
+    manager.check_context(ctx, model)  # before copying and tracing: a pipeline that cannot run costs nothing
+    source_hash = state_hash(model)
+    gm = trace(_private_copy(model), kwargs or args, leaf_modules=leaf_modules,
+               concrete_args=concrete_args, autowrap=autowrap)
+    manager.validate(gm)  # before eval_fn, for the same reason
+    metric_before = boundary.check_metric(eval_fn(gm), "before the pipeline") if eval_fn is not None else None
     gm, report = manager.run(gm, ctx)
     if eval_fn is not None:
-        after = eval_fn(gm)
+        after = boundary.check_metric(eval_fn(gm), "after the pipeline")
         report.metrics["task metric"] = {"before": metric_before, "after": after,
                                          "ratio": f"{after - metric_before:+.4g}"}
     return Result(gm, report, [s.describe() for s in manager.steps], source_hash)

@@ -6,22 +6,30 @@ MACs, serialized size, latency per thread count, the task metric (when an
 original ones.  :class:`Comparison` renders a table (``str``/:meth:`table`)
 and a dict (:meth:`to_dict`).
 
+Agreement is measured over every batch of ``data`` when given (else on the
+one ``inputs`` batch), and the comparison warns (``Comparison.warnings``, a
+``UserWarning`` each, and a list under the table) when the figures mislead:
+top-1 agreement over a handful of rows, a compressed output that collapsed
+to a constant or holds NaN/Inf, a compressed model slower than the original,
+MACs that leave out modules kept whole.
+
 Guarantees: neither model is modified (parameters, buffers, structure,
-training flag, graph metadata); torch's intra-op thread count is restored
-afterwards; latencies come from ``torch.utils.benchmark`` with the two models
-measured in alternating rounds, so that drift (thermal, frequency, other
-processes) affects both alike.
+training flag, graph metadata), nor the inputs (each call gets a copy);
+torch's intra-op thread count is restored afterwards; latencies come from
+``torch.utils.benchmark`` with the two models measured in alternating rounds,
+so that drift (thermal, frequency, other processes) affects both alike.  A
+model that does not run on the inputs is an ``InputError`` naming it.
 """
 
 from __future__ import annotations
 
 import copy
 import io
-import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
-
 import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 from tabulate import tabulate
@@ -37,8 +45,9 @@ try:
 finally:
     _cpp_log.setLevel(_level)
 
+from .boundary import clone_inputs
 from .capture import normalize_inputs, propagate_shapes, trace
-from .errors import InputError
+from .errors import FxCompressError, InputError
 from .report import human, ratio, weight_count
 
 __all__ = ["Latency", "ModelFigures", "Agreement", "Comparison", "compare", "agreement", "serialized_bytes"]
@@ -70,14 +79,17 @@ class Agreement:
     """How closely the compressed outputs follow the original ones.
 
     ``sqnr_db`` is 10·log10(Σ ref² / Σ (ref − out)²) over every floating-point
-    output (``inf`` when identical); ``top1_agreement`` is the fraction of rows
-    whose argmax matches, for classifier-like outputs (the first output is
-    2-D with more than one class), else None.
+    output of every batch (``inf`` when identical); ``top1_agreement`` is the
+    fraction of rows whose argmax matches, for classifier-like outputs (the
+    first output is 2-D with more than one class), else None; ``rows`` is how
+    many rows that fraction is over, ``batches`` how many batches were compared.
     """
 
     sqnr_db: float
     max_abs_error: float
     top1_agreement: float | None
+    rows: int = 0
+    batches: int = 1
 
 
 @dataclass
@@ -88,6 +100,7 @@ class Comparison:
     compressed: ModelFigures
     agreement: Agreement
     threads: tuple[int, ...]
+    warnings: list[str] = field(default_factory=list)
 
     def speedup(self, threads: int) -> float:
         """Original median latency / compressed median latency at ``threads`` threads."""
@@ -107,6 +120,7 @@ class Comparison:
             "compressed": figures(self.compressed),
             "speedup": {str(t): self.speedup(t) for t in self.threads},
             "agreement": asdict(self.agreement),
+            "warnings": list(self.warnings),
         }
 
     def table(self, tablefmt: str = "simple") -> str:
@@ -126,10 +140,12 @@ class Comparison:
             rows.append(["task metric", _num(a.metric), _num(b.metric), delta])
         costs = tabulate(rows, headers=["", "original", "compressed", "change"], tablefmt=tablefmt)
         g = self.agreement
-        top1 = "-" if g.top1_agreement is None else f"{100 * g.top1_agreement:.2f}%"
+        top1 = "-" if g.top1_agreement is None else f"{100 * g.top1_agreement:.2f}% of {g.rows} rows"
         agree = tabulate([["SQNR", f"{g.sqnr_db:.2f} dB"], ["max abs error", f"{g.max_abs_error:.4g}"],
-                          ["top-1 agreement", top1]], headers=["output agreement", ""], tablefmt=tablefmt)
-        return f"{costs}\n\n{agree}"
+                          ["top-1 agreement", top1], ["batches compared", g.batches]],
+                         headers=["output agreement", ""], tablefmt=tablefmt, disable_numparse=True)
+        notes = "".join(f"\n- {w}" for w in self.warnings)
+        return f"{costs}\n\n{agree}" + (f"\n\nwarnings:{notes}" if notes else "")
 
     def __str__(self) -> str:
         return self.table()
@@ -140,6 +156,7 @@ def compare(
     compressed: nn.Module,
     inputs: Any,
     *,
+    data: Iterable | None = None,
     eval_fn: Callable[[nn.Module], float] | None = None,
     threads: tuple[int, ...] = (1, 2),
     min_run_time: float = 1.0,
@@ -148,14 +165,17 @@ def compare(
     """Measure ``original`` and ``compressed`` side by side on ``inputs``.
 
     ``inputs`` is one batch, given like ``example_inputs`` of
-    :func:`fxcompress.run` (a tensor, a tuple, or a dict of keyword inputs).
-    For each thread count in ``threads`` the two models are timed in
-    ``rounds`` alternating rounds of ``min_run_time / rounds`` seconds each
-    (the order flips every round); ``threads=()`` skips timing.  MACs are
-    counted on a shape-annotated graph (a model that is not a ``GraphModule``
-    is captured with :func:`fxcompress.trace`).  Both models must be in eval
-    mode, since measuring a model in training mode would update its
-    BatchNorm statistics.
+    :func:`fxcompress.run` (a tensor, a tuple, or a dict of keyword inputs):
+    latency and MACs are measured on it.  ``data`` (batches like
+    ``calibration_data``: a list or ``DataLoader``; ``(inputs, target)`` pairs
+    are recognised) is what output agreement is measured over; without it,
+    ``inputs`` alone.  For each thread count in ``threads`` the two models are
+    timed in ``rounds`` alternating rounds of ``min_run_time / rounds``
+    seconds each (the order flips every round); ``threads=()`` skips timing.
+    MACs are counted on a shape-annotated graph (a model that is not a
+    ``GraphModule`` is captured with :func:`fxcompress.trace`).  Both models
+    must be in eval mode, since measuring a model in training mode would
+    update its BatchNorm statistics.
     """
     args, kwargs = normalize_inputs(inputs)
     for role, model in (("original", original), ("compressed", compressed)):
@@ -169,14 +189,119 @@ def compare(
     if min_run_time <= 0 or rounds < 1:
         raise InputError(f"compare(): min_run_time must be > 0 and rounds >= 1, got {min_run_time}, {rounds}")
 
-    with torch.inference_mode():
-        ref, out = original(*args, **kwargs), compressed(*args, **kwargs)
-    figures = [ModelFigures(weight_count(m), _macs(m, args, kwargs), serialized_bytes(m)) for m in (original, compressed)]
+    agree = _agreement_over(original, compressed, args, kwargs, data)
+    notes = _output_warnings(agree)
+    figures = [ModelFigures(weight_count(m), _macs(m, args, kwargs, notes, role), serialized_bytes(m))
+               for m, role in ((original, "original"), (compressed, "compressed"))]
     for t, (lat_a, lat_b) in _latencies(original, compressed, args, kwargs, threads, min_run_time, rounds).items():
         figures[0].latency[t], figures[1].latency[t] = lat_a, lat_b
+        if lat_b.median > lat_a.median:
+            notes.append(f"the compressed model is slower than the original at {t} thread{'s' * (t > 1)}: "
+                         f"{lat_b.median * 1e3:.3f} ms vs {lat_a.median * 1e3:.3f} ms "
+                         f"(speedup {lat_a.median / lat_b.median:.2f}x)")
     if eval_fn is not None:
         figures[0].metric, figures[1].metric = float(eval_fn(original)), float(eval_fn(compressed))
-    return Comparison(figures[0], figures[1], agreement(ref, out), tuple(threads))
+    for note in notes:
+        warnings.warn(f"fxcompress.bench.compare: {note}", UserWarning, stacklevel=2)
+    return Comparison(figures[0], figures[1], agree.result(), tuple(threads), notes)
+
+
+def _run(model: nn.Module, role: str, args: tuple, kwargs: dict, where: str) -> Any:
+    """One call on copies of the inputs; a model that does not run on them is an InputError."""
+    try:
+        with torch.inference_mode():
+            return model(*clone_inputs(args), **clone_inputs(kwargs))
+    except FxCompressError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise InputError(f"compare(): the {role} model does not run on {where}: {type(exc).__name__}: "
+                         f"{first}; check their shape, dtype and number") from exc
+
+
+def _agreement_over(original: nn.Module, compressed: nn.Module, args: tuple, kwargs: dict,
+                    data: Iterable | None) -> "_Agreement":
+    agree = _Agreement()
+    if data is None:
+        ref = _run(original, "original", args, kwargs, "the inputs")
+        agree.add(ref, _run(compressed, "compressed", args, kwargs, "the inputs"))
+        return agree
+    from .quant.calibration import batch_inputs  # how a batch of data becomes model inputs
+
+    for index, item in enumerate(data):
+        try:
+            b_args, b_kwargs = batch_inputs(item, index, args, kwargs)
+        except InputError as exc:
+            raise InputError(f"compare(): data: {exc}") from exc
+        where = f"data batch {index}"
+        agree.add(_run(original, "original", b_args, b_kwargs, where),
+                  _run(compressed, "compressed", b_args, b_kwargs, where))
+    if agree.batches == 0:
+        raise InputError("compare(): data is empty; give at least one batch (or leave data out)")
+    return agree
+
+
+# Top-1 agreement over fewer rows than this says little: a warning suggests more data.
+_FEW_ROWS = 32
+
+
+def _output_warnings(agree: "_Agreement") -> list[str]:
+    notes = []
+    g = agree.result()
+    if g.top1_agreement is not None and g.rows < _FEW_ROWS:
+        notes.append(f"top-1 agreement is over {g.rows} row{'s' * (g.rows != 1)} only; give data=[batch, ...] "
+                     f"for a figure that means something")
+    notes.extend(agree.problems)
+    return notes
+
+
+class _Agreement:
+    """Signal, noise, maximum error and argmax matches, accumulated over batches."""
+
+    def __init__(self) -> None:
+        self.signal = self.noise = self.max_abs = 0.0
+        self.matches = self.rows = self.batches = 0
+        self.classifier: bool | None = None
+        self.problems: list[str] = []
+
+    def add(self, reference: Any, output: Any) -> None:
+        ref, out = _tensor_leaves(reference), _tensor_leaves(output)
+        if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+            raise InputError(f"the two models' outputs differ in structure: "
+                             f"{[tuple(a.shape) for a in ref]} vs {[tuple(b.shape) for b in out]}")
+        self.batches += 1
+        for i, (a, b) in enumerate(zip(ref, out)):
+            if not (a.is_floating_point() or b.is_floating_point()):
+                continue
+            a64, b64 = a.double(), b.double()
+            self.signal += a64.square().sum().item()
+            self.noise += (a64 - b64).square().sum().item()
+            if a.numel():
+                self.max_abs = max(self.max_abs, (a64 - b64).abs().max().item())
+            self._check(i, a64, b64)
+        classifier = bool(ref) and ref[0].dim() == 2 and ref[0].shape[1] > 1 and ref[0].is_floating_point()
+        self.classifier = classifier if self.classifier is None else self.classifier and classifier
+        if classifier:
+            self.matches += int((ref[0].argmax(1) == out[0].argmax(1)).sum())
+            self.rows += ref[0].shape[0]
+
+    def _check(self, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        where = f"output #{index}"
+        if bool(torch.isfinite(a).all()) and not bool(torch.isfinite(b).all()):
+            message = f"the compressed model's {where} holds NaN or Inf where the original's is finite"
+        elif a.numel() > 1 and a.std().item() > 0 and b.std().item() <= 1e-6 * a.std().item():
+            message = (f"the compressed model's {where} collapsed to a constant ({b.reshape(-1)[0].item() + 0.0:.4g}) "
+                       f"where the original's varies (std {a.std().item():.4g})")
+        else:
+            return
+        if message not in self.problems:
+            self.problems.append(message)
+
+    def result(self) -> Agreement:
+        sqnr = math.inf if self.noise == 0 else (10 * math.log10(self.signal / self.noise) if self.signal
+                                                 else -math.inf)
+        top1 = self.matches / self.rows if self.classifier and self.rows else None
+        return Agreement(sqnr, self.max_abs, top1, self.rows if top1 is not None else 0, self.batches)
 
 
 def serialized_bytes(model: nn.Module) -> int:
@@ -192,25 +317,9 @@ def serialized_bytes(model: nn.Module) -> int:
 
 def agreement(reference: Any, output: Any) -> Agreement:
     """Compare two (nested) model outputs of the same structure; see :class:`Agreement`."""
-    ref, out = _tensor_leaves(reference), _tensor_leaves(output)
-    if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
-        raise InputError(f"the two models' outputs differ in structure: "
-                         f"{[tuple(a.shape) for a in ref]} vs {[tuple(b.shape) for b in out]}")
-    signal = noise = 0.0
-    max_abs = 0.0
-    for a, b in zip(ref, out):
-        if not (a.is_floating_point() or b.is_floating_point()):
-            continue
-        a64, b64 = a.double(), b.double()
-        signal += a64.square().sum().item()
-        noise += (a64 - b64).square().sum().item()
-        if a.numel():
-            max_abs = max(max_abs, (a64 - b64).abs().max().item())
-    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal else -math.inf)
-    top1 = None
-    if ref and ref[0].dim() == 2 and ref[0].shape[1] > 1 and ref[0].is_floating_point():
-        top1 = (ref[0].argmax(1) == out[0].argmax(1)).double().mean().item()
-    return Agreement(sqnr, max_abs, top1)
+    agree = _Agreement()
+    agree.add(reference, output)
+    return agree.result()
 
 
 def _tensor_leaves(value: Any) -> list[torch.Tensor]:
@@ -223,9 +332,10 @@ def _tensor_leaves(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _macs(model: nn.Module, args: tuple, kwargs: dict) -> int:
-    """MACs on a shape-annotated graph, without touching ``model``'s own graph metadata."""
-    from .macs import count_macs
+def _macs(model: nn.Module, args: tuple, kwargs: dict, notes: list[str], role: str) -> int:
+    """MACs on a shape-annotated graph, without touching ``model``'s own graph metadata;
+    modules the count leaves out are added to ``notes``."""
+    from .macs import count_macs, uncounted
 
     if isinstance(model, fx.GraphModule):
         # A private graph copy: re-annotating shapes must not rewrite the caller's node.meta.
@@ -233,6 +343,7 @@ def _macs(model: nn.Module, args: tuple, kwargs: dict) -> int:
         propagate_shapes(gm, args, kwargs)
     else:
         gm = trace(model, kwargs or args)  # normalize_inputs yields args or kwargs, never both
+    notes.extend(f"the {role} model's MACs leave out node {node!r}: {why}" for node, why in uncounted(gm).items())
     return count_macs(gm)
 
 
@@ -260,6 +371,8 @@ def _latencies(a: nn.Module, b: nn.Module, args: tuple, kwargs: dict, threads: t
 
 
 def _caller(model: nn.Module, args: tuple, kwargs: dict) -> Callable[[], Any]:
+    args, kwargs = clone_inputs(args), clone_inputs(kwargs)  # a model may write into its inputs: not the caller's
+
     def call() -> Any:
         with torch.inference_mode():
             return model(*args, **kwargs)

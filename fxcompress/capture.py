@@ -16,8 +16,14 @@ Guarantees of :func:`trace`:
 * its submodules and parameters are *shared* with the model (like
   ``symbolic_trace``), but tracing and shape propagation never change the
   model's state: buffers (BatchNorm running statistics, observer ranges) and
-  the global RNG are restored after the example run.  :func:`fxcompress.run`
-  copies the model before it rewrites anything.
+  the global RNG are restored after tracing and after the example run.  A
+  forward that writes into a buffer (a call counter) is traced again with
+  buffers as graph values, so the graph records the write instead of
+  dropping it.  :func:`fxcompress.run` copies the model before it rewrites
+  anything;
+* the example inputs are never written into: shape propagation runs on
+  copies of them, so a model that normalises its input in place sees the
+  same values on every propagation.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
+from .boundary import clone_inputs
 from .errors import ConfigError, InputError, TraceError
+from .pass_base import close_matches
 from .raising import raise_functional_layers
 
 __all__ = ["trace", "normalize_inputs", "propagate_shapes", "record_meta", "tensor_metadata", "gc_paused"]
@@ -80,9 +88,14 @@ def gc_paused() -> Iterator[None]:
 
 
 class _PathTracer(fx.Tracer):
-    """A tracer that knows which module it is in, so errors can name it."""
+    """A tracer that knows which module it is in, so errors can name it.
 
-    def __init__(self, leaf_modules: Iterable[type | str], autowrap: Iterable[Callable | types.ModuleType]) -> None:
+    ``proxy_buffers`` makes buffer reads graph values (``get_attr`` nodes), so
+    that in-place writes into them are recorded rather than run at trace time.
+    """
+
+    def __init__(self, leaf_modules: Iterable[type | str], autowrap: Iterable[Callable | types.ModuleType],
+                 proxy_buffers: bool = False) -> None:
         wrap = tuple(autowrap)
         bad = [w for w in wrap if not (callable(w) or isinstance(w, types.ModuleType))]
         if bad:
@@ -90,6 +103,7 @@ class _PathTracer(fx.Tracer):
         fns = tuple(w for w in wrap if not isinstance(w, types.ModuleType))
         mods = tuple(w for w in wrap if isinstance(w, types.ModuleType))
         super().__init__(autowrap_modules=(math, *mods), autowrap_functions=fns)
+        self.proxy_buffer_attributes = proxy_buffers
         leaves = tuple(leaf_modules)
         bad = [x for x in leaves if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
         if bad:
@@ -204,18 +218,46 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Iterable
             )
         gm = model
     else:
-        tracer = _PathTracer(leaf_modules, autowrap)
-        try:
-            concrete = _with_defaults(model, args, kwargs, concrete_args)
-            graph = tracer.trace(model, concrete_args=concrete)
-        except Exception as exc:  # any failure inside user code while tracing
-            raise _trace_error(model, tracer, exc) from exc
+        _check_leaf_patterns(model, leaf_modules)
+        concrete = None
+        for proxy_buffers in (False, True):
+            tracer = _PathTracer(leaf_modules, autowrap, proxy_buffers)
+            with torch.random.fork_rng(devices=[]), _buffers_restored(model) as changed:
+                try:
+                    concrete = _with_defaults(model, args, kwargs, concrete_args)
+                    graph = tracer.trace(model, concrete_args=concrete)
+                except Exception as exc:  # any failure inside user code while tracing
+                    raise _trace_error(model, tracer, exc) from exc
+            # A buffer written at trace time (a call counter) is a write the graph would drop:
+            # trace again with buffers as graph values, which records an in-place write.
+            if not changed():
+                break
+        replaced = [name for name, how in changed().items() if how == "replaced"]
+        if replaced:  # attribute assignment is not a graph operation: the graph would drop it
+            raise TraceError(
+                f"cannot trace {type(model).__name__}: its forward assigns buffer {replaced[0]!r} "
+                f"(self.{replaced[0].rpartition('.')[2]} = ...), which a traced graph cannot record. "
+                f"Remedies: update it in place (e.g. .add_() or .copy_()), or keep the module that assigns it "
+                f"whole with leaf_modules=[...]"
+            )
         _name_concrete_placeholders(model, graph, concrete or {})
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         _copy_training_flags(model, gm)
         raise_functional_layers(gm)  # F.conv2d / F.linear on parameters -> nn modules: one dialect
     propagate_shapes(gm, args, kwargs)
     return gm
+
+
+def _check_leaf_patterns(model: nn.Module, leaf_modules: Iterable[type | str]) -> None:
+    """ConfigError for a ``leaf_modules`` path pattern that matches no module (a typo, as for scope)."""
+    patterns = [p for p in leaf_modules if isinstance(p, str)]
+    if not patterns:
+        return
+    paths = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+            raise ConfigError(f"leaf_modules pattern {pattern!r} matches no module of {type(model).__name__}"
+                              f"{close_matches(pattern, paths)}")
 
 
 def _with_defaults(model: nn.Module, args: tuple, kwargs: dict,
@@ -277,7 +319,7 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict | None = None
     model, naming the node that failed.
     """
     kwargs = kwargs or {}
-    values = _bind_placeholders(gm, args, kwargs)
+    values = clone_inputs(_bind_placeholders(gm, args, kwargs))  # the inputs are never written into
     interp = _MetaRecorder(gm)
     with torch.no_grad(), _rng_forked(values), _buffers_restored(gm):
         try:
@@ -312,22 +354,44 @@ def _rng_forked(values: list[Any]) -> Iterator[None]:
         yield
 
 
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
+
+
 @contextlib.contextmanager
-def _buffers_restored(gm: nn.Module) -> Iterator[None]:
+def _buffers_restored(gm: nn.Module) -> Iterator[Callable[[], dict[str, str]]]:
     """Restore every buffer (object and values) after the block.
 
     Buffers are small next to the weights (running statistics, observer
     ranges), so one copy per propagation costs little; it is what lets the
     manager re-run the graph after every pass without feeding the example
-    inputs into statistics.
+    inputs into statistics.  Yields a function that says, once the block is
+    over, which buffers the block changed: ``{qualified name: "replaced" or
+    "written"}``.
     """
-    saved = [(m, name, buf, buf.clone()) for m in gm.modules()
+    saved = [(path, m, name, buf, buf.clone(), _version(buf)) for path, m in gm.named_modules()
              for name, buf in m._buffers.items() if buf is not None]
+
+    def changes() -> dict[str, str]:
+        found = {}
+        for path, m, name, buf, values, version in saved:
+            key = f"{path}.{name}" if path else name
+            if m._buffers.get(name) is not buf:
+                found[key] = "replaced"
+            elif _version(buf) != version or (version is None and not torch.equal(buf, values)):
+                found[key] = "written"
+        return found
+
+    changed: dict[str, str] = {}
     try:
-        yield
+        yield lambda: changed
     finally:
+        changed.update(changes())
         with torch.no_grad():
-            for module, name, buf, values in saved:
+            for _, module, name, buf, values, _ in saved:
                 # A buffer written under inference_mode (e.g. by calibration) can only
                 # be updated in place inside inference_mode.
                 with torch.inference_mode() if buf.is_inference() else contextlib.nullcontext():

@@ -6,7 +6,10 @@ Subcommands:
     every registered pass with its doc paragraph and options (types, defaults).
 ``run --recipe FILE.toml [--json] [--out PATH [--key FILE] [--overwrite]]``
     runs a recipe file (see ``docs/recipes.md``), prints the report, and saves
-    the result as an artifact with ``--out``.
+    the result as an artifact with ``--out``.  A recipe is trusted code: it
+    imports and calls what it names, as a Python script would; the current
+    directory is importable, as with ``python -m``.  ``--out`` and ``--key``
+    are checked before the pipeline runs.
 ``demo``
     trains a small CNN on scikit-learn's digits (deterministically), compresses
     it with the passes that exist, and prints the report with accuracy before
@@ -16,24 +19,33 @@ Subcommands:
 
 Errors a user can cause (:class:`~fxcompress.errors.FxCompressError`) print one
 line to stderr and exit with status 2; anything else keeps its traceback, since
-it is a bug to report.
+it is a bug to report.  When the reader of stdout goes away (``| head``), the
+command stops quietly with status 141, as Unix tools killed by SIGPIPE do.
+``python -m fxcompress`` runs the same command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import textwrap
 import typing
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import ConfigError, FxCompressError
 
 __all__ = ["main", "build_parser", "describe_pass", "demo_pipeline"]
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
+
+_TRUSTED = ("A recipe file is trusted code, like a Python script: running it imports the modules it names "
+            "and calls the functions it names (model factory, calibration source, loss_fn, eval_fn). "
+            "Run only recipes you trust.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,10 +53,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return status
     except FxCompressError as exc:
         print(f"fxcompress {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # The reader left (`fxcompress passes --json | head`): stop quietly, and keep Python's
+        # exit-time flush from raising again on the closed descriptor.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_passes)
 
-    p = sub.add_parser("run", help="run a recipe file and print the report")
-    p.add_argument("--recipe", required=True, metavar="FILE.toml", help="the recipe (docs/recipes.md)")
+    p = sub.add_parser("run", help="run a recipe file and print the report", description=_TRUSTED,
+                       epilog="The current directory is importable (as with python -m), so a recipe may name "
+                              "a factory in a module next to it. --out and --key are checked before the "
+                              "pipeline runs.")
+    p.add_argument("--recipe", required=True, metavar="FILE.toml",
+                   help="the recipe (docs/recipes.md); trusted code, like a script")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", metavar="PATH", help="save the compressed model as an artifact")
     p.add_argument("--key", metavar="FILE", help="sign the artifact with this private key (PEM)")
@@ -145,16 +170,23 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .recipes import load_recipe
+    from .recipe_file import load_recipe
 
     if args.key and not args.out:
         raise ConfigError("--key signs the artifact written by --out; give --out PATH as well")
     spec = load_recipe(args.recipe)
-    result = spec.run()
+    key = None
+    if args.out:  # everything about the output is checked before the pipeline runs
+        from .artifact import check_target, signing
+
+        check_target(args.out, args.overwrite)
+        key = signing.private_key(args.key) if args.key else None
+    with _cwd_importable():
+        result = spec.run()
     if args.out:
         from .artifact import save
 
-        artifact_id = save(result, args.out, key=args.key, overwrite=args.overwrite)
+        artifact_id = save(result, args.out, key=key, overwrite=args.overwrite)
     if args.json:
         print(result.report.to_json())
     else:
@@ -163,6 +195,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"saved {args.out} ({'signed' if args.key else 'unsigned'}, id {artifact_id})",
               file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The current directory on ``sys.path`` while the recipe runs, as ``python -m`` has it."""
+    cwd = os.getcwd()
+    added = "" not in sys.path and cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 # -- demo ------------------------------------------------------------------------
@@ -250,7 +296,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                  check="full", progress=False, seed=args.seed)
     print(f"\n{result.report}")
     print("\noriginal vs compressed; task metric = test accuracy (%), latency on a batch of 32:\n")
-    print(compare(model, result.model, example, eval_fn=test_accuracy, threads=(1,), min_run_time=0.4))
+    print(compare(model, result.model, example, data=list(data.test_x.split(64)), eval_fn=test_accuracy,
+                  threads=(1,), min_run_time=0.4))
     return 0
 
 

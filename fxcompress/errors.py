@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "PassError",
     "CalibrationError",
+    "CalibrationDataError",
     "LoweringError",
     "IntegrityError",
     "ArtifactError",
@@ -51,6 +52,14 @@ class PassError(FxCompressError):
 
 class CalibrationError(FxCompressError):
     """Calibration could not produce valid statistics (no data, NaN/Inf, ...)."""
+
+
+class CalibrationDataError(CalibrationError, InputError):
+    """A calibration batch does not fit the model or holds NaN/Inf (names the batch and input).
+
+    Both a :class:`CalibrationError` and an :class:`InputError`: the data, not
+    the pipeline, is what to fix.
+    """
 
 
 class LoweringError(FxCompressError):

@@ -27,7 +27,9 @@ FLOPs = 2 x MACs): a product of an ``[m, k]`` and a ``[k, n]`` matrix is
 ``m*k*n`` MACs, a convolution is ``output elements x input channels per group
 x kernel elements`` (``input elements x output channels per group x kernel
 elements`` when transposed), and bias additions, norms, activations and
-softmax are not counted.  Nodes of any other kind count zero.
+softmax are not counted.  Nodes of any other kind count zero; :func:`uncounted`
+names the modules kept whole (leaves nothing describes, e.g. ``nn.TransformerEncoder``)
+whose layers inside are therefore missing from the count, so reports can say so.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxcompress.errors import InputError
+from fxcompress.ops import layers_inside
 
-__all__ = ["KINDS", "count_macs", "macs_by_kind", "register_module", "count_conv", "count_linear"]
+__all__ = ["KINDS", "count_macs", "macs_by_kind", "uncounted", "register_module", "count_conv", "count_linear"]
 
 KINDS: tuple[str, ...] = ("conv", "linear", "matmul", "attention", "other")
 
@@ -69,6 +72,22 @@ def macs_by_kind(gm: fx.GraphModule) -> dict[str, int]:
         for kind, macs in counter(gm, node).items():
             totals[kind] += macs
     return totals
+
+
+def uncounted(gm: fx.GraphModule) -> dict[str, str]:
+    """``{node: why}`` for each module call whose MACs are not counted although it holds layers
+    that have MACs (a module kept whole, which no counter describes)."""
+    found = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or _counter_for(gm, node) is not None:
+            continue
+        module = gm.get_submodule(str(node.target))
+        inside = layers_inside(module)
+        if inside:
+            found[node.name] = (f"{type(module).__name__} is kept whole: its {len(inside)} layers with MACs "
+                                f"inside ({', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}) are not "
+                                f"counted")
+    return found
 
 
 # --- shape helpers -------------------------------------------------------------

@@ -2,9 +2,15 @@
 
 Before any work (all :class:`ConfigError`): unknown pass names (with close
 matches), unknown or ill-typed options (with the valid ones), options a pass
-rejects (its ``__post_init__``), unmet ``requires``, ``scope``/``skip``
-patterns that match no module, an ``eval_only`` pass given a model with any
-module in training mode.
+rejects (its ``__post_init__``, run again for pass objects, so a field forced
+past it is caught), unmet ``requires``, a pass placed after one it must
+precede (``runs_before``), a graph already past the stages a pass runs on
+(``stages``), ``scope``/``skip`` patterns that match no module, an
+``eval_only`` pass given a model with any module in training mode; and, from
+the :class:`PassContext` (:meth:`PassManager.check_context`): a missing
+input a pass ``needs`` (calibration data, ``loss_fn``, ...), a one-shot
+iterator that several passes would read, a ``float32_only`` pass given a
+model or inputs of another floating dtype.
 
 After each pass, by ``check`` level:
 
@@ -18,6 +24,11 @@ After each pass, by ``check`` level:
              ``exact`` passes equal the previous outputs within ``tolerance``
              (norm-relative, per floating-point output); the stage invariants
              of :mod:`fxcompress.verify`.
+
+After each pass, whatever the level, modules the pass added take the
+train/eval mode of the module they replace (or of their parent), so a
+rewrite of an eval-mode model stays in eval mode; and a pass's ``modified``
+flag is kept only if the graph, its modules or its state visibly changed.
 
 Any failure raises :class:`PassError` naming the pass, the passes before it,
 and the reason; an fxcompress error the pass raises itself keeps its type and
@@ -37,12 +48,14 @@ from typing import Any, Literal, Sequence, Union
 import torch
 from torch import fx
 
+from . import boundary
 from .capture import gc_paused, propagate_shapes
 from .errors import ConfigError, FxCompressError, InputError, PassError
 from .pass_base import Pass, PassContext, PassResult, check_option_types, close_matches, module_path_of, path_matches
+from .pass_effects import Fingerprints, align_new_modules
 from .registry import get_pass
 from .report import PassRow, Report, snapshot
-from .verify import verify
+from .verify import STAGES, stage_of, verify
 
 __all__ = ["PassManager", "Step", "PipelineEntry", "Check", "CHECKS", "HISTORY_KEY", "normalize_pipeline",
            "relative_error"]
@@ -88,6 +101,14 @@ def _resolve(entry: Any, options: dict[str, Any], i: int) -> Pass:
         if options:
             raise ConfigError(f"entry {i}: give options to the pass object itself, not beside it: {options}")
         check_option_types(type(entry), entry.options())
+        post_init = getattr(entry, "__post_init__", None)
+        if post_init is not None:  # again: a field may have been forced past it (object.__setattr__)
+            try:
+                post_init()
+            except ConfigError:
+                raise
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"pass {entry.name!r}: invalid options {entry.options()}: {exc}") from exc
         return entry
     if isinstance(entry, str) or (isinstance(entry, type) and issubclass(entry, Pass)):
         cls = get_pass(entry) if isinstance(entry, str) else entry
@@ -174,11 +195,40 @@ class PassManager:
         self.progress = progress
 
     # -- before any work ---------------------------------------------------
+    def check_context(self, ctx: PassContext, model: torch.nn.Module | None = None) -> None:
+        """What the passes need from the run, checked before any work (ConfigError).
+
+        Every input a pass ``needs`` is given; ``calibration_data`` is an
+        iterable of batches, re-iterable when several passes read it; with a
+        ``float32_only`` pass, ``model``'s floating state and the example
+        inputs are float32.
+        """
+        readers = []
+        for i, step in enumerate(self.steps):
+            p = step.pass_
+            for need in p.needs_after([s.pass_ for s in self.steps[:i]]):
+                if getattr(ctx, need, None) is None:
+                    raise ConfigError(f"pass {p.name!r} (entry {i}) needs {need}: "
+                                      f"{boundary.NEED_HINTS.get(need, f'give {need}= to fxcompress.run')}")
+                if need == "calibration_data":
+                    readers.append(p.name)
+        boundary.check_data(ctx.calibration_data, readers)
+        strict = next((s.pass_ for s in self.steps if s.pass_.float32_only), None)
+        if strict is not None:
+            offender = boundary.first_non_float32(model, *ctx.example_inputs())
+            if offender is not None:
+                raise ConfigError(
+                    f"pass {strict.name!r} quantizes float32 models, but {offender}: convert the model and "
+                    f"inputs with .float() first (the cast pass can make the float parts half precision "
+                    f"after lowering)"
+                )
+
     def validate(self, gm: fx.GraphModule) -> None:
-        """Everything that can be checked without running a pass (ConfigError)."""
+        """Everything that can be checked on the graph without running a pass (ConfigError)."""
         done = list(gm.meta.get(HISTORY_KEY, []))
         paths: set[str] | None = None
         training = next((name or "(root)" for name, m in gm.named_modules() if m.training), None)
+        stage = stage_of(gm)
         for i, step in enumerate(self.steps):
             p = step.pass_
             missing = [r for r in p.requires if r not in done]
@@ -186,6 +236,17 @@ class PassManager:
                 raise ConfigError(
                     f"pass {p.name!r} (entry {i}) requires {missing} to run earlier in the pipeline; "
                     f"add {missing} before it (passes so far: {done or 'none'})"
+                )
+            if p.stages is not None and STAGES.index(stage) > max(STAGES.index(s) for s in p.stages):
+                raise ConfigError(
+                    f"pass {p.name!r} (entry {i}) runs on {'/'.join(p.stages)} graphs, but the graph is already "
+                    f"{stage}; run it on the model before it was quantized"
+                )
+            late = [r for r in p.runs_before if r in done]
+            if late:
+                raise ConfigError(
+                    f"pass {p.name!r} (entry {i}) must run before {late}, but comes after them; move it "
+                    f"earlier in the pipeline (passes so far: {done})"
                 )
             if p.eval_only and training is not None:
                 raise ConfigError(
@@ -216,6 +277,9 @@ class PassManager:
         with gc_paused():
             outputs = propagate_shapes(gm, args, kwargs)
             report = Report(before=snapshot(gm))
+            from .macs import uncounted  # imported on use, as snapshot() does
+
+            report.notes.extend(f"MACs leave out node {node!r}: {why}" for node, why in uncounted(gm).items())
         reference = _spec(_flatten(outputs))
         history = list(gm.meta.get(HISTORY_KEY, []))
         steps: Any = self.steps
@@ -223,19 +287,25 @@ class PassManager:
             from tqdm.auto import tqdm
 
             steps = tqdm(self.steps, desc="fxcompress", unit="pass", leave=False)
+        fingerprints = Fingerprints()
         for index, step in enumerate(steps):
             before = [s.pass_.name for s in self.steps[:index]]
+            with gc_paused():
+                modules_before = {name: m for name, m in gm.named_modules()}
+                fingerprint = fingerprints(gm)
             start = time.perf_counter()
             result = self._call(step, before, gm, ctx)
             seconds = time.perf_counter() - start
             gm = result.gm
             with gc_paused():
+                align_new_modules(gm, modules_before)
+                modified = bool(result.modified) and fingerprints(gm) != fingerprint
                 outputs = self._check(step, before, gm, ctx, outputs, reference)
                 after = snapshot(gm)
             history.append(step.pass_.name)
             gm.meta[HISTORY_KEY] = list(history)
             report.rows.append(PassRow(step.pass_.name, step.pass_.options(), after,
-                                       seconds, bool(result.modified), dict(result.stats)))
+                                       seconds, modified, dict(result.stats)))
             report.notes.extend(f"{step.pass_.name}: {n}" for n in result.stats.get("notes", []))
         return gm, report
 
@@ -297,9 +367,21 @@ class PassManager:
         return outputs
 
     def _compare_values(self, step: Step, before: list[str], old: list, new: list) -> None:
-        """An exact pass keeps every floating-point output within ``tolerance`` (norm-relative)."""
+        """An exact pass keeps every floating-point output within ``tolerance`` (norm-relative).
+
+        Non-finite outputs (a model may return -inf for masked positions) must
+        stay where and what they were; the finite rest is compared.
+        """
         for (path, a), (_, b) in zip(old, new):
             if isinstance(a, torch.Tensor) and a.is_floating_point():
+                finite = torch.isfinite(a)
+                if not bool(finite.all()):
+                    same = torch.equal(finite, torch.isfinite(b)) and torch.equal(
+                        torch.where(finite, 0, a).nan_to_num(nan=0.5), torch.where(finite, 0, b).nan_to_num(nan=0.5))
+                    if not same:
+                        raise self._error(step, before, f"an exact pass changed which values of {path} are "
+                                          f"NaN or Inf")
+                    a, b = a[finite], b[finite]
                 err = relative_error(a, b)
                 if not err <= self.tolerance:  # NaN fails too
                     raise self._error(step, before, f"an exact pass changed {path} by {err:.3g} "

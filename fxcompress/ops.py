@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 __all__ = ["Kind", "OpInfo", "describe", "register_function", "register_method", "register_module",
-           "tensor_shape"]
+           "tensor_shape", "layers_inside"]
 
 
 class Kind(str, enum.Enum):
@@ -511,3 +511,24 @@ def tensor_shape(node: Any) -> tuple[int, ...] | None:
     """The shape recorded on a node by capture (``tensor_meta``), or None for non-tensors."""
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+_WEIGHTED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.MultiheadAttention, nn.RNNBase)
+
+
+def layers_inside(module: nn.Module, types: tuple[type, ...] = _WEIGHTED_LAYERS) -> list[str]:
+    """Paths (relative to ``module``) of the conv, linear, attention and recurrent layers inside it
+    (or of the given ``types``).
+
+    For a module the graph calls as one node without describing it (a leaf
+    kept whole, such as ``nn.TransformerEncoder``, which symbolic tracing
+    cannot enter), these layers are out of every pass's reach: reports say so
+    instead of counting them as nothing.
+    """
+    found: list[str] = []
+    for name, m in module.named_modules():
+        # a layer inside a layer (attention's out_proj) is part of it, not one more
+        if name and isinstance(m, types) and not any(name.startswith(f"{outer}.") for outer in found):
+            found.append(name)
+    return found
+

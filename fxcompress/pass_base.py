@@ -21,6 +21,24 @@ Class attributes a pass may set:
 ``changes_outputs``
     whether output *values* may change (quantization does, fusion does not).
     Output structure, shapes and dtypes never change, for any pass.
+``needs``
+    the :func:`fxcompress.run` inputs the pass cannot work without, by their
+    :class:`PassContext` field names (``"calibration_data"``, ``"loss_fn"``,
+    ``"eval_fn"``); a tuple, or a property when it depends on the options.
+    The manager refuses a pipeline that lacks one, before any work.  A pass
+    whose needs depend on the passes before it overrides
+    :meth:`Pass.needs_after` instead.
+``stages``
+    the graph stages (:data:`fxcompress.verify.STAGES`) the pass runs on, or
+    None for any; stages only move forward, so the manager refuses, before
+    any work, a graph that is already past all of them.
+``runs_before``
+    names of passes that must not run earlier in the pipeline (or in an
+    earlier run on the same graph): the mirror of ``requires``, e.g. pruning
+    cannot follow quantization.
+``float32_only``
+    the pass computes for float32 models only; the manager refuses, before
+    any work, floating parameters or example inputs of another dtype.
 """
 
 from __future__ import annotations
@@ -32,7 +50,7 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import fx
@@ -73,9 +91,17 @@ class Pass:
     exact: ClassVar[bool] = False
     eval_only: ClassVar[bool] = False
     changes_outputs: ClassVar[bool] = True
+    needs: ClassVar[tuple[str, ...]] = ()
+    stages: ClassVar[tuple[str, ...] | None] = None
+    runs_before: ClassVar[tuple[str, ...]] = ()
+    float32_only: ClassVar[bool] = False
 
     def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement __call__")
+
+    def needs_after(self, earlier: "Sequence[Pass]") -> tuple[str, ...]:
+        """What the pass needs when ``earlier`` run before it in the pipeline (default: ``needs``)."""
+        return tuple(self.needs)
 
     # -- options -----------------------------------------------------------
     @classmethod

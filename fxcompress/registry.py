@@ -12,8 +12,12 @@ Three sources:
 
 A name belongs to one pass: :func:`register` refuses a name that a built-in,
 an entry point or another registered class already uses, so no pass can be
-shadowed silently.  Looking names up never imports anything but the one pass
-asked for.
+shadowed silently.  A class defined again at the same place (a notebook cell
+run twice: same module and qualified name) replaces the one registered
+before; ``register(cls, replace=True)`` replaces any registered user pass,
+and :func:`unregister` removes one.  Built-in and entry-point passes can be
+neither replaced nor removed.  Looking names up never imports anything but
+the one pass asked for.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import importlib
 import pkgutil
 from importlib import metadata
 from types import ModuleType
+from typing import Any
 
 from .errors import ConfigError
 from .pass_base import Pass, close_matches
 
-__all__ = ["ENTRY_POINT_GROUP", "register", "get_pass", "available_passes", "close_matches"]
+__all__ = ["ENTRY_POINT_GROUP", "register", "unregister", "get_pass", "available_passes", "close_matches"]
 
 ENTRY_POINT_GROUP = "fxcompress.passes"
 _BUILTIN_PACKAGE = "fxcompress.passes"
@@ -45,30 +50,60 @@ def _check_pass_class(cls: object, where: str) -> type[Pass]:
     return cls
 
 
-def register(cls: type[Pass]) -> type[Pass]:
+def register(cls: type[Pass] | None = None, *, replace: bool = False) -> Any:
     """Register a pass class under its ``name`` (usable as a decorator); returns the class.
 
-    Registering the same class again is a no-op.  A name already used by a
-    different registered class, a built-in pass or an installed entry point
-    is a ConfigError naming the owner.
+    Registering the same class again is a no-op, and a class defined again at
+    the same place (same module and qualified name: a notebook cell re-run)
+    replaces the earlier one.  ``replace=True`` (``@register(replace=True)``)
+    replaces any registered user pass of that name.  A name used by a built-in
+    pass or an installed entry point, or (without ``replace``) by a different
+    registered class, is a ConfigError naming the owner.
     """
+    if cls is None:  # @register(replace=True)
+        return lambda c: register(c, replace=replace)
     cls = _check_pass_class(cls, "register()")
     name = cls.name
     existing = _registered.get(name)
     if existing is cls:
         return cls
     builtin = f"{_BUILTIN_PACKAGE}.{name}"
-    if existing is not None:
-        owner = f"the built-in pass {builtin}" if existing.__module__ == builtin else _qualified(existing)
-    elif name in _builtin_names() and cls.__module__ != builtin:
+    hint = ""
+    if name in _builtin_names() and cls.__module__ != builtin:
         owner = f"the built-in pass {builtin}"
-    elif name in (eps := _entry_points()) and eps[name].value != _qualified(cls):
+    elif existing is not None and (existing.__module__ == builtin or _is_entry_point(existing)):
+        owner = f"the built-in pass {builtin}" if existing.__module__ == builtin else _qualified(existing)
+    elif existing is not None and not (replace or _qualified(existing) == _qualified(cls)):
+        owner = _qualified(existing)
+        hint = f", or replace it: register(cls, replace=True), or unregister({name!r}) first"
+    elif existing is None and name in (eps := _entry_points()) and eps[name].value != _qualified(cls):
         owner = f"the entry point {eps[name].value}"
     else:
         _registered[name] = cls
         return cls
     raise ConfigError(f"cannot register {_qualified(cls)}: the pass name {name!r} is taken by {owner}; "
-                      f"choose another name")
+                      f"choose another name{hint}")
+
+
+def unregister(name: str) -> type[Pass]:
+    """Remove a user-registered pass; returns its class.
+
+    ConfigError for a built-in or entry-point pass (they cannot be removed)
+    and for a name that is not registered.
+    """
+    cls = _registered.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ConfigError(f"no registered pass is called {name!r}{close_matches(str(name), _registered)}")
+    if cls.__module__ == f"{_BUILTIN_PACKAGE}.{name}" or _is_entry_point(cls):
+        origin = "is built in" if cls.__module__.startswith(_BUILTIN_PACKAGE) else "comes from an entry point"
+        raise ConfigError(f"pass {name!r} {origin}; only passes registered in-process can be unregistered")
+    del _registered[name]
+    return cls
+
+
+def _is_entry_point(cls: type) -> bool:
+    ep = _entry_points().get(cls.name)
+    return ep is not None and ep.value == _qualified(cls)
 
 
 def _builtin_names() -> list[str]:

@@ -9,6 +9,7 @@ never copied from what a pass claims.
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -98,11 +99,29 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.4g}P{unit}"
 
 
+# The table shows this many entries of a dict or list stat (to_dict() and to_json() keep them all),
+# and wraps the stats column at this width, so that one pass's stats stay readable.
+_STAT_ITEMS = 4
+_STATS_WIDTH = 100
+
+
+def _few(items: list[str]) -> list[str]:
+    extra = len(items) - _STAT_ITEMS
+    return items if extra <= 0 else items[:_STAT_ITEMS] + [f"... {extra} more"]
+
+
 def _stat(key: str, value: Any) -> str:
-    """One stat for the table: ``key=value``, a dict inline as ``key(k=v, ...)``."""
+    """One stat for the table: ``key=value``, a dict inline as ``key(k=v, ...)``; long ones shortened."""
     if isinstance(value, dict):
-        return f"{key}(" + ", ".join(f"{k}={v}" for k, v in value.items()) + ")"
+        return f"{key}(" + ", ".join(_few([f"{k}={v}" for k, v in value.items()])) + ")"
+    if isinstance(value, (list, tuple)) and len(value) > _STAT_ITEMS:
+        return f"{key}=[" + ", ".join(_few([str(v) for v in value])) + "]"
     return f"{key}={value}"
+
+
+def _number(value: Any) -> Any:
+    """A metric for the summary: floats to 4 significant digits, anything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) else value
 
 
 def ratio(after: float, before: float) -> str:
@@ -138,12 +157,14 @@ class Report:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, default=str)
 
-    def _pass_table(self) -> tuple[list[list[Any]], list[str]]:
+    def _pass_table(self, wrap: bool) -> tuple[list[list[Any]], list[str]]:
         headers = ["pass", "modified", "nodes", "parameters", "state", "MACs", "time", "stats"]
         rows = [["(input)", "", self.before.nodes, human(self.before.parameters),
                  human(self.before.state_bytes, "B"), human(self.before.macs), "", ""]]
         for r in self.rows:
             stats = ", ".join(_stat(k, v) for k, v in r.stats.items() if k != "notes" and v != {})
+            if wrap:
+                stats = textwrap.fill(stats, _STATS_WIDTH, break_long_words=False, break_on_hyphens=False)
             rows.append([r.name, "yes" if r.modified else "no", r.after.nodes, human(r.after.parameters),
                          human(r.after.state_bytes, "B"), human(r.after.macs), f"{r.seconds:.3f}s", stats])
         return rows, headers
@@ -154,12 +175,17 @@ class Report:
         # them with the task metric's floats in scientific notation.
         rows = [[k, f"{getattr(b, k):,}", f"{getattr(a, k):,}", ratio(getattr(a, k), getattr(b, k))]
                 for k in ("nodes", "parameters", "state_bytes", "macs")]
-        rows += [[k, v.get("before", ""), v.get("after", ""), v.get("ratio", "")]
+        rows += [[k, _number(v.get("before", "")), _number(v.get("after", "")), v.get("ratio", "")]
                  for k, v in self.metrics.items() if isinstance(v, dict)]
         return rows, ["", "before", "after", "after/before"]
 
     def _render(self, fmt: str) -> str:
-        parts = [tabulate(*self._pass_table(), tablefmt=fmt), tabulate(*self._summary_table(), tablefmt=fmt)]
+        # Markdown cells cannot hold line breaks: only the text table wraps its stats.
+        passes = tabulate(*self._pass_table(wrap=fmt != "github"), tablefmt=fmt)
+        # No number parsing in the summary: tabulate would reformat "11,689,512" as 1.16895e+07.
+        summary = tabulate(*self._summary_table(), tablefmt=fmt, disable_numparse=True,
+                           colalign=("left", "right", "right", "right"))
+        parts = [passes, summary]
         if self.notes:
             parts.append("\n".join(f"- {n}" for n in self.notes))
         return "\n\n".join(parts)

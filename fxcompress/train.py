@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .boundary import clone_inputs
 from .errors import ConfigError, InputError
 
 __all__ = ["finetune", "split_batch", "call_with"]
@@ -34,7 +35,12 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 
 
 def call_with(model: nn.Module, inputs: Any) -> Any:
-    """Call a model with a tensor, a tuple of positional inputs or a dict of keyword inputs."""
+    """Call a model with a tensor, a tuple of positional inputs or a dict of keyword inputs.
+
+    The model gets copies of the tensors: a model that writes into its inputs
+    leaves the caller's batches as they were.
+    """
+    inputs = clone_inputs(inputs)
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):

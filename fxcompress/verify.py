@@ -10,11 +10,16 @@ the verifier cannot be lied to.
 Each check returns a list of problems (strings naming the node); an empty list
 means the invariant holds.  :func:`verify` raises nothing: the manager turns
 problems into a :class:`~fxcompress.errors.PassError` naming the pass.
+
+Calling the module itself, ``fxcompress.verify(path)``, checks an artifact
+(:func:`fxcompress.artifact.verify`, also ``fxcompress.verify_artifact``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import sys
+import types
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
@@ -122,8 +127,31 @@ def _mutations_are_last_uses(gm: fx.GraphModule, stage: str) -> list[str]:
 
 @register_check
 def _parameters_are_finite(gm: fx.GraphModule, stage: str) -> list[str]:
+    """Parameters hold no NaN or Inf, buffers no NaN (-inf is a legitimate attention-mask value);
+    run() refuses a model that breaks this, so a pass that breaks it is named."""
     problems = []
+    params = {id(p) for p in gm.parameters()}
     for name, tensor in gm.state_dict(keep_vars=True).items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            continue
+        if id(tensor) in params and not torch.isfinite(tensor).all():
             problems.append(f"state {name!r} holds NaN or Inf")
+        elif id(tensor) not in params and torch.isnan(tensor).any():
+            problems.append(f"state {name!r} holds NaN")
     return problems
+
+
+class _CallableModule(types.ModuleType):
+    """``fxcompress.verify`` is this module; calling it checks an artifact.
+
+    Earlier versions exported the artifact check as ``fxcompress.verify``,
+    which hid this module; both spellings keep working.
+    """
+
+    def __call__(self, path: Any, *, public_key: Any = None) -> dict:
+        from .artifact import verify as verify_artifact  # imported on use: the artifact code is not light
+
+        return verify_artifact(path, public_key=public_key)
+
+
+sys.modules[__name__].__class__ = _CallableModule

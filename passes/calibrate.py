@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import fx
@@ -27,12 +27,14 @@ class Calibrate(Pass):
     one batch: a tensor, a tuple of positional inputs or a dict of keyword inputs.
     A labelled ``(inputs, target)`` pair is recognised when the model takes one input
     and the item is a 2-tuple whose first element is a tensor shaped like the example
-    input except in the batch dim; the target is then ignored.  Raises
-    :class:`~fxcompress.errors.CalibrationError` for missing or empty data, a batch
+    input except in the batch dim; the target is then ignored.  The manager refuses a run
+    without ``calibration_data`` (unless the pipeline's observers observe no activations)
+    or with a half-precision model before any work. Raises
+    :class:`~fxcompress.errors.CalibrationError` for empty data, a batch
     whose inputs differ from the example inputs in number, dtype, rank or non-batch
     sizes (naming the batch, expected and given), NaN/Inf in a batch, NaN/Inf reaching
-    an observer (naming its node) and an observer no batch reached.  A graph without
-    activation observers (``activations=None``) needs no data: the pass does nothing.
+    an observer (naming its node) and an observer no batch reached.  On a graph without
+    activation observers (``activations=None``) the pass does nothing.
     Stats: ``batches``, ``samples``, ``observers``.
     """
 
@@ -41,6 +43,9 @@ class Calibrate(Pass):
     exact = True
     eval_only = True
     changes_outputs = False
+    # The qparams are computed for, and folded into, float32 layers: a half-precision
+    # model is refused before any work instead of failing at fold_fake_quant.
+    float32_only = True
 
     num_batches: int | None = None
 
@@ -48,6 +53,13 @@ class Calibrate(Pass):
         if self.num_batches is not None and (isinstance(self.num_batches, bool) or self.num_batches < 1):
             raise ConfigError(f"pass {self.name!r}: num_batches must be a positive int or None, "
                               f"got {self.num_batches!r}")
+
+    def needs_after(self, earlier: Sequence[Pass]) -> tuple[str, ...]:
+        """Data, unless the observers this pipeline inserts observe no activations (weight-only)."""
+        inserted = [p for p in earlier if p.name == "insert_observers"]
+        if inserted and inserted[-1].options().get("activations", "default") is None:
+            return ()
+        return ("calibration_data",)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         observers = [m for m in gm.modules() if isinstance(m, ActivationObserver)]

@@ -27,13 +27,14 @@ class Finetune(Pass):
     to sit well on their quantization grid.  ``freeze_observers_after=N`` stops
     fake-quant modules from re-observing ranges after N steps (they start frozen
     after ``to_fake_quant``).  The data must be re-iterable (a list or a
-    ``DataLoader``, not a generator) when ``calibrate`` reads it too.  Raises
-    ConfigError when the data or the loss function is missing; an unlabelled batch
-    or a non-finite loss raises :class:`~fxcompress.errors.InputError` naming the
-    step.  Stats: ``steps``, and ``loss_before`` / ``loss_after`` on the first batch.
+    ``DataLoader``, not a generator) when ``calibrate`` reads it too.  The manager
+    refuses a run without the data or the loss function before any work; an
+    unlabelled batch or a non-finite loss raises :class:`~fxcompress.errors.InputError`
+    naming the step.  Stats: ``steps``, and ``loss_before`` / ``loss_after`` on the first batch.
     """
 
     name = "finetune"
+    needs = ("calibration_data", "loss_fn")
 
     steps: int = 100
     lr: float = 1e-4

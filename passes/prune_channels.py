@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from fxcompress.capture import propagate_shapes
-from fxcompress.errors import ConfigError
+from fxcompress.errors import ConfigError, InputError, PassError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.prune import (CRITERIA, ChannelGraph, apply_removal, build_channel_graph, select, taylor_terms,
                               unit_scores, unused_patterns)
@@ -55,6 +55,10 @@ class PruneChannels(Pass):
     name = "prune_channels"
     exact = False
     changes_outputs = True
+    stages = ("float",)
+    # Pruning slices float weights: once anything quantized or lowered them it has nothing to cut.
+    runs_before = ("insert_observers", "to_fake_quant", "fold_fake_quant", "lower", "quantize_dynamic",
+                   "quantize_weights")
 
     ratio: float = 0.5
     importance: Union[str, Callable] = "l2"
@@ -86,6 +90,11 @@ class PruneChannels(Pass):
                 raise ConfigError(f"prune_channels: layer_ratios keys are module-name patterns, got {pattern!r}")
             _check_ratio(f"layer_ratios[{pattern!r}]", r)
 
+    @property
+    def needs(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Taylor importance measures gradients: it needs data and a loss."""
+        return ("calibration_data", "loss_fn") if self.importance == "taylor" else ()
+
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stage = stage_of(gm)
         if stage != "float":
@@ -116,7 +125,11 @@ class PruneChannels(Pass):
         # slice physically, then prove the graph still holds by propagating shapes through it
         stats.update(apply_removal(gm, cg, removed))
         gm.recompile()
-        propagate_shapes(gm, ctx.example_args, ctx.example_kwargs)  # tensor_meta is true again
+        try:
+            propagate_shapes(gm, ctx.example_args, ctx.example_kwargs)  # tensor_meta is true again
+        except InputError as exc:  # the inputs ran before the slicing: the pass is at fault, not they
+            raise PassError(f"prune_channels sliced a graph that no longer runs (a bug of the pruning "
+                            f"analysis; please report it, and skip the layers involved meanwhile): {exc}") from exc
         return PassResult(gm, True, stats)
 
     def _removed_summary(self, cg: ChannelGraph, removed: torch.Tensor) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from torch import fx, nn
 
 from fxcompress.errors import ConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.quant.kept_whole import float_leaves
 from fxcompress.quant.lowered_attention import QuantMultiheadAttention
 from fxcompress.quant.lowered_base import LoweredModule
 from fxcompress.quant.lowered_linear import GRANULARITIES, DynamicQuantLinear
@@ -35,7 +36,7 @@ class QuantizeDynamic(Pass):
     more robust to rows of very different ranges). ``backend`` (default: the run's) ``x86`` or ``reference``.
     Only ``bits=8`` exists. Stats: ``linear`` and ``attention`` (modules replaced),
     ``float_nodes`` (node -> why it stayed float: functional linears, unsupported
-    attention options, subclasses), ``fallbacks`` (nodes on the reference path, with the
+    attention options, subclasses, modules kept whole with linears inside), ``fallbacks`` (nodes on the reference path, with the
     kernel's reason).
     """
 
@@ -70,6 +71,7 @@ class QuantizeDynamic(Pass):
                                                       backend=backend)
 
         swapped = swap_linears(gm, ctx, linear, attention)
+        swapped.float_nodes.update(float_leaves(gm, ctx, set(swapped.replaced) | set(swapped.float_nodes)))
         fallbacks = [{"node": name, "reason": support.reason}
                      for name, m in swapped.replaced.items() if not (support := _support(m))]
         stats: dict[str, Any] = {**swapped.stats(), "fallbacks": fallbacks}

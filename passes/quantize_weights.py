@@ -10,6 +10,7 @@ from torch import fx, nn
 from fxcompress.errors import ConfigError
 from fxcompress.ops import tensor_shape
 from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.quant.kept_whole import float_leaves
 from fxcompress.quant.lowered_attention import QuantMultiheadAttention
 from fxcompress.quant.lowered_linear import WeightOnlyLinear
 from fxcompress.quant.lowering import Built, check_backend_option, resolve_backend, swap_linears
@@ -81,6 +82,7 @@ class QuantizeWeights(Pass):
             return problem or QuantMultiheadAttention.from_float(m, "weight_only", **options)
 
         swapped = swap_linears(gm, ctx, linear, attention)
+        swapped.float_nodes.update(float_leaves(gm, ctx, set(swapped.replaced) | set(swapped.float_nodes)))
         nodes = {n.name: n for n in gm.graph.nodes}
         fallbacks = []
         for name, module in swapped.replaced.items():

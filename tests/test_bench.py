@@ -35,7 +35,7 @@ def test_identical_models_agree_perfectly(digits) -> None:
     assert c.original.serialized_bytes == c.compressed.serialized_bytes == serialized_bytes(model)
     assert c.original.macs == c.compressed.macs > 0
     d = c.to_dict()
-    assert set(d) == {"threads", "original", "compressed", "speedup", "agreement"}
+    assert set(d) == {"threads", "original", "compressed", "speedup", "agreement", "warnings"}
     assert set(d["original"]) == {"parameters", "macs", "serialized_bytes", "latency", "metric"}
     assert set(d["original"]["latency"]["1"]) == {"threads", "median", "iqr", "blocks"}
     assert d["original"]["latency"]["1"]["median"] > 0 and set(d["speedup"]) == {"1"}
@@ -98,3 +98,72 @@ def test_bad_input() -> None:
         compare(model, model, torch.ones(2, 4), threads=(0,))
     with pytest.raises(InputError, match="must be an nn.Module"):
         compare(model, lambda x: x, torch.ones(2, 4))
+
+
+def test_agreement_over_data_batches_and_a_warning_for_few_rows(digits) -> None:
+    data, model = digits
+    fused = fxcompress.run(model, ["fuse_conv_bn"], (data.test_x[:1],)).model
+    with pytest.warns(UserWarning, match="top-1 agreement is over 1 row only"):
+        one = compare(model, fused, data.test_x[:1], threads=())
+    assert one.agreement.rows == 1 and one.agreement.batches == 1 and one.warnings
+    batches = [(data.test_x[i:i + 64], data.test_y[i:i + 64]) for i in range(0, 256, 64)]  # labelled pairs
+    many = compare(model, fused, data.test_x[:1], data=batches, threads=())
+    assert many.agreement.rows == 256 and many.agreement.batches == 4 and many.agreement.top1_agreement == 1.0
+    assert many.warnings == [] and "100.00% of 256 rows" in str(many)
+
+
+class Collapsed(torch.nn.Module):
+    """A 'compressed' model whose output collapsed to zero."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * 0
+
+
+def test_a_collapsed_output_is_warned_about(digits) -> None:
+    data, model = digits
+    batches = list(data.test_x[:128].split(64))
+    with pytest.warns(UserWarning, match=r"output #0 collapsed to a constant \(0\)"):
+        c = compare(model, Collapsed(model).eval(), data.test_x[:1], data=batches, threads=())
+    assert any("collapsed" in w for w in c.warnings) and "warnings:" in str(c)
+
+
+class Slow(torch.nn.Module):
+    """The same outputs, computed several times over."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(20):
+            out = self.model(x)
+        return out
+
+
+def test_a_slower_compressed_model_is_warned_about(digits) -> None:
+    data, model = digits
+    with pytest.warns(UserWarning, match=r"the compressed model is slower than the original at 1 thread"):
+        compare(model, Slow(model).eval(), data.test_x[:64], threads=(1,), min_run_time=0.05, rounds=2)
+
+
+def test_inputs_that_do_not_fit_are_an_input_error_naming_the_model() -> None:
+    model = torch.nn.Linear(4, 3).eval()
+    with pytest.raises(InputError, match=r"compare\(\): the original model does not run on the inputs: RuntimeError"):
+        compare(model, model, torch.ones(2, 5), threads=())
+    with pytest.raises(InputError, match=r"compare\(\): data: calibration batch 1: input #0 is float32 \(2, 5\)"):
+        compare(model, model, torch.ones(2, 4), data=[torch.ones(3, 4), torch.ones(2, 5)], threads=())
+
+
+def test_compare_does_not_write_into_the_inputs() -> None:
+    class Halves(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.div_(2)
+
+    x = torch.ones(4, 3)
+    compare(Halves().eval(), Halves().eval(), x, threads=(1,), min_run_time=0.01, rounds=1)
+    assert torch.equal(x, torch.ones(4, 3))
+

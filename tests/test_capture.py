@@ -358,3 +358,57 @@ def test_buffers_written_under_inference_mode_can_be_propagated() -> None:
     gm = fxcompress.trace(Offset(), torch.zeros(3))
     assert torch.equal(propagate_shapes(gm, (torch.zeros(3),)), torch.arange(3.0))
     assert torch.equal(gm.offset, torch.arange(3.0))
+
+
+class CountsCalls(nn.Module):
+    """Increments a buffer on every call, in place or by reassignment."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_place:
+            self.calls.add_(1)
+        else:
+            self.calls = self.calls + 1
+        return self.fc(x) * self.calls
+
+
+def test_tracing_a_forward_that_writes_a_buffer_leaves_it_unchanged_and_records_the_write() -> None:
+    model, x = CountsCalls(in_place=True).eval(), torch.randn(2, 4)
+    gm = fxcompress.trace(model, x)
+    assert model.calls.item() == 0 and gm.calls.item() == 0
+    gm(x)  # the write is in the graph, not dropped: the graph counts its calls as the model does
+    assert gm.calls.item() == 1
+    torch.testing.assert_close(gm(x), model.fc(x) * 2)  # second call: the count went on
+
+
+def test_a_forward_that_assigns_a_buffer_is_a_trace_error_leaving_it_unchanged() -> None:
+    model = CountsCalls(in_place=False).eval()
+    with pytest.raises(TraceError, match=r"assigns buffer 'calls' \(self.calls = ...\).*update it in place"):
+        fxcompress.trace(model, torch.randn(2, 4))
+    assert model.calls.item() == 0
+
+
+def test_shape_propagation_never_writes_into_its_inputs() -> None:
+    class Halves(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.div_(2) + 1
+
+    x = torch.ones(3)
+    gm = fxcompress.trace(Halves(), x)
+    propagate_shapes(gm, (x,))
+    assert torch.equal(x, torch.ones(3))
+
+
+def test_a_leaf_modules_pattern_that_matches_nothing_is_a_config_error_like_a_scope_typo() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Linear(4, 2)))
+    with pytest.raises(ConfigError, match=r"leaf_modules pattern '2\.\*' matches no module of Sequential"):
+        fxcompress.trace(model, torch.randn(1, 4), leaf_modules=["2.*"])
+    with pytest.raises(ConfigError, match=r"leaf_modules pattern '01' matches no module of Sequential \(did you mean"):
+        fxcompress.trace(model, torch.randn(1, 4), leaf_modules=["01"])
+    gm = fxcompress.trace(model, torch.randn(1, 4), leaf_modules=["1.*", nn.GELU])  # a type absent is fine
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1.0", "1.1"]

@@ -110,3 +110,65 @@ def test_demo_reports_accuracy_before_and_after(capsys) -> None:
     assert code == 0
     assert "stages run:" in out and "BatchNorm fusion: fuse_conv_bn" in out
     assert "task metric" in out and "SQNR" in out
+
+
+def test_out_and_key_problems_are_reported_before_the_pipeline_runs(capsys, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The factory leaves a marker each time the model is built: the pipeline never starts.
+    (tmp_path / "fxc_cli_factory.py").write_text(
+        "from pathlib import Path\nimport torch\n"
+        "def build():\n"
+        f"    Path({str(tmp_path / 'built')!r}).write_text('built')\n"
+        "    return torch.nn.Linear(3, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "local.toml"
+    recipe.write_text('[model]\nfactory = "fxc_cli_factory:build"\n[[inputs]]\nshape = [1, 3]\n'
+                      '[[passes]]\nrecipe = "fusion_only"\n')
+    existing = tmp_path / "exists.fxc"
+    existing.write_bytes(b"precious")
+    (tmp_path / "bad.pem").write_text("not a key")
+    for argv, message in ((["--out", str(existing)], "exists; pass overwrite=True"),
+                          (["--out", str(tmp_path / "no" / "dir.fxc")], "does not exist"),
+                          (["--out", str(tmp_path / "new.fxc"), "--key", str(tmp_path / "bad.pem")],
+                           "is not a readable PEM private key"),
+                          (["--out", str(tmp_path / "new.fxc"), "--key", str(tmp_path / "absent.pem")],
+                           "cannot read the private key file")):
+        code, out, err = _run(capsys, "run", "--recipe", str(recipe), *argv)
+        assert code == 2 and out == "" and message in err, (argv, err)
+    assert not (tmp_path / "built").exists() and existing.read_bytes() == b"precious"
+    # A factory in the current directory imports, as with `python -m` (and sys.path is restored).
+    path_before = list(sys.path)
+    code, out, _ = _run(capsys, "run", "--recipe", str(recipe))
+    assert code == 0 and (tmp_path / "built").exists() and sys.path == path_before
+    sys.modules.pop("fxc_cli_factory", None)
+
+
+def test_python_dash_m_fxcompress_and_a_closed_pipe(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fxcompress", "passes", "--json"], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and json.loads(proc.stdout)
+    # `fxcompress passes --json | head`, with a reader that has left before the first write (`true` exits
+    # while the command is still importing torch): no BrokenPipeError traceback, SIGPIPE's status.
+    script = Path(sys.executable).parent / "fxcompress"
+    shell = subprocess.run(f"'{script}' passes --json | true; exit ${{PIPESTATUS[0]}}", shell=True,
+                           executable="/bin/bash", capture_output=True, text=True, timeout=300, check=False)
+    assert "Traceback" not in shell.stderr and "BrokenPipeError" not in shell.stderr, shell.stderr
+    assert shell.returncode == 141
+
+
+def test_run_help_says_a_recipe_is_trusted_code(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "trusted code" in out and "imports the modules it names" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("kind", ["directory", "binary"])
+def test_a_recipe_path_that_is_a_directory_or_not_text_is_one_line_of_error(capsys, tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "recipe.toml"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\xff\xfe\x00[model]")
+    code, out, err = _run(capsys, "run", "--recipe", str(path))
+    assert code == 2 and out == "" and err.count("\n") == 1 and "Traceback" not in err

@@ -291,3 +291,38 @@ def test_macs_of_dynamic_quantized_attention_match_float() -> None:
 
     result = fxcompress.run(Attend().eval(), ["quantize_dynamic"], torch.randn(2, 5, 16))
     assert result.report.after.macs == result.report.before.macs > 0
+
+
+@pytest.mark.parametrize("pass_name", ["quantize_dynamic", "quantize_weights"])
+def test_macs_count_after_quantizing_linears_in_a_fresh_process(pass_name: str) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import torch, fxcompress
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+        report = fxcompress.run(model, [{pass_name!r}], torch.randn(4, 64), progress=False).report
+        print(report.before.macs, report.after.macs)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(4 * (64 * 32 + 32 * 8))] * 2
+
+
+def test_a_module_kept_whole_is_named_by_uncounted() -> None:
+    from fxcompress.macs import uncounted
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(self.fc(x), x, x)[0]
+
+    model = nn.Sequential(Block(), nn.Linear(4, 2))
+    gm = fxcompress.trace(model, torch.randn(1, 3, 4), leaf_modules=["0"])
+    assert uncounted(gm) == {"_0": "Block is kept whole: its 2 layers with MACs inside (fc, mha) are not counted"}
+    assert uncounted(fxcompress.trace(model, torch.randn(1, 3, 4))) == {}

@@ -406,3 +406,76 @@ def test_errors_a_pass_raises_keep_their_type_and_gain_the_pass_name():
         run(["tm_noop", NeedsData()])
     with pytest.raises(PassError, match=r"returned Net instead of a PassResult\(gm, modified, stats\)"):
         run([ReturnsGraph()])
+
+
+# -- modes of added modules, pass objects re-validated, honest `modified` ----------------
+@dataclass(frozen=True)
+class AddsModules(Pass):
+    """Replaces fc by a new Linear and adds a new container with a child: all created in training mode."""
+
+    name = "tm_adds_modules"
+
+    def __call__(self, gm, ctx):
+        old = gm.fc
+        gm.fc = nn.Linear(old.in_features, old.out_features)
+        gm.fc.load_state_dict(old.state_dict())
+        gm.extra = nn.ModuleDict({"inner": nn.Identity()})
+        return PassResult(gm, True)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_modules_a_pass_adds_take_the_mode_of_what_they_replace_or_their_parent(mode):
+    model = Net().train(mode == "train")
+    gm = run([AddsModules()], model=model).model
+    expected = mode == "train"
+    assert gm.fc.training is expected and gm.extra.training is expected and gm.extra.inner.training is expected
+
+
+def test_compression_of_an_eval_model_leaves_every_module_in_eval_mode_through_artifacts(tmp_path):
+    from fxcompress import recipes
+
+    cal = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    for passes in (recipes.int8_static(backend="reference"), ["quantize_dynamic"], ["quantize_weights"]):
+        gm = run(passes, calibration_data=cal).model
+        assert [name for name, m in gm.named_modules() if m.training] == [], passes
+        fxcompress.save(gm, tmp_path / "m.fxc", overwrite=True)
+        loaded = fxcompress.load(tmp_path / "m.fxc")
+        assert not any(m.training for m in loaded.modules())
+        # an eval-only pass accepts the result, and a loaded artifact compresses further
+        run(["cast"], model=loaded)
+
+
+def test_a_pass_object_whose_field_was_forced_past_post_init_is_refused():
+    forced = Scale(factor=2.0)
+    object.__setattr__(forced, "factor", 70.0)
+    with pytest.raises(ConfigError, match=r"factor must be in \(0, 10\], got 70.0"):
+        run([forced])
+    pruning = fxcompress.get_pass("prune_channels")(ratio=0.5)
+    object.__setattr__(pruning, "ratio", 7.0)
+    with pytest.raises(ConfigError, match=r"ratio must be a number in \[0, 1\), got 7.0"):
+        run([pruning])
+
+
+@dataclass(frozen=True)
+class ClaimsModified(Pass):
+    """Says it modified the graph, rewrites fc's weight with the values it had."""
+
+    name = "tm_claims_modified"
+
+    def __call__(self, gm, ctx):
+        with torch.no_grad():
+            gm.fc.weight.copy_(gm.fc.weight.clone())
+        return PassResult(gm, True)
+
+
+def test_modified_is_kept_only_when_something_visibly_changed():
+    rows = run([ClaimsModified(), ("tm_scale", {"factor": 2.0})]).report.rows
+    assert [r.modified for r in rows] == [False, True]
+
+
+def test_a_second_lower_reports_no_modification():
+    from fxcompress import recipes
+
+    lowered = run(recipes.int8_static(backend="reference"), calibration_data=[X]).model
+    row = run([("lower", {"backend": "reference"})], model=lowered).report.rows[0]
+    assert row.modified is False

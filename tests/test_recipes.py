@@ -165,9 +165,13 @@ def test_calibration_sources(tmp_path: Path) -> None:
     assert load_recipe(_write(tmp_path, _HEADER)).calibration_data() is None
 
 
-def test_leaf_modules_resolve_import_references(tmp_path: Path) -> None:
+def test_leaf_modules_resolve_import_references_when_the_recipe_runs(tmp_path: Path) -> None:
     spec = load_recipe(_write(tmp_path, _HEADER + '[run]\nleaf_modules = ["torch.nn:ReLU", "layer4.*"]\n'))
-    assert spec.run_options["leaf_modules"] == [nn.ReLU, "layer4.*"]
+    assert spec.run_options["leaf_modules"] == ["torch.nn:ReLU", "layer4.*"]  # loading imports nothing
+    assert spec.resolved_run_options()["leaf_modules"] == [nn.ReLU, "layer4.*"]
+    typo = load_recipe(_write(tmp_path, _HEADER + '[run]\nleaf_modules = ["torch.nn:ReLu"]\n'))
+    with pytest.raises(ConfigError, match=r"has no attribute 'ReLu'.*did you mean 'ReLU'"):
+        typo.resolved_run_options()
 
 
 @pytest.mark.parametrize(
@@ -192,7 +196,10 @@ def test_leaf_modules_resolve_import_references(tmp_path: Path) -> None:
         (_HEADER + '[[passes]]\nname = "fuse_conv_bn"\nratio = 0.5\n', r"pass 'fuse_conv_bn' has no option 'ratio'"),
         (_HEADER + '[[passes]]\nname = "fuse_conv_bn"\nrecipe = "fusion_only"\n', r"exactly one of `name`"),
         (_HEADER + '[[passes]]\nrecipe = "int4_weight_only"\nbits = 3\n', r"passes\[0\]: recipe 'int4_weight_only'"),
-        (_HEADER + '[run]\nleaf_modules = ["torch.nn:ReLu"]\n', r"has no attribute 'ReLu'.*did you mean 'ReLU'"),
+        (_HEADER + '[run]\nleaf_modules = ["torch.nn:Re Lu"]\n', r"run.leaf_modules must be 'pkg.module:callable'"),
+        (_HEADER + '[run]\nloss_fn = "cross_entropy"\n', r"run.loss_fn must be 'pkg.module:callable'"),
+        (_HEADER + '[calibration]\nsource = "my.data:batches"\nbatches = 2\n', r"calibration.batches applies to"),
+        (_HEADER + '[calibration]\nlabels = true\n', r"calibration.labels applies to the 'digits' source"),
     ],
 )
 def test_bad_recipe_files_name_file_key_and_remedy(tmp_path: Path, text: str, message: str) -> None:
@@ -212,7 +219,7 @@ def test_missing_file_and_bad_factory(tmp_path: Path) -> None:
                                         '[[inputs]]\nshape = [1]\n'))
     with pytest.raises(ConfigError, match=r"rejected kwargs \{'features': 3\}"):
         spec.build_model()
-    spec = load_recipe(_write(tmp_path, '[model]\nfactory = "torch:randn"\nkwargs = { size = [2] }\n'
-                                        '[[inputs]]\nshape = [1]\n'))
+    spec = load_recipe(_write(tmp_path, '[model]\nfactory = "fxcompress.examples.bert:bert_inputs"\n'
+                                        'kwargs = { batch = 1, length = 2 }\n[[inputs]]\nshape = [1]\n'))
     with pytest.raises(ConfigError, match="returned Tensor, not an nn.Module"):
         spec.build_model()

@@ -251,3 +251,49 @@ def test_malformed_function_passes(fn, match):
 def test_function_pass_name_must_be_snake_case():
     with pytest.raises(ConfigError, match="snake_case"):
         function_pass("NotSnake")(relu_to_gelu)
+
+
+def _defined_again() -> type[Pass]:
+    """The class a notebook cell defines each time it runs: same module, same qualified name."""
+
+    @dataclass(frozen=True)
+    class Cell(Pass):
+        """A pass defined in a notebook cell."""
+
+        name = "registry_test_cell"
+
+    return Cell
+
+
+def test_a_class_defined_again_at_the_same_place_replaces_the_registered_one(private_registry):
+    first, again = _defined_again(), _defined_again()
+    assert first is not again and register(first) is first
+    assert register(again) is again and get_pass("registry_test_cell") is again
+
+
+def test_replace_and_unregister(private_registry):
+    assert register(First) is First
+
+    @dataclass(frozen=True)
+    class Better(Pass):
+        name = "registry_test_first"
+
+    with pytest.raises(ConfigError, match=r"choose another name, or replace it: register\(cls, replace=True\)"):
+        register(Better)
+    assert register(Better, replace=True) is Better and get_pass("registry_test_first") is Better
+    assert register(replace=True)(First) is First  # the decorator form
+    assert fxcompress.registry.unregister("registry_test_first") is First
+    with pytest.raises(ConfigError, match="unknown pass 'registry_test_first'"):
+        get_pass("registry_test_first")
+    with pytest.raises(ConfigError, match="no registered pass is called 'registry_test_first'"):
+        fxcompress.registry.unregister("registry_test_first")
+    get_pass(BUILTINS[0])
+    with pytest.raises(ConfigError, match=f"pass '{BUILTINS[0]}' is built in; only passes registered"):
+        fxcompress.registry.unregister(BUILTINS[0])
+
+    @dataclass(frozen=True)
+    class Shadow(Pass):
+        name = BUILTINS[0]
+
+    with pytest.raises(ConfigError, match="taken by the built-in pass"):
+        register(Shadow, replace=True)

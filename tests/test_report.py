@@ -112,3 +112,34 @@ def test_an_empty_report_renders():
     empty = Report(before=snapshot(gm))
     assert empty.after == empty.before and "(input)" in str(empty)
     assert empty.to_dict()["passes"] == []
+
+
+@dataclass(frozen=True)
+class ManyStats(Pass):
+    """Reports a stat with many entries, as pruning a large model does."""
+
+    name = "tr_many_stats"
+
+    def __call__(self, gm, ctx):
+        per_group = {f"layer{i}.conv{j}": f"{j}/64" for i in range(6) for j in range(5)}
+        return PassResult(gm, False, {"groups": 30, "per_group": per_group, "fallbacks": list(range(12))})
+
+
+def test_long_stats_are_shortened_and_wrapped_but_kept_whole_in_to_dict():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    report = fxcompress.run(model, [ManyStats()], torch.randn(2, 4), progress=False).report
+    text = str(report)
+    assert max(len(line) for line in text.splitlines()) < 200
+    words = " ".join(text.split())  # the wrapped column, read as one line
+    assert "... 26 more" in words and "... 8 more" in words
+    assert len(report.to_dict()["passes"][0]["stats"]["per_group"]) == 30
+    assert "\n" not in report.to_markdown().split("\n\n")[0].splitlines()[2]  # one markdown row per pass
+
+
+def test_the_summary_keeps_counts_as_written_next_to_a_task_metric():
+    model = nn.Sequential(nn.Linear(400, 3000), nn.ReLU(), nn.Linear(3000, 10)).eval()
+    x = torch.randn(2, 400)
+    report = fxcompress.run(model, [], x, eval_fn=lambda m: 0.123456, progress=False).report
+    summary = str(report).split("\n\n")[1]
+    assert "1,233,010" in summary and "e+0" not in summary  # parameters as written, no scientific notation
+    assert "0.1235" in summary

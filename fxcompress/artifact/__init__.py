@@ -51,7 +51,7 @@ register pure tensor functions with :func:`register_function`.
 """
 
 from fxcompress.artifact.allowlist import register_function
-from fxcompress.artifact.core import FORMAT_VERSION, SUPPORTED_VERSIONS, load, save, verify
+from fxcompress.artifact.core import FORMAT_VERSION, SUPPORTED_VERSIONS, check_target, load, save, verify
 from fxcompress.artifact.modules import register_module, supported_modules
 from fxcompress.artifact.signing import generate_keypair
 
@@ -59,6 +59,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SUPPORTED_VERSIONS",
     "save",
+    "check_target",
     "load",
     "verify",
     "generate_keypair",

@@ -9,7 +9,13 @@ allow-list, never through a general import.  What is allowed:
   lists in ``torch``, ``torch.nn.functional``, ``torch.linalg``, ``torch.fft``
   and ``torch.special`` (this leaves out ``torch.load``, ``torch.save``,
   ``torch.from_file`` and every other function that is not a tensor op), and
-  ``torch._assert``;
+  ``torch._assert`` (and the ``None`` check symbolic tracing inserts for an
+  argument fixed to ``None``);
+* torch's pure tensor-creation functions, which take no tensor and so are not
+  "overridable": ``arange``, ``zeros``, ``ones``, ``full``, ``empty``, ``eye``,
+  ``linspace``, ``logspace``, ``scalar_tensor``, ``tensor``, ``tril_indices``,
+  ``triu_indices`` (random ones are left out: they read and advance global RNG
+  state);
 * operators in the ``torch.ops.aten`` and ``torch.ops.onednn`` namespaces,
   except file I/O ops (``quantized_decomposed`` is left out: it lives in the
   deprecated torch.ao quantization package and fxcompress never emits it);
@@ -47,6 +53,9 @@ _OPERATOR_NAMES = (
 _TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch.linalg", "torch.fft", "torch.special")
 _OP_NAMESPACES = ("aten", "onednn")
 _DENIED_OPS = frozenset({"from_file", "save", "_print"})
+# Creation functions: their arguments are sizes, values and dtype/device options, never a file or a callable.
+_CREATION = ("arange", "empty", "eye", "full", "linspace", "logspace", "ones", "scalar_tensor", "tensor",
+             "tril_indices", "triu_indices", "zeros")
 # Tensor methods whose effect reaches beyond the tensor's values.
 _DENIED_METHODS = frozenset({
     "apply_", "map_", "map2_", "backward", "register_hook", "register_post_accumulate_grad_hook",
@@ -89,6 +98,11 @@ def _index() -> None:
         if not name.startswith("_") and callable(getattr(math, name)):
             add(f"math.{name}", getattr(math, name))
     add("torch._assert", torch._assert)
+    # What symbolic tracing inserts for an argument fixed to None (concrete_args, or a default
+    # the example inputs leave out): a check, like torch._assert.
+    add("torch.fx._symbolic_trace._assert_is_none", torch.fx._symbolic_trace._assert_is_none)
+    for name in _CREATION:
+        add(f"torch.{name}", getattr(torch, name))
     overridable = {f for fs in torch.overrides.get_overridable_functions().values() for f in fs}
     for ns_name in _TORCH_NAMESPACES:
         ns = importlib.import_module(ns_name)

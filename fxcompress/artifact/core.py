@@ -33,7 +33,7 @@ import torch
 from fxcompress.artifact import graph_codec, signing, zipio
 from fxcompress.errors import ArtifactError, IntegrityError
 
-__all__ = ["FORMAT_VERSION", "SUPPORTED_VERSIONS", "MEMBERS", "save", "load", "verify"]
+__all__ = ["FORMAT_VERSION", "SUPPORTED_VERSIONS", "MEMBERS", "save", "load", "verify", "check_target"]
 
 FORMAT = "fxcompress.artifact"
 FORMAT_VERSION = 1
@@ -126,8 +126,7 @@ def save(
     saved from a model loaded from this one records as its ``parent``.
     """
     gm, report, pipeline, source = _unpack(result_or_model)
-    path = Path(path)
-    _check_target(path, overwrite)
+    path = check_target(path, overwrite)
     signer = signing.private_key(key) if key is not None else None
     try:
         extra = json.loads(_canonical(manifest_extra)) if manifest_extra is not None else None
@@ -165,6 +164,23 @@ def save(
     return digest
 
 
+def _path(path: Any, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise ArtifactError(f"{what}() takes a file path (str or os.PathLike), got {type(path).__name__} {path!r}")
+    return Path(path)
+
+
+def check_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``path`` as a ``Path`` if :func:`save` may write there, else ``ArtifactError``.
+
+    Callers that do expensive work before saving (the command line runs a
+    whole pipeline) ask first.
+    """
+    path = _path(path, "save")
+    _check_target(path, overwrite)
+    return path
+
+
 def _check_target(path: Path, overwrite: bool) -> None:
     if not path.parent.is_dir():
         raise ArtifactError(f"cannot save to {path}: directory {path.parent} does not exist")
@@ -175,8 +191,15 @@ def _check_target(path: Path, overwrite: bool) -> None:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object], overwrite: bool) -> None:
-    """Write through a temporary sibling, fsync, and rename; clean up on any failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write through a temporary sibling, fsync, and rename; clean up on any failure.
+
+    A failure of the file system (no space, no permission, an I/O error) is an
+    ``ArtifactError`` naming the path; ``path`` is then as it was.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ArtifactError(f"cannot save to {path}: {exc.strerror or exc}; nothing was written") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             try:
@@ -200,6 +223,11 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], object], overwrite: bo
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise ArtifactError(f"cannot save to {path}: {exc.strerror or exc}; the file there (if any) is "
+                            f"unchanged") from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -317,8 +345,9 @@ def _check_signature(manifest: dict, message: bytes, signature: bytes, where: st
 
 
 @contextlib.contextmanager
-def _mapped(path: str | os.PathLike) -> Iterator[zipio.Buffer]:
+def _mapped(path: str | os.PathLike, what: str) -> Iterator[zipio.Buffer]:
     """The file, memory-mapped: only the parts read are copied into memory."""
+    path = _path(path, what)
     try:
         f = open(path, "rb")
     except IsADirectoryError:
@@ -329,7 +358,11 @@ def _mapped(path: str | os.PathLike) -> Iterator[zipio.Buffer]:
         if os.fstat(f.fileno()).st_size == 0:  # mmap refuses empty files
             yield b""
             return
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:  # not a regular file (a pipe, a device)
+            raise ArtifactError(f"cannot read artifact {path}: {exc}; give the path of an artifact file") from exc
+        with mapped:
             yield mapped
 
 
@@ -342,7 +375,7 @@ def verify(path: str | os.PathLike, *, public_key: signing.KeyArg | None = None)
     an artifact or has an unsupported format version.
     """
     key = signing.public_key(public_key) if public_key is not None else None
-    with _mapped(path) as buf:
+    with _mapped(path, "verify") as buf:
         manifest, _, _ = _check(buf, str(path), key)
     return manifest
 
@@ -359,7 +392,7 @@ def load(path: str | os.PathLike, *, public_key: signing.KeyArg | None = None) -
     (hashed and parsed from the same bytes), then turned into tensors.
     """
     key = signing.public_key(public_key) if public_key is not None else None
-    with _mapped(path) as buf:
+    with _mapped(path, "load") as buf:
         manifest, digest, members = _check(buf, str(path), key)
     doc = _json(members.pop(GRAPH), GRAPH)
     try:

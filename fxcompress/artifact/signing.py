@@ -37,8 +37,18 @@ def generate_keypair(private_path: str | os.PathLike, public_path: str | os.Path
 
     The private key file is created with mode 0600.  Existing files are
     replaced only with ``overwrite=True`` (else ``ArtifactError``, nothing written).
+    The two paths must name two files (else ``ArtifactError``: the public key
+    would overwrite the private one); a file-system failure is an
+    ``ArtifactError`` naming the file.
     """
+    for name, p in (("private_path", private_path), ("public_path", public_path)):
+        if not isinstance(p, (str, os.PathLike)) or isinstance(p, bytes):
+            raise ArtifactError(f"generate_keypair(): {name} must be a file path, got {type(p).__name__} {p!r}")
     paths = [Path(private_path), Path(public_path)]
+    if paths[0].resolve() == paths[1].resolve() or (
+            paths[0].exists() and paths[1].exists() and os.path.samefile(*paths)):
+        raise ArtifactError(f"the private and public key paths name the same file ({paths[0]}): the public key "
+                            f"would overwrite the private one; give two different files")
     for p in paths:
         if p.exists() and not overwrite:
             raise ArtifactError(f"{p} exists; pass overwrite=True to replace it")
@@ -50,10 +60,13 @@ def generate_keypair(private_path: str | os.PathLike, public_path: str | os.Path
     )
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     for path, data, mode in ((paths[0], private_pem, 0o600), (paths[1], public_pem, 0o644)):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # an existing file keeps its old mode otherwise
-            f.write(data)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), mode)  # an existing file keeps its old mode otherwise
+                f.write(data)
+        except OSError as exc:
+            raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return fingerprint(key.public_key())
 
 

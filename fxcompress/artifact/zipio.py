@@ -147,7 +147,10 @@ def parse(buf: Buffer) -> Archive:
     # The end record sits within the last 22 + 65535 bytes (its comment's maximum).
     tail = bytes(buf[max(0, n - _END.size - 0xFFFF) :])
     pos = tail.rfind(_END_SIG)
-    while pos >= 0 and pos + _END.size + _END.unpack(tail[pos : pos + _END.size])[7] != len(tail):
+    # A candidate signature too close to the end for a whole record (bytes appended after
+    # the archive can hold one) is not the end record: look further back.
+    while pos >= 0 and (pos + _END.size > len(tail)
+                        or pos + _END.size + _END.unpack(tail[pos : pos + _END.size])[7] != len(tail)):
         pos = tail.rfind(_END_SIG, 0, pos)
     if pos < 0:
         raise ZipFormatError(f"no zip end record in the last bytes of a {n}-byte file (truncated?)")

@@ -83,7 +83,7 @@ class AttentionRule:
             self.freeze(heads, f"multihead_attention at node {node.name}: {reason}")
         if not self.in_scope(node):
             for ids in (heads, out, *(s.ids for s in spaces.values() if not s.empty)):
-                self.freeze(ids, f"{node.name}: outside the pass's scope")
+                self.freeze(ids, self.out_of_scope(node))
 
     def _attention_inputs(self, info: OpInfo, args: dict) -> dict[str, Space]:
         """The channels of query, key and value that the projections' columns may lose."""

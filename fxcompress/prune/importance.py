@@ -75,10 +75,17 @@ def unit_scores(gm: fx.GraphModule, cg: ChannelGraph, criterion: Criterion, *,
             if s.numel() != t.shape[ps.dim]:
                 raise ConfigError(f"custom importance returned {s.numel()} scores for {ps.owner}.{ps.attr} "
                                   f"along dim {ps.dim} (size {t.shape[ps.dim]}); return one per index")
+            if not bool(torch.isfinite(s).all()):  # NaN would rank channels arbitrarily, silently
+                raise ConfigError(f"custom importance {getattr(criterion, '__name__', criterion)!r} returned "
+                                  f"{int((~torch.isfinite(s)).sum())} NaN/Inf scores for {ps.owner}.{ps.attr} "
+                                  f"along dim {ps.dim}; return finite scores")
         else:
             raise ConfigError(f"unknown importance {criterion!r}; choose one of {CRITERIA} or pass a function")
         atom.index_add_(0, ps.ids, s.double())
     units = torch.zeros(cg.n_units, dtype=torch.float64).index_add_(0, cg.unit_of, atom)
+    if not bool(torch.isfinite(units).all()):  # gradients (taylor) can overflow: never rank on NaN
+        raise InputError(f"importance {criterion if isinstance(criterion, str) else 'function'!r} gave NaN/Inf "
+                         f"scores to {int((~torch.isfinite(units)).sum())} channel units; check the loss and data")
     if criterion == "l2":
         units = units.sqrt()
     if criterion == "bn_scale":

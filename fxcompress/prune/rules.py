@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from ..ops import Kind, OpInfo, describe
+from ..pass_base import module_path_of
 from .groups import EMPTY, ParamSlice, Space
 from .heads import AttentionRule
 from .labels import LabelOps, meta_shape
@@ -49,6 +50,8 @@ class Analyzer(LabelOps, AttentionRule):
         self.source_of: dict[str, tuple[str, str]] = {}  # source key -> (node name, part)
         self.resized: list[fx.Node] = []
         self.order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        # parameter dims that some call meets with fixed channels -> why (see fixed_dim)
+        self.fixed: dict[tuple[str, str, int], str] = {}
 
     # -- atoms ---------------------------------------------------------------
     def fresh(self, n: int, node: fx.Node, frozen: str | None = None, part: str = "") -> torch.Tensor:
@@ -62,6 +65,10 @@ class Analyzer(LabelOps, AttentionRule):
         if frozen:
             self.freeze(ids, frozen)
         return ids
+
+    def out_of_scope(self, node: fx.Node) -> str:
+        """The freeze reason for a layer outside scope/skip, named by module path as scope patterns are."""
+        return f"{module_path_of(node) or node.name}: outside the pass's scope"
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.reshape(-1), b.reshape(-1)
@@ -94,11 +101,29 @@ class Analyzer(LabelOps, AttentionRule):
     def record(self, owner: str, attr: str, dim: int, ids: torch.Tensor, role: str, node: fx.Node) -> None:
         """Parameter ``owner.attr`` is sliced along ``dim`` by ``ids``; one param, one index set."""
         key = (owner, attr, dim)
+        if key in self.fixed:
+            self.freeze(ids, self.fixed[key])
         prev = self.params.get(key)
         if prev is not None:  # a module (or constant) used twice: its channels are the same channels
             self.union(prev.ids, ids)
             return
         self.params[key] = ParamSlice(owner, attr, dim, ids.reshape(-1), role, node.name)
+
+    def fixed_dim(self, owner: str, attr: str, dim: int, node: fx.Node) -> None:
+        """Parameter ``owner.attr`` meets channels that never change along ``dim`` at ``node``
+        (its input there carries none that can go, e.g. a graph input).
+
+        A module called twice (the same object under two names, or reused) has one
+        weight for both calls: if another call slices that dim, this call would break,
+        so the channels recorded for it anywhere are frozen.
+        """
+        key = (owner, attr, dim)
+        reason = (f"{owner or '(root)'}.{attr} is used by more than one call, and at node {node.name} its dim "
+                  f"{dim} meets channels that are fixed")
+        self.fixed.setdefault(key, reason)
+        prev = self.params.get(key)
+        if prev is not None:
+            self.freeze(prev.ids, reason)
 
     def space(self, value: Any) -> Space:
         s = self.spaces.get(value) if isinstance(value, fx.Node) else None
@@ -164,8 +189,8 @@ class Analyzer(LabelOps, AttentionRule):
         out = self.fresh(shape[1], node)
         self.spaces[node] = Space((1,), out)
         if not self.in_scope(node):
-            self.freeze(out, f"{node.name}: outside the pass's scope")
-            self.freeze(in_ids, f"{node.name}: outside the pass's scope")
+            self.freeze(out, self.out_of_scope(node))
+            self.freeze(in_ids, self.out_of_scope(node))
         w_out, w_in = info.weight_out_dim, info.weight_in_dim
         if groups > 1:
             if in_ids is None or info.transposed or info.module is None:
@@ -179,6 +204,8 @@ class Analyzer(LabelOps, AttentionRule):
                 self.union(members[:, :1].expand_as(members), members)
         elif in_ids is not None:
             self.record(*weight, w_in, in_ids, "in", node)
+        if in_ids is None:
+            self.fixed_dim(*weight, w_in, node)
         self.record(*weight, w_out, out, "out", node)
         bias = self._param_ref(info, "bias")
         if bias is not None:
@@ -200,10 +227,12 @@ class Analyzer(LabelOps, AttentionRule):
         out = self.fresh(shape[-1], node)
         self.spaces[node] = Space((len(shape) - 1,), out)
         if not self.in_scope(node):
-            self.freeze(out, f"{node.name}: outside the pass's scope")
-            self.freeze(x, f"{node.name}: outside the pass's scope")
+            self.freeze(out, self.out_of_scope(node))
+            self.freeze(x, self.out_of_scope(node))
         if not x.empty:
             self.record(*weight, 1, x.ids, "in", node)
+        else:
+            self.fixed_dim(*weight, 1, node)
         self.record(*weight, 0, out, "out", node)
         bias = self._param_ref(info, "bias")
         if bias is not None:
@@ -216,7 +245,7 @@ class Analyzer(LabelOps, AttentionRule):
         if weight is None:
             self.unknown(info, f"embedding at node {node.name}: weight is not a parameter")
             return
-        out = self.fresh(shape[-1], node, None if self.in_scope(node) else f"{node.name}: outside the pass's scope")
+        out = self.fresh(shape[-1], node, None if self.in_scope(node) else self.out_of_scope(node))
         self.spaces[node] = Space((len(shape) - 1,), out)
         self.record(*weight, 1, out, "out", node)
 
@@ -226,6 +255,10 @@ class Analyzer(LabelOps, AttentionRule):
         ndim = len(meta_shape(node.meta["tensor_meta"]))
         self.spaces[node] = x
         if x.empty:
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                ref = self._param_ref(info, name)
+                if ref is not None:
+                    self.fixed_dim(*ref, 0, node)
             return
         op = info.op
         if op in _PER_CHANNEL_NORMS or op == "group_norm":
@@ -241,7 +274,7 @@ class Analyzer(LabelOps, AttentionRule):
             self.freeze(x, reason)
             return
         if not self.in_scope(node):
-            self.freeze(x, f"{node.name}: outside the pass's scope")
+            self.freeze(x, self.out_of_scope(node))
         ids = x.ids
         if op == "layer_norm":
             self.norm_atoms.append(ids)  # its statistics change when channels go: not exact

@@ -9,8 +9,10 @@ dim but the first (the batch).  Otherwise a 2-tuple is two positional inputs.
 
 Every tensor input must have the example input's dtype, number of dims and
 non-batch sizes, and be finite (floating point); anything else raises
-:class:`~fxcompress.errors.CalibrationError` naming the batch and the input,
-with what was expected and what was given.
+:class:`~fxcompress.errors.CalibrationDataError` (a ``CalibrationError`` and an
+``InputError``) naming the batch and the input, with what was expected and
+what was given.  The model is called on copies of the batch's tensors, so a
+model that writes into its inputs leaves the caller's data as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fxcompress.errors import CalibrationError
+from fxcompress.errors import CalibrationDataError
 
 __all__ = ["batch_inputs", "batch_size"]
 
@@ -48,14 +50,14 @@ def _check(name: str, value: Any, ref: Any, index: int) -> None:
     if not isinstance(ref, torch.Tensor):
         return
     if not isinstance(value, torch.Tensor):
-        raise CalibrationError(f"calibration batch {index}: input {name} should be a tensor like the example "
+        raise CalibrationDataError(f"calibration batch {index}: input {name} should be a tensor like the example "
                                f"input ({_describe(ref)}), got {type(value).__name__}")
     if value.dtype != ref.dtype or value.dim() != ref.dim() or value.shape[1:] != ref.shape[1:]:
         expected = f"{str(ref.dtype).removeprefix('torch.')} (N, {', '.join(map(str, ref.shape[1:]))})"
-        raise CalibrationError(f"calibration batch {index}: input {name} is {_describe(value)}, expected "
+        raise CalibrationDataError(f"calibration batch {index}: input {name} is {_describe(value)}, expected "
                                f"{expected} like the example input (any batch size)")
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-        raise CalibrationError(f"calibration batch {index}: input {name} contains NaN or Inf; clean or "
+        raise CalibrationDataError(f"calibration batch {index}: input {name} contains NaN or Inf; clean or "
                                f"normalise the calibration data")
 
 
@@ -67,7 +69,7 @@ def batch_inputs(item: Any, index: int, args: tuple, kwargs: dict) -> tuple[tupl
     """
     b_args, b_kwargs = _split(item, args, kwargs)
     if len(b_args) != len(args) or set(b_kwargs) != set(kwargs):
-        raise CalibrationError(
+        raise CalibrationDataError(
             f"calibration batch {index} has {len(b_args)} positional inputs and keywords {sorted(b_kwargs)}; "
             f"the example inputs have {len(args)} positional and keywords {sorted(kwargs)}"
         )
@@ -75,7 +77,12 @@ def batch_inputs(item: Any, index: int, args: tuple, kwargs: dict) -> tuple[tupl
         _check(f"#{i}", value, ref, index)
     for key, value in b_kwargs.items():
         _check(repr(key), value, kwargs[key], index)
-    return b_args, b_kwargs
+    return tuple(map(_copy, b_args)), {k: _copy(v) for k, v in b_kwargs.items()}
+
+
+def _copy(value: Any) -> Any:
+    # One memcpy per batch, small next to the forward it feeds.
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def batch_size(args: tuple, kwargs: dict) -> int:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import (
     QLinearKernel, Support, int4pack_mm, int4pack_scales_and_zeros, int4pack_weight,
@@ -116,6 +117,8 @@ class DynamicQuantLinear(LoweredModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_float(x, self.in_features, "DynamicQuantLinear")
+        if x.numel() == 0:  # an empty batch has no range to quantize with: its output is empty too
+            return x.new_empty((*x.shape[:-1], self.out_features))
         cache = self._cache if self._cache is not None else self._init_cache()
         return cache["run"](x)
 
@@ -307,3 +310,12 @@ class WeightOnlyLinear(LoweredModule):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, scale={summarize(self.scale)}{zp}, "
                 f"compute_dtype={self.compute_dtype}, backend={self.backend}")
+
+
+def _count_linear_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, int]:
+    return macs.count_linear(gm, node, gm.get_submodule(str(node.target)).in_features)
+
+
+# Registered here, next to the classes: whichever pass creates them, their MACs count.
+macs.register_module(DynamicQuantLinear, _count_linear_macs)
+macs.register_module(WeightOnlyLinear, _count_linear_macs)

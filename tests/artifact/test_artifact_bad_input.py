@@ -185,7 +185,7 @@ def test_crash_during_write_leaves_previous_artifact_and_no_temp_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(core.os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ArtifactError, match=r"cannot save to .*m.fxc: No space left on device; the file there"):
         artifact.save(mobilenet, target, overwrite=True)
     assert target.read_bytes() == good.read_bytes()
     assert _sole_file(tmp_path) == ["m.fxc"]
@@ -200,4 +200,41 @@ def test_model_with_opaque_tensor_is_refused(tmp_path: Path) -> None:
     gm.recompile()
     with pytest.raises(ArtifactError, match="'packed'.*not a plain dense tensor"):
         artifact.save(gm, tmp_path / "m.fxc")
+    assert _sole_file(tmp_path) == []
+
+
+@pytest.mark.parametrize("tail", [b"PK\x05\x06", b"PK\x05\x06" + bytes(10), b"junk" * 3, b"PK\x05\x06" + bytes(17)])
+def test_bytes_appended_after_the_end_record_are_an_integrity_error(good: Path, tail: bytes, tmp_path: Path) -> None:
+    damaged = tmp_path / "appended.fxc"
+    damaged.write_bytes(good.read_bytes() + tail)
+    for check in (artifact.load, artifact.verify):
+        with pytest.raises(IntegrityError):
+            check(damaged)
+
+
+@pytest.mark.parametrize("path", [None, 3, b"model.fxc"])
+def test_a_path_that_is_not_a_path_is_an_artifact_error(path, mlp: fx.GraphModule) -> None:
+    for call in (artifact.load, artifact.verify, lambda p: artifact.save(mlp, p)):
+        with pytest.raises(ArtifactError, match=r"takes a file path \(str or os.PathLike\)"):
+            call(path)
+
+
+def test_a_pipe_is_not_an_artifact(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    fd = os.open(tmp_path / "fifo", os.O_RDWR | os.O_NONBLOCK)  # a writer, so that opening for reading returns
+    try:
+        with pytest.raises(ArtifactError, match="not an fxcompress artifact|cannot read artifact"):
+            artifact.load(tmp_path / "fifo")
+    finally:
+        os.close(fd)
+
+
+def test_a_file_system_failure_on_save_is_an_artifact_error(mlp: fx.GraphModule, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_permission(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(core.tempfile, "mkstemp", no_permission)
+    with pytest.raises(ArtifactError, match=r"cannot save to .*m.fxc: Permission denied; nothing was written"):
+        artifact.save(mlp, tmp_path / "m.fxc")
     assert _sole_file(tmp_path) == []

@@ -179,3 +179,18 @@ def test_result_of_run_records_pipeline_report_source_and_parent(tmp_path: Path)
     manifest = artifact.verify(tmp_path / "r2.fxc")
     assert manifest["parent"] == first_id and manifest["extra"] == {"note": "second step"}
     assert torch.equal(artifact.load(tmp_path / "r2.fxc")(x), second.model(x))
+
+
+@pytest.mark.parametrize("passes", [[], ["quantize_dynamic"], [("quantize_weights", {"group_size": 32})]],
+                         ids=["float", "dynamic", "weight_only"])
+def test_the_bert_style_example_saves_float_and_quantized(passes, tmp_path: Path) -> None:
+    from fxcompress.examples.bert import BertConfig, BertStyleEncoder, bert_inputs
+
+    config = BertConfig(vocab_size=1200, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                        max_positions=32)
+    ids = bert_inputs(2, 8, config)
+    result = fxcompress.run(BertStyleEncoder(config), passes, ids, progress=False)  # arange, zeros_like, None check
+    artifact.save(result, tmp_path / "bert.fxc")
+    loaded = artifact.load(tmp_path / "bert.fxc")
+    assert torch.equal(loaded(ids), result.model(ids))
+    assert torch.equal(loaded(bert_inputs(3, 5, config, seed=1)), result.model(bert_inputs(3, 5, config, seed=1)))

@@ -64,3 +64,17 @@ def test_artifact_is_an_ordinary_stored_zip(mlp: fx.GraphModule, keys: tuple[Pat
         infos = z.infolist()
     assert [i.filename for i in infos] == ["graph.json", "manifest.json", "manifest.sig", "weights.safetensors"]
     assert {(i.compress_type, i.date_time) for i in infos} == {(zipfile.ZIP_STORED, (1980, 1, 1, 0, 0, 0))}
+
+
+@pytest.mark.parametrize("same", ["identical", "relative", "symlink"])
+def test_keypair_paths_naming_one_file_are_refused_before_anything_is_written(same: str, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    private = tmp_path / "key.pem"
+    public = {"identical": private, "relative": Path("key.pem"), "symlink": tmp_path / "link.pem"}[same]
+    if same == "symlink":
+        private.write_bytes(b"old")
+        public.symlink_to(private)
+    with pytest.raises(ArtifactError, match="name the same file"):
+        artifact.generate_keypair(private, public, overwrite=True)
+    assert not private.exists() or private.read_bytes() == b"old"

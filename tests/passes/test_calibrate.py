@@ -116,13 +116,45 @@ def test_calibrating_before_observers_exist_is_refused_before_any_work() -> None
     assert seen == []
 
 
-@pytest.mark.parametrize("data, message", [
-    (None, "no calibration data"),
-    ([], "empty"),
-])
-def test_missing_or_empty_data(data, message: str) -> None:
-    with pytest.raises(CalibrationError, match=message):
+def test_missing_data_is_refused_before_any_work() -> None:
+    data, seen = _watched(BATCHES)
+    with pytest.raises(ConfigError, match=r"pass 'calibrate' \(entry 2\) needs calibration_data: give "):
+        _calibrated(None)
+    with pytest.raises(ConfigError, match=r"one-shot iterator \(generator\), but passes \['calibrate', "
+                                          r"'calibrate'\] each read it"):
+        _calibrated(data, pipeline=PIPELINE + ["calibrate"])
+    assert seen == []
+
+
+@pytest.mark.parametrize("data", [5, torch.zeros(4, 1, 8, 8), "batches.pt"])
+def test_data_that_is_not_an_iterable_of_batches_is_refused_before_any_work(data) -> None:
+    with pytest.raises(ConfigError, match=r"calibration_data must be an iterable of batches"):
         _calibrated(data)
+
+
+def test_empty_data() -> None:
+    with pytest.raises(CalibrationError, match="empty"):
+        _calibrated([])
+
+
+def test_calibration_batches_are_not_written_into() -> None:
+    class Halves(nn.Module):  # normalises its input in place
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.div_(2).flatten(1))
+
+    batches = [b.clone() for b in BATCHES]
+    fxcompress.run(Halves().eval(), ["insert_observers", "calibrate"], EXAMPLE.clone(), calibration_data=batches)
+    assert all(torch.equal(a, b) for a, b in zip(batches, BATCHES))
+
+
+def test_a_half_precision_model_is_refused_before_any_work() -> None:
+    with pytest.raises(ConfigError, match=r"pass 'calibrate' quantizes float32 models, but the model's "
+                                          r"'.*' is float16: convert the model and inputs with .float\(\)"):
+        _calibrated(BATCHES, model=pretrained_digits_cnn().half())
 
 
 def test_nan_in_the_data_names_the_batch() -> None:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fxcompress
+from fxcompress import recipes
 from fxcompress.errors import ConfigError, InputError
 from fxcompress.examples.digits import DigitsCNN, accuracy, load_digits_data, pretrained_digits_cnn
 from fxcompress.quant import QuantSpec
@@ -47,12 +48,15 @@ def test_finetunes_a_float_graph_too() -> None:
 
 
 @pytest.mark.parametrize("data, loss_fn, message", [
-    (None, F.cross_entropy, "needs training data"),
-    (PAIRS, None, "needs loss_fn"),
+    (None, F.cross_entropy, r"pass 'calibrate' \(entry 2\) needs calibration_data"),
+    (PAIRS, None, r"pass 'finetune' \(entry 4\) needs loss_fn: give loss_fn=fn\(outputs, target\)"),
 ])
-def test_missing_data_or_loss(data, loss_fn, message: str) -> None:
+def test_missing_data_or_loss_is_refused_before_any_work(data, loss_fn, message: str) -> None:
+    evaluated = []  # eval_fn runs once the pipeline is validated, before the first pass
     with pytest.raises(ConfigError, match=message):
-        fxcompress.run(_untrained(), ["finetune"], EXAMPLE, calibration_data=data, loss_fn=loss_fn)
+        fxcompress.run(_untrained(), recipes.int8_qat(steps=2), EXAMPLE, calibration_data=data, loss_fn=loss_fn,
+                       eval_fn=evaluated.append)
+    assert evaluated == []
 
 
 def test_unlabelled_batches() -> None:
@@ -72,3 +76,18 @@ def test_bad_options(options: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         fxcompress.run(_untrained(), [("finetune", options)], EXAMPLE, calibration_data=PAIRS,
                        loss_fn=F.cross_entropy)
+
+
+def test_training_batches_are_not_written_into() -> None:
+    class Halves(torch.nn.Module):  # normalises its input in place
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.div_(2).flatten(1))
+
+    pairs = [(x.clone(), y) for x, y in PAIRS[:2]]
+    fxcompress.run(Halves().eval(), [("finetune", {"steps": 3}), ("prune_channels", {"importance": "taylor"})],
+                   EXAMPLE.clone(), calibration_data=pairs, loss_fn=F.cross_entropy)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(pairs, PAIRS[:2]))

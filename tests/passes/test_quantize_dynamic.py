@@ -122,3 +122,35 @@ def test_bad_options(options: dict, message: str) -> None:
 def test_unknown_run_backend_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="backend"):
         fxcompress.run(nn.Linear(4, 4), ["quantize_dynamic"], (torch.randn(2, 4),), backend="tpu")
+
+
+class WithEncoder(nn.Module):
+    """Linears the graph reaches around an nn.TransformerEncoder it keeps whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 1)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.enc(self.inp(x)))
+
+
+@pytest.mark.parametrize("pass_name", ["quantize_dynamic", "quantize_weights"])
+def test_linears_inside_a_module_kept_whole_are_reported_float(pass_name: str) -> None:
+    options = {"group_size": 16} if pass_name == "quantize_weights" else {}
+    result = fxcompress.run(WithEncoder().eval(), [(pass_name, options)], torch.randn(2, 5, 16),
+                            leaf_modules=[nn.TransformerEncoder])
+    stats = result.report.rows[0].stats
+    assert stats["linear"] == 2
+    assert stats["float_nodes"] == {"enc": "TransformerEncoder is kept whole (one graph node): its 3 linear layers "
+                                           "inside (layers.0.self_attn, layers.0.linear1, layers.0.linear2) stay float"}
+    assert any("MACs leave out node 'enc'" in note for note in result.report.notes)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+def test_an_empty_batch_runs_through_a_dynamic_linear(granularity: str) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    gm = fxcompress.run(model, [("quantize_dynamic", {"granularity": granularity})], torch.randn(2, 8)).model
+    assert gm(torch.randn(0, 8)).shape == (0, 4) and gm(torch.randn(3, 0, 8)).shape == (3, 0, 4)

@@ -148,7 +148,7 @@ def test_bad_patterns_and_missing_taylor_inputs(resnet18):
         _prune(model, x, skip="layer9.*")
     with pytest.raises(ConfigError, match="match no prunable layer"):
         _prune(model, x, layer_ratios={"decoder.*": 0.2})
-    with pytest.raises(ConfigError, match="needs loss_fn and calibration_data"):
+    with pytest.raises(ConfigError, match=r"pass 'prune_channels' \(entry 0\) needs calibration_data"):
         _prune(model, x, importance="taylor")
 
 
@@ -187,5 +187,45 @@ def test_pruning_after_quantization_is_refused(resnet18):
         observed = gm.graph.call_module("conv1_observer", (conv,))
     conv.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)
     gm.recompile()
-    with pytest.raises(ConfigError, match="already observed .* prune first, then quantize"):
+    with pytest.raises(ConfigError, match="runs on float graphs, but the graph is already observed; run it on "
+                                          "the model before it was quantized"):
         fxcompress.run(gm, ["prune_channels"], (x,))
+
+
+def test_a_custom_importance_returning_nan_is_refused(resnet18):
+    model, x = resnet18
+
+    def broken(t: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.full((t.shape[dim],), float("nan"))
+
+    with pytest.raises(ConfigError, match=r"custom importance 'broken' returned \d+ NaN/Inf scores for conv1.weight"):
+        _prune(model, x, importance=broken)
+
+
+class Reused(nn.Module):
+    """One conv object under two names, applied twice: its input channels are the graph input's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.alias = self.conv
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.alias(self.conv(x)))
+
+
+def test_a_conv_reached_under_two_names_keeps_channels_its_other_call_cannot_lose():
+    model, x = Reused().eval(), torch.randn(1, 4, 6, 6)
+    result = _prune(model, x, ratio=0.5)
+    row = result.report.rows[0]
+    assert not row.modified and torch.equal(result.model(x), model(x))
+    assert any("conv.weight is used by more than one call" in reason for reason in row.stats["frozen"])
+
+
+def test_scope_reasons_name_module_paths_as_scope_does(resnet18):
+    model, x = resnet18
+    frozen = _prune(model, x, ratio=0.3, scope=["layer1.*"]).report.rows[0].stats["frozen"]
+    assert "layer4.0.conv1: outside the pass's scope" in frozen and "fc: outside the pass's scope" in frozen
+    assert not any(reason.startswith("layer4_0_conv1") for reason in frozen)
+
