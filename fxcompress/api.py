@@ -76,6 +76,7 @@ def run(
     calibration_data: Iterable | None = None,
     eval_fn: Callable[[nn.Module], float] | None = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
     check: Check | None = None,
     progress: bool = True,
     tolerance: float = 1e-3,
@@ -102,7 +103,9 @@ def run(
     into a realistic-weights resnet152 moves its output by 2.9e-4, see
     ``benchmarks/zoo.py``) and far below what a wrong rewrite does.
     ``eval_fn(model) -> float`` (a task metric, e.g. top-1) is measured before
-    and after when given and shown in the report.  An empty pipeline returns
+    and after when given and shown in the report.  ``teacher`` is the model that
+    ``finetune(distill=...)`` distils from (typically the uncompressed model; it is
+    only read).  An empty pipeline returns
     an equivalent model.  The caller's model is never mutated.  Capture,
     copying and verification run with Python's cyclic garbage collector
     paused (restored afterwards; passes run with it as the caller had it).
@@ -116,7 +119,7 @@ def run(
                concrete_args=concrete_args, autowrap=autowrap)
     manager.validate(gm)  # before eval_fn: a pipeline that cannot run costs nothing
     ctx = PassContext(example_args=args, example_kwargs=kwargs, calibration_data=calibration_data,
-                      eval_fn=eval_fn, loss_fn=loss_fn, backend=backend, seed=seed, progress=progress)
+                      eval_fn=eval_fn, loss_fn=loss_fn, teacher=teacher, backend=backend, seed=seed, progress=progress)
     metric_before = eval_fn(gm) if eval_fn is not None else None
     gm, report = manager.run(gm, ctx)
     if eval_fn is not None:

@@ -128,6 +128,7 @@ class PassContext:
     """What a pass may need beyond the graph.
 
     ``example_args``/``example_kwargs`` are the normalised example inputs;
+    ``teacher`` is the model that distillation (``finetune(distill=...)``) learns from;
     ``store`` is a small dict for state that flows between passes.  ``scope``
     and ``skip`` are set by the manager for the pass currently running; passes
     ask :meth:`in_scope` instead of reading them.
@@ -138,6 +139,7 @@ class PassContext:
     calibration_data: Iterable | None = None
     eval_fn: Callable[[torch.nn.Module], float] | None = None
     loss_fn: Callable[..., torch.Tensor] | None = None
+    teacher: torch.nn.Module | None = None
     backend: str = "x86"
     seed: int = 0
     progress: bool = True
