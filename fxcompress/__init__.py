@@ -16,6 +16,7 @@ from .registry import available_passes, get_pass, register
 from .report import Report
 from .train import finetune
 from .artifact import load, save, verify
+from .sensitivity import sensitivity
 
 __version__ = "0.1.0"
 
@@ -37,5 +38,6 @@ __all__ = [
     "load",
     "verify",
     "errors",
+    "sensitivity",
     "__version__",
 ]
