@@ -11,6 +11,9 @@ Class attributes a pass may set:
 ``requires``
     names of passes that must run earlier in the same pipeline (or in an
     earlier :func:`fxcompress.run` on the same graph).
+``provides``
+    names of passes whose work this pass includes (it runs them itself), so
+    that later passes requiring them may follow it.
 ``exact``
     the rewrite must not change outputs beyond float round-off; the manager
     checks it numerically under ``check="full"``.
@@ -70,6 +73,7 @@ class Pass:
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
     exact: ClassVar[bool] = False
     eval_only: ClassVar[bool] = False
     changes_outputs: ClassVar[bool] = True
