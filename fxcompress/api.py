@@ -58,11 +58,14 @@ class Result:
     def save(self, path: str, **kwargs: Any) -> str:
         """Save as an artifact (signed when given a key); returns its id.
 
-        See :func:`fxcompress.artifact.save` for the keyword arguments.
+        See :func:`fxcompress.artifact.save` for the keyword arguments.  Under
+        ``torchrun`` only rank 0 writes the file; every rank returns its id, and a
+        failure on rank 0 raises :class:`~fxcompress.errors.DistributedError` on all.
         """
         from .artifact import save  # imported on use: keeps `import fxcompress` light
+        from .distributed import on_rank_zero
 
-        return save(self, path, **kwargs)
+        return on_rank_zero(lambda: save(self, path, **kwargs), f"saving the artifact {path}")
 
     def __str__(self) -> str:
         return str(self.report)
