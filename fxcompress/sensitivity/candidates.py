@@ -70,16 +70,19 @@ def weight_spec(precision: str) -> QuantSpec:
 
 
 def quantizable_layers(gm: fx.GraphModule) -> dict[str, str | None]:
-    """Every conv / linear module the graph calls, in graph order: path -> None if a layer
-    wrapper can quantize it, else the reason it cannot (functional convs are not listed:
-    their weights belong to no module)."""
+    """Every conv / linear the graph computes, in graph order: module path (or, for a
+    functional call, node name) -> None if a layer wrapper can quantize it, else the
+    reason it cannot."""
     uses: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             uses[str(node.target)] = uses.get(str(node.target), 0) + 1
     layers: dict[str, str | None] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or describe(node, gm).kind not in (Kind.CONV, Kind.LINEAR):
+        if node.op not in ("call_module", "call_function") or describe(node, gm).kind not in (Kind.CONV, Kind.LINEAR):
+            continue
+        if node.op == "call_function":
+            layers[node.name] = "functional call: the weight is not owned by a module"
             continue
         path = str(node.target)
         reason = layer_support(gm.get_submodule(path))
