@@ -31,7 +31,6 @@ import fxcompress
 from _common import markdown_table, write_section
 from _photos import photo_crops
 from fxcompress import zoo
-from fxcompress.quant.layers import FoldedLayer
 
 EVAL = 512
 CALIBRATION = 64

@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from .. import __name__ as _package
 from .. import distributed
 from ..api import run, state_hash
 from ..capture import normalize_inputs, trace
@@ -224,7 +223,7 @@ def _function_identity(fn: Callable | None) -> str:
 def _cache_key(model: nn.Module, gm: fx.GraphModule, batches: list, options: dict[str, Any],
                eval_fn: Callable | None) -> str:
     h = hashlib.sha256()
-    h.update(f"{_package}|v{_VERSION}|torch {torch.__version__}|{state_hash(model)}".encode())
+    h.update(f"fxcompress sensitivity|v{_VERSION}|torch {torch.__version__}|{state_hash(model)}".encode())
     h.update(gm.code.encode())
     for args, kwargs in batches:
         for value in (*args, *(kwargs[k] for k in sorted(kwargs))):
