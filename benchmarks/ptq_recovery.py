@@ -13,9 +13,11 @@ The packaged EfficientNet-Lite0 computes its convolutions functionally (TF "same
 float today; the row "as packaged" shows that, and the other rows first rewrite each such conv into
 ``nn.ZeroPad2d`` + ``nn.Conv2d`` with the same weights (an exact rewrite, done before capture).
 Pipelines: ``fuse_conv_bn, [equalize,] insert_observers, calibrate, [bias_correction,]
-fold_fake_quant``, then ``lower`` (x86) and ``eliminate_dead_nodes``; default specs (per-channel
-int8 weights, uint8 per-tensor histogram activations), and per-tensor weights, where equalization
-matters most.  Writes ``docs/benchmarks/ptq_recovery.md``.  Usage: ``python benchmarks/ptq_recovery.py``
+to_fake_quant``; the fake-quantized graph is what is scored: it computes what the folded and
+lowered int8 models compute (``fake_quantize`` is ``dequantize(quantize(x))`` bit for bit), up to
+float32 accumulation order, at float speed (on this AVX2 CPU the lowered convs run the exact
+reference path in float64, many times slower).  Default specs (per-channel int8 weights, uint8
+per-tensor histogram activations), and per-tensor weights, where equalization matters most.  Writes ``docs/benchmarks/ptq_recovery.md``.  Usage: ``python benchmarks/ptq_recovery.py``
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def modular_convs(model: nn.Module) -> nn.Module:
 def pipeline(recover: bool, weights: dict | None) -> list:
     observe = ("insert_observers", weights) if weights else "insert_observers"
     return (["fuse_conv_bn"] + (["equalize"] if recover else []) + [observe, "calibrate"]
-            + (["bias_correction"] if recover else []) + ["fold_fake_quant", "lower", "eliminate_dead_nodes"])
+            + (["bias_correction"] if recover else []) + ["to_fake_quant"])
 
 
 def outputs(model: nn.Module, crops: torch.Tensor) -> torch.Tensor:
@@ -117,9 +119,10 @@ def main() -> None:
     table = markdown_table(rows, headers)
     print(table)
     write_section("ptq_recovery", "PTQ recovery: equalize + bias_correction (real photo crops)", f"""
-Static int8 (`fuse_conv_bn`, `insert_observers`, `calibrate`, `fold_fake_quant`, `lower`,
-`eliminate_dead_nodes`) with and without `equalize` (before the observers) and `bias_correction`
-(after calibration), on {EVAL} crops of scikit-learn's sample photos at 224 px; calibration and bias
+Static int8 (`fuse_conv_bn`, `insert_observers`, `calibrate`) with and without `equalize` (before
+the observers) and `bias_correction` (after calibration), scored through `to_fake_quant` (the
+fake-quantized graph computes what the lowered int8 model does, up to float32 accumulation order,
+at float speed: on this AVX2 CPU the lowered convs take the exact float64 reference path), on {EVAL} crops of scikit-learn's sample photos at 224 px; calibration and bias
 correction read {CALIBRATION} other crops.  Agreement and SQNR are against each model's float
 outputs.  The EfficientNet-Lite0 weights are the real pretrained ones; the torchvision models have
 realistic random weights (no download possible), so their rows measure fidelity only.  "As

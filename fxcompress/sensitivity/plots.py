@@ -64,7 +64,8 @@ def plot(result: Any, directory: Path) -> list[Path]:
         ax.set_xticklabels(layers, rotation=75, ha="right", fontsize=7)
         ax.set_ylabel("output SQNR vs float (dB), layer alone")
         ax.set_title("Per-layer quantization sensitivity (lower = more sensitive)")
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the legend above the bars
+        ax.legend(fontsize=8, loc="upper right", ncol=len(precisions))
         ax.grid(axis="y", alpha=0.3)
         written.append(_png(fig, directory / "sensitivity_layers.png"))
         plt.close(fig)

@@ -16,8 +16,8 @@ BATCHES = [DATA.train_x[i * 24:(i + 1) * 24 + (i % 2)] for i in range(7)]
 EXAMPLE = DATA.train_x[:2]
 MINMAX = {"bits": 8, "signed": False, "symmetric": False, "observer": "minmax"}
 HISTOGRAM = {"bits": 8, "signed": False, "symmetric": False, "observer": "histogram"}
-# min/max observers everywhere, and one histogram observer (the network input) to check that merge too
-PIPELINE = ["fuse_conv_bn", ("insert_observers", {"activations": MINMAX, "skip": ["fc2"]}), "calibrate"]
+PIPELINE = ["fuse_conv_bn", ("insert_observers", {"activations": MINMAX}), "calibrate"]
+HISTOGRAM_PIPELINE = ["fuse_conv_bn", ("insert_observers", {"activations": HISTOGRAM}), "calibrate"]
 
 
 def model() -> DigitsCNN:

@@ -22,7 +22,7 @@ from fxcompress import distributed  # noqa: E402
 from fxcompress.errors import DistributedError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BATCHES, EXAMPLE, PIPELINE, model, qparams_of, sensitivity_of  # noqa: E402
+from _common import BATCHES, EXAMPLE, HISTOGRAM_PIPELINE, PIPELINE, model, qparams_of, sensitivity_of  # noqa: E402
 
 
 def main(mode: str, out: Path) -> int:
@@ -42,6 +42,8 @@ def main(mode: str, out: Path) -> int:
         return 3
     record = {"qparams": qparams_of(result.model), "artifact": artifact,
               "calibrate": result.report.rows[-1].stats}
+    histogram = fxcompress.run(model(), HISTOGRAM_PIPELINE, EXAMPLE, calibration_data=data, progress=False)
+    record["histogram"] = qparams_of(histogram.model)
     record["sensitivity"] = sensitivity_of(w)
     tuned = model()
     fxcompress.finetune(tuned, [b for b in data], None, steps=3, lr=1e-3, teacher=model(), progress=False)

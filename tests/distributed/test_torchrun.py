@@ -18,7 +18,7 @@ from fxcompress.distributed import World, check_backend, shard
 from fxcompress.errors import DistributedError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import BATCHES, EXAMPLE, PIPELINE, model, qparams_of, sensitivity_of  # noqa: E402
+from _common import BATCHES, EXAMPLE, HISTOGRAM_PIPELINE, PIPELINE, model, qparams_of, sensitivity_of  # noqa: E402
 
 WORKER = Path(__file__).parent / "_worker.py"
 
@@ -49,6 +49,20 @@ def test_calibration_across_ranks_equals_one_process(two_ranks) -> None:
         assert stats["ranks"] == 2 and stats["samples_per_rank"] == [sum(len(b) for b in shard(BATCHES, World(r, 2)))
                                                                       for r in range(2)]
         assert any("uneven shards" in n for n in stats["notes"])
+
+
+def test_histogram_calibration_across_ranks_is_within_the_merge_guarantee(two_ranks) -> None:
+    _, ranks = two_ranks
+    single = qparams_of(fxcompress.run(model(), HISTOGRAM_PIPELINE, EXAMPLE, calibration_data=BATCHES,
+                                       progress=False).model)
+    assert ranks[0]["histogram"] == ranks[1]["histogram"]  # every rank merged the same way
+    for name, expected in single.items():
+        merged = ranks[0]["histogram"][name]
+        assert merged["min"] == expected["min"] and merged["max"] == expected["max"]  # exact
+        assert merged["seen"] == expected["seen"]
+        # the range search runs on re-binned counts: within a few bin widths of one process
+        width = (expected["max"][0] - min(expected["min"][0], 0.0)) / 2048
+        assert abs(merged["scale"][0] - expected["scale"][0]) * 255 <= 8 * width + 1e-6, name
 
 
 def test_sensitivity_split_across_ranks_is_bit_identical(two_ranks) -> None:
