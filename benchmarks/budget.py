@@ -106,12 +106,28 @@ def pruning(name: str, seed: int) -> list:
             f"{greedy_top1 - uniform_top1:+.2f}", stats["evaluations"]]
 
 
+def draw(curves: dict, marks: dict, seed: int):
+    """Write docs/images/budget_tradeoff.png; returns its path."""
+    (ROOT / "docs" / "images").mkdir(exist_ok=True)
+    return tradeoff_plot(curves, ROOT / "docs" / "images" / "budget_tradeoff.png", marks=marks,
+                         xlabel="state bytes / float (folded model, log scale)", ylabel="test top-1 (%)",
+                         title=f"mixed_precision: size / top-1 trade-off on digits (seed {seed})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--plot-only", action="store_true", help="only redraw docs/images/budget_tradeoff.png")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("FXCOMPRESS_CACHE_DIR", tempfile.mkdtemp(prefix="fxc-bench-"))
+    if args.plot_only:
+        curves, marks = {}, {}
+        for name in MODELS:
+            marks[f"{name}: max_drop=0.5"] = mixed(name, args.seeds[0])[1]
+            curves[f"{name} (max_bytes budgets)"] = tradeoff(name, args.seeds[0])
+        print(draw(curves, marks, args.seeds[0]))
+        return
     mp_rows, marks, curves = [], {}, {}
     for name in MODELS:
         for seed in args.seeds:
@@ -137,10 +153,7 @@ def main() -> None:
         ok = mean >= 2.0 and min(gaps) >= 0
         verdicts.append(f"- {name}: greedy beats uniform by {mean:+.2f} points on average (min {min(gaps):+.2f}): "
                         f"{'met' if ok else 'MISSED'} (>= 2 points on average, never worse)")
-    (ROOT / "docs" / "images").mkdir(exist_ok=True)
-    plot = tradeoff_plot(curves, ROOT / "docs" / "images" / "budget_tradeoff.png", marks=marks,
-                         xlabel="state bytes / float (folded model)", ylabel="test top-1 (%)",
-                         title=f"mixed_precision: size / top-1 trade-off on digits (seed {args.seeds[0]})")
+    plot = draw(curves, marks, args.seeds[0])
     mp_table, pr_table = markdown_table(mp_rows, mp_headers), markdown_table(pr_rows, pr_headers)
     print(mp_table, pr_table, "\n".join(verdicts), sep="\n\n")
     write_section("budget", "Compress to a budget: mixed precision and greedy pruning (digits)", f"""

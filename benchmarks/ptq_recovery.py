@@ -22,7 +22,9 @@ per-tensor histogram activations), and per-tensor weights, where equalization ma
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import math
 import time
 
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 import fxcompress
-from _common import markdown_table, write_section
+from _common import ROOT, markdown_table, write_section
 from _photos import photo_crops
 from fxcompress import zoo
 
@@ -83,37 +85,10 @@ def quantized_layers(result: fxcompress.Result) -> str:
     return f"{stats['layers_quantized']} / {stats['layers_quantized'] + len(stats['kept_float'])}"
 
 
-def main() -> None:
-    torch.set_num_threads(2)
-    crops = photo_crops(EVAL, 224, seed=0)
-    calibration_crops = photo_crops(CALIBRATION, 224, seed=1)
-    calibration = [calibration_crops[i:i + BATCH] for i in range(0, CALIBRATION, BATCH)]
-    lite0 = efficientnet_lite0()
-    models = {
-        "EfficientNet-Lite0 (pretrained), as packaged": (lite0, [None]),
-        "EfficientNet-Lite0 (pretrained)": (modular_convs(lite0), [None, PER_TENSOR]),
-        "mobilenet_v2 (realistic random)": (zoo.build("mobilenet_v2", seed=0), [None, PER_TENSOR]),
-        "mobilenet_v3_large (realistic random)": (zoo.build("mobilenet_v3_large", seed=0), [None, PER_TENSOR]),
-    }
-    rows = []
-    for name, (model, specs) in models.items():
-        reference = outputs(model, crops)
-        for weights in specs:
-            for recover in ((False,) if "packaged" in name else (False, True)):
-                start = time.perf_counter()
-                result = fxcompress.run(model, pipeline(recover, weights), crops[:1], calibration_data=calibration,
-                                        progress=False)
-                agree, sqnr = scores(reference, outputs(result.model, crops))
-                stats = {r.name: r.stats for r in result.report.rows}
-                extra = ""
-                if recover:
-                    eq = stats["equalize"]
-                    extra = (f"{eq['pairs']} pairs ({eq['relu6_clamps']} via ReLU6), ranges {eq['range_ratio']}; "
-                             f"{stats['bias_correction']['layers']} biases corrected")
-                rows.append([name, "per-tensor" if weights else "per-channel",
-                             "equalize + bias_correction" if recover else "-", quantized_layers(result),
-                             f"{agree:.1f}", f"{sqnr:.2f}", extra, f"{time.perf_counter() - start:.0f}"])
-                print(rows[-1], flush=True)
+def write(names: list[str], saved: dict[str, list]) -> None:
+    """Print and write the section from every saved row, in model order."""
+    rows = [row for name in names for row in saved.get(name, [])]
+    missing = [name for name in names if name not in saved]
     headers = ["model", "int8 weights", "recovery", "layers quantized", "top-1 agreement with float (%)",
                "SQNR (dB)", "recovery stats", "seconds"]
     table = markdown_table(rows, headers)
@@ -128,11 +103,55 @@ outputs.  The EfficientNet-Lite0 weights are the real pretrained ones; the torch
 realistic random weights (no download possible), so their rows measure fidelity only.  "As
 packaged": the port's same-padding convs are functional calls on `get_attr` weights, which the
 quantization passes keep float today (issue 10 extends that coverage); the other EfficientNet rows
-rewrite them into `ZeroPad2d` + `Conv2d` modules first (exact).
+rewrite them into `ZeroPad2d` + `Conv2d` modules first (exact).  Rows are kept per model in
+`docs/benchmarks/ptq_recovery.json` (`--models` remeasures some).
 
 {table}
-""")
+{"" if not missing else chr(10) + "Not measured yet: " + ", ".join(missing) + "." + chr(10)}""")
 
 
+ROWS = ROOT / "docs" / "benchmarks" / "ptq_recovery.json"  # every measured row, by model: a rerun of
+# some models (--models) keeps the others' rows, and the section is rendered from all of them
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=None, help="measure only these (prefixes of the names)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    crops = photo_crops(EVAL, 224, seed=0)
+    calibration_crops = photo_crops(CALIBRATION, 224, seed=1)
+    calibration = [calibration_crops[i:i + BATCH] for i in range(0, CALIBRATION, BATCH)]
+    lite0 = efficientnet_lite0()
+    models = {
+        "EfficientNet-Lite0 (pretrained), as packaged": (lite0, [None]),
+        "EfficientNet-Lite0 (pretrained)": (modular_convs(lite0), [None, PER_TENSOR]),
+        "mobilenet_v2 (realistic random)": (zoo.build("mobilenet_v2", seed=0), [None, PER_TENSOR]),
+        "mobilenet_v3_large (realistic random)": (zoo.build("mobilenet_v3_large", seed=0), [None, PER_TENSOR]),
+    }
+    saved: dict[str, list] = json.loads(ROWS.read_text()) if ROWS.exists() else {}
+    for name, (model, specs) in models.items():
+        if args.models and not any(name.startswith(m) for m in args.models):
+            continue
+        saved[name] = []
+        reference = outputs(model, crops)
+        for weights in specs:
+            for recover in ((False,) if "packaged" in name else (False, True)):
+                start = time.perf_counter()
+                result = fxcompress.run(model, pipeline(recover, weights), crops[:1], calibration_data=calibration,
+                                        progress=False)
+                agree, sqnr = scores(reference, outputs(result.model, crops))
+                stats = {r.name: r.stats for r in result.report.rows}
+                extra = ""
+                if recover:
+                    eq = stats["equalize"]
+                    extra = (f"{eq['pairs']} pairs ({eq['relu6_clamps']} via ReLU6), ranges {eq['range_ratio']}; "
+                             f"{stats['bias_correction']['layers']} biases corrected")
+                saved[name].append([name, "per-tensor" if weights else "per-channel",
+                                    "equalize + bias_correction" if recover else "-", quantized_layers(result),
+                                    f"{agree:.1f}", f"{sqnr:.2f}", extra, f"{time.perf_counter() - start:.0f}"])
+                print(saved[name][-1], flush=True)
+                ROWS.write_text(json.dumps(saved, indent=1) + "\n")
+        write(list(models), saved)  # after each model: a run cut short keeps what it measured
 if __name__ == "__main__":
     main()

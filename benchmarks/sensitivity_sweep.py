@@ -1,4 +1,4 @@
-"""resnet18 sensitivity sweep: one process (1 and 2 threads) against torchrun with 2 processes.
+"""resnet18 sensitivity sweep: one process with one thread against torchrun with 2 processes.
 
 The sweep: every prunable channel group of torchvision's resnet18 (realistic random weights,
 ``fxcompress.zoo``) at 3 ratios and every conv / linear at 2 weight precisions (int8, int4, each
@@ -64,11 +64,11 @@ def main() -> None:
     from _common import ROOT, markdown_table, write_section
     from fxcompress.sensitivity import Sensitivity
 
-    rows, records = [], {}
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        records[threads] = sweep(across_ranks=False)
-        print(f"one process, {threads} thread(s): {records[threads]['seconds']:.1f} s", flush=True)
+    # One process, torchrun, one process again: the machine is shared, so the reference is the mean
+    # of the runs on either side of the torchrun run (drift in the background load then cancels).
+    torch.set_num_threads(1)
+    before = sweep(across_ranks=False)
+    print(f"one process, 1 thread: {before['seconds']:.1f} s", flush=True)
     out = Path(tempfile.mkdtemp(prefix="fxc-sweep-")) / "rank0.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
@@ -77,21 +77,24 @@ def main() -> None:
     launch = time.perf_counter() - start
     distributed = json.loads(out.read_text())
     shutil.rmtree(out.parent)
-    identical = distributed["entries"] == records[1]["entries"]
-    one = records[1]["seconds"]
-    entries = len(records[1]["entries"])
-    rows.append(["1 process, 1 thread", f"{one:.1f}", "1.00x", entries, "reference"])
-    rows.append(["1 process, 2 threads", f"{records[2]['seconds']:.1f}", f"{one / records[2]['seconds']:.2f}x",
-                 len(records[2]["entries"]), "-"])
-    rows.append(["torchrun, 2 processes x 1 thread", f"{distributed['seconds']:.1f}",
-                 f"{one / distributed['seconds']:.2f}x", len(distributed["entries"]),
-                 "identical" if identical else "DIFFERENT"])
-    rows.append(["  (end to end: launch, imports, model build)", f"{launch:.1f}", f"{one / launch:.2f}x", "", ""])
+    print(f"torchrun: {distributed['seconds']:.1f} s", flush=True)
+    after = sweep(across_ranks=False)
+    print(f"one process, 1 thread, again: {after['seconds']:.1f} s", flush=True)
+    identical = distributed["entries"] == before["entries"] == after["entries"]
+    one = (before["seconds"] + after["seconds"]) / 2
+    entries = len(before["entries"])
+    rows = [["1 process, 1 thread (before torchrun)", f"{before['seconds']:.1f}", "", entries, "reference"],
+            ["1 process, 1 thread (after torchrun)", f"{after['seconds']:.1f}", "", len(after["entries"]),
+             "identical" if after["entries"] == before["entries"] else "DIFFERENT"],
+            ["torchrun, 2 processes x 1 thread", f"{distributed['seconds']:.1f}",
+             f"{one / distributed['seconds']:.2f}x", len(distributed["entries"]),
+             "identical" if distributed["entries"] == before["entries"] else "DIFFERENT"],
+            ["  (end to end: launch, imports, model build)", f"{launch:.1f}", f"{one / launch:.2f}x", "", ""]]
     speedup = one / distributed["seconds"]
-    verdicts = [f"- <= 5 min on 2 cores: {'met' if min(records[2]['seconds'], distributed['seconds']) <= 300 else 'MISSED'}",
+    verdicts = [f"- <= 5 min on 2 cores (torchrun): {'met' if distributed['seconds'] <= 300 else 'MISSED'}",
                 f"- torchrun entries identical to one process: {'met' if identical else 'MISSED'}",
-                f"- torchrun >= 1.6x faster than one process with one thread: {speedup:.2f}x, "
-                f"{'met' if speedup >= 1.6 else 'MISSED'}"]
+                f"- torchrun >= 1.6x faster than one process with one thread (mean of the runs before and "
+                f"after): {speedup:.2f}x, {'met' if speedup >= 1.6 else 'MISSED'}"]
     result = Sensitivity.from_dict(distributed["result"])
     images = ROOT / "docs" / "images"
     images.mkdir(exist_ok=True)
@@ -102,7 +105,8 @@ def main() -> None:
     shutil.rmtree(tmp)
     worst = sorted((e for e in result.entries if e.kind == "quant" and e.setting == "int8"), key=lambda e: e.sqnr_db)
     worst_text = ", ".join(f"{e.target} {e.sqnr_db:.1f} dB" for e in worst[:3])
-    table = markdown_table(rows, ["run", "sweep seconds", "speed vs 1 process 1 thread", "entries", "entries"])
+    table = markdown_table(rows, ["run", "sweep seconds", "speed vs 1 process 1 thread (mean)", "entries",
+                                  "entries vs reference"])
     print(table, "\n".join(verdicts), sep="\n\n")
     n_quant = sum(1 for e in result.entries if e.kind == "quant")
     write_section("sensitivity_sweep", "Sensitivity sweep across processes (resnet18)", f"""
@@ -110,7 +114,9 @@ def main() -> None:
 entries (every conv / linear at int8 and int4 weights with an int8 input) and
 {entries - n_quant} pruning entries (every prunable group at 0.25 / 0.5 / 0.75), each scored by the
 output SQNR against float on {CROPS} real photo crops at 224 px.  Same machine, same run, one after
-the other.
+the other: one process, torchrun, one process again (the machine is shared with other work; the
+speed-up is against the mean of the runs on either side; the load average below is the one at
+the end).
 
 {table}
 

@@ -92,15 +92,16 @@ def plot(result: Any, directory: Path) -> list[Path]:
 
 def tradeoff_plot(series: dict[str, list[tuple[float, float]]], path: Path, *, xlabel: str, ylabel: str,
                   title: str, marks: dict[str, tuple[float, float]] | None = None) -> Path:
-    """A size / metric trade-off: one line per series of ``(x, y)`` points, labelled points in ``marks``."""
+    """A size / metric trade-off: one line per series of ``(x, y)`` points (log x axis), and the
+    points of ``marks`` as large markers named in the legend."""
     plt = require()
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
     for name, points in series.items():
         points = sorted(points)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=name)
-    for name, (x, y) in (marks or {}).items():
-        ax.scatter([x], [y], s=40, zorder=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    for (name, (x, y)), marker in zip((marks or {}).items(), "*DPX^v"):
+        ax.scatter([x], [y], s=90, marker=marker, zorder=3, label=name, edgecolors="black", linewidths=0.5)
+    ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
