@@ -6,9 +6,9 @@ together without ever touching the caller's model.
 
 ``import fxcompress`` stays light: the subpackages and modules
 (``fxcompress.recipes``, ``.bench``, ``.quant``, ``.prune``, ``.ops``,
-``.macs``, ``.artifact``, ...) and the artifact functions (:func:`save`,
-:func:`load`, :func:`verify_artifact`) are imported on first attribute
-access.
+``.macs``, ``.artifact``, ``.budget``, ...), the artifact functions (:func:`save`,
+:func:`load`, :func:`verify_artifact`) and :func:`sensitivity` are imported on
+first attribute access.
 
 ``fxcompress.verify`` is the module of graph invariants
 (``fxcompress.verify.register_check``, ``stage_of``); calling it,
@@ -51,6 +51,7 @@ __all__ = [
     "verify_artifact",
     "verify",
     "errors",
+    "sensitivity",
     "__version__",
 ]
 
@@ -60,10 +61,11 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "load": ("artifact", "load"),
     "verify_artifact": ("artifact", "verify"),
     "finetune": ("train", "finetune"),
+    "sensitivity": ("budget", "sensitivity"),
     **{name: (name, None) for name in (
-        "api", "artifact", "attention_mask", "bench", "boundary", "capture", "cli", "examples", "macs",
-        "manager", "ops", "pass_base", "passes", "prune", "quant", "recipe_file", "recipes", "registry",
-        "report", "train", "zoo",
+        "api", "artifact", "attention_mask", "bench", "boundary", "budget", "capture", "cli", "distill",
+        "distributed", "examples", "macs", "manager", "ops", "pass_base", "passes", "prune", "quant",
+        "raising", "recipe_file", "recipes", "registry", "report", "rewrite", "train", "zoo",
     )},
 }
 

@@ -63,11 +63,14 @@ class Result:
     def save(self, path: str, **kwargs: Any) -> str:
         """Save as an artifact (signed when given a key); returns its id.
 
-        See :func:`fxcompress.artifact.save` for the keyword arguments.
+        See :func:`fxcompress.artifact.save` for the keyword arguments.  Under
+        ``torchrun`` only rank 0 writes the file; every rank returns its id, and a
+        failure on rank 0 raises :class:`~fxcompress.errors.DistributedError` on all.
         """
         from .artifact import save  # imported on use: keeps `import fxcompress` light
+        from .distributed import on_rank_zero
 
-        return save(self, path, **kwargs)
+        return on_rank_zero(lambda: save(self, path, **kwargs), f"saving the artifact {path}")
 
     def __str__(self) -> str:
         return str(self.report)
@@ -81,6 +84,7 @@ def run(
     calibration_data: Iterable | None = None,
     eval_fn: Callable[[nn.Module], float] | None = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
     check: Check | None = None,
     progress: bool = True,
     tolerance: float = 1e-3,
@@ -107,7 +111,9 @@ def run(
     into a realistic-weights resnet152 moves its output by 2.9e-4, see
     ``benchmarks/zoo.py``) and far below what a wrong rewrite does.
     ``eval_fn(model) -> float`` (a task metric, e.g. top-1) is measured before
-    and after when given and shown in the report.  An empty pipeline returns
+    and after when given and shown in the report.  ``teacher`` is the model that
+    ``finetune(distill=...)`` distils from (typically the uncompressed model; it is
+    only read).  An empty pipeline returns
     an equivalent model.  The caller's model is never mutated.  Capture,
     copying and verification run with Python's cyclic garbage collector
     paused (restored afterwards; passes run with it as the caller had it).
@@ -122,7 +128,8 @@ def run(
     # The one copy of the inputs: nothing below can write into the caller's tensors.
     args, kwargs = boundary.clone_inputs(args), boundary.clone_inputs(kwargs)
     ctx = PassContext(example_args=args, example_kwargs=kwargs, calibration_data=calibration_data,
-                      eval_fn=eval_fn, loss_fn=loss_fn, backend=backend, seed=seed, progress=progress)
+                      eval_fn=eval_fn, loss_fn=loss_fn, teacher=teacher, backend=backend, seed=seed,
+                      progress=progress)
     manager.check_context(ctx, model)  # before copying and tracing: a pipeline that cannot run costs nothing
     source_hash = state_hash(model)
     gm = trace(_private_copy(model), kwargs or args, leaf_modules=leaf_modules,

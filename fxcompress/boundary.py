@@ -154,6 +154,7 @@ NEED_HINTS = {
                         "representative input batches; (inputs, target) pairs for training)",
     "loss_fn": "give loss_fn=fn(outputs, target) -> scalar tensor to fxcompress.run",
     "eval_fn": "give eval_fn=fn(model) -> float to fxcompress.run",
+    "teacher": "give teacher=<model> to fxcompress.run (typically the uncompressed model) to distill from",
 }
 
 

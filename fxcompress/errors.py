@@ -20,6 +20,8 @@ __all__ = [
     "LoweringError",
     "IntegrityError",
     "ArtifactError",
+    "MetricError",
+    "DistributedError",
 ]
 
 
@@ -72,3 +74,12 @@ class IntegrityError(FxCompressError):
 
 class ArtifactError(FxCompressError):
     """A model cannot be saved, or a file is not an fxcompress artifact."""
+
+
+class MetricError(FxCompressError, ValueError):
+    """An ``eval_fn`` returned something that is not a finite number (None, a string, NaN, Inf)."""
+
+
+class DistributedError(FxCompressError):
+    """A run across processes failed: a rank raised (every rank then raises this, naming it),
+    the ranks disagree about the model or data, or the process group cannot carry the tensors."""

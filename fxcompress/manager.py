@@ -263,7 +263,7 @@ class PassManager:
                                 f"pass {p.name!r} (entry {i}): {kind} pattern {pattern!r} matches no module"
                                 f"{close_matches(pattern, sorted(paths))}"
                             )
-            done.append(p.name)
+            done += [p.name, *p.provides]
 
     # -- the run -------------------------------------------------------------
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, Report]:
@@ -302,7 +302,7 @@ class PassManager:
                 modified = bool(result.modified) and fingerprints(gm) != fingerprint
                 outputs = self._check(step, before, gm, ctx, outputs, reference)
                 after = snapshot(gm)
-            history.append(step.pass_.name)
+            history += [step.pass_.name, *step.pass_.provides]
             gm.meta[HISTORY_KEY] = list(history)
             report.rows.append(PassRow(step.pass_.name, step.pass_.options(), after,
                                        seconds, modified, dict(result.stats)))

@@ -11,6 +11,9 @@ Class attributes a pass may set:
 ``requires``
     names of passes that must run earlier in the same pipeline (or in an
     earlier :func:`fxcompress.run` on the same graph).
+``provides``
+    names of passes whose work this pass includes (it runs them itself), so
+    that later passes requiring them may follow it.
 ``exact``
     the rewrite must not change outputs beyond float round-off; the manager
     checks it numerically under ``check="full"``.
@@ -88,6 +91,7 @@ class Pass:
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
     exact: ClassVar[bool] = False
     eval_only: ClassVar[bool] = False
     changes_outputs: ClassVar[bool] = True
@@ -154,6 +158,7 @@ class PassContext:
     """What a pass may need beyond the graph.
 
     ``example_args``/``example_kwargs`` are the normalised example inputs;
+    ``teacher`` is the model that distillation (``finetune(distill=...)``) learns from;
     ``store`` is a small dict for state that flows between passes.  ``scope``
     and ``skip`` are set by the manager for the pass currently running; passes
     ask :meth:`in_scope` instead of reading them.
@@ -164,6 +169,7 @@ class PassContext:
     calibration_data: Iterable | None = None
     eval_fn: Callable[[torch.nn.Module], float] | None = None
     loss_fn: Callable[..., torch.Tensor] | None = None
+    teacher: torch.nn.Module | None = None
     backend: str = "x86"
     seed: int = 0
     progress: bool = True

@@ -1,4 +1,4 @@
-"""``finetune``: the small training loop that QAT and pruning recovery share.
+"""``finetune``: the small training loop that QAT, pruning recovery and distillation share.
 
 It trains the model it is given *in place* (pass it ``Result.model``, which is
 already fxcompress's own copy) and returns it in eval mode.  Batches are
@@ -18,10 +18,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from . import distributed
 from .boundary import clone_inputs
+from .distill import Distill, check_distill_options, distillation_loss
 from .errors import ConfigError, InputError
 
-__all__ = ["finetune", "split_batch", "call_with"]
+__all__ = ["finetune", "split_batch", "call_with", "training_loss", "distillation_loss"]
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -60,7 +62,7 @@ def _freeze_observers(model: nn.Module) -> int:
 def finetune(
     model: nn.Module,
     data: Iterable,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     *,
     steps: int,
     lr: float,
@@ -69,8 +71,32 @@ def finetune(
     freeze_observers_after: int | None = None,
     progress: bool = True,
     seed: int = 0,
+    teacher: nn.Module | None = None,
+    distill: Distill = "kl",
+    temperature: float = 1.0,
+    distill_weight: float = 1.0,
+    labelled: bool | None = None,
+    across_ranks: bool = True,
 ) -> nn.Module:
     """Train ``model`` for ``steps`` optimizer steps over ``data`` (cycled as needed).
+
+    The loss is ``loss_fn(outputs, target)`` on ``(inputs, target)`` batches, or,
+    with a ``teacher`` model, a distillation loss on the teacher's outputs
+    (:func:`distillation_loss`: ``distill="kl"`` on logits at ``temperature``,
+    ``"mse"`` on features, or a function ``(student_out, teacher_out) -> loss``),
+    for outputs of any structure (tensors, tuples, dicts: matched leaf by leaf).
+    With both, the loss is ``distill_weight * distillation + (1 - distill_weight)
+    * task``.  Distillation needs no labels: batches are then the inputs alone
+    (a tensor, tuple or dict), unless ``labelled=True`` says they are ``(inputs,
+    target)`` pairs whose targets are ignored; ``labelled`` defaults to whether a
+    ``loss_fn`` is given.  The teacher runs in eval mode without gradients and is
+    never changed.
+
+    Across processes (an initialised ``torch.distributed`` group of more than one
+    rank; ``across_ranks=False`` turns it off) the model trains data-parallel with
+    ``DistributedDataParallel``: each rank reads its own shard of the data, gradients
+    are averaged, every rank ends with the same weights (rank 0's initial ones), and a
+    non-finite loss on any rank stops every rank with an error.
 
     ``freeze_observers_after=N`` stops fake-quant observers from updating their
     ranges after N steps (scales then stay fixed, the usual QAT schedule).
@@ -85,32 +111,76 @@ def finetune(
     optimizers = {"adam": torch.optim.Adam, "sgd": lambda p, **kw: torch.optim.SGD(p, momentum=0.9, **kw)}
     if optimizer not in optimizers:
         raise ConfigError(f"finetune(): optimizer must be one of {sorted(optimizers)}, got {optimizer!r}")
+    if loss_fn is None and teacher is None:
+        raise ConfigError("finetune(): give loss_fn(outputs, target), a teacher model to distil from, or both")
+    check_distill_options(distill, temperature, distill_weight, has_task=loss_fn is not None)
+    labelled = loss_fn is not None if labelled is None else labelled
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("finetune(): the model has no trainable parameters")
+    w = distributed.world() if across_ranks else distributed.World()
+    trained: nn.Module = model
+    if w.active:
+        distributed.check_backend(w.backend, params[0].device, "gradients")
+        trained = nn.parallel.DistributedDataParallel(model)
     opt = optimizers[optimizer](params, lr=lr, weight_decay=weight_decay)
     torch.manual_seed(seed)
     batches = _cycle(data)
     bar = range(steps)
-    if progress:
+    if progress and w.is_writer:
         from tqdm.auto import tqdm
 
         bar = tqdm(bar, desc="finetune", unit="step", leave=False)
+    if teacher is not None:
+        teacher_was_training = teacher.training
+        teacher.eval()
     model.train()
     try:
         for step in bar:
             if freeze_observers_after is not None and step == freeze_observers_after:
                 _freeze_observers(model)
-            inputs, target = split_batch(next(batches))
-            loss = loss_fn(call_with(model, inputs), target)
-            if not torch.isfinite(loss):
-                raise InputError(f"finetune(): the loss became {loss.item()} at step {step}; lower lr")
+            batch = next(batches)
+            inputs, target = split_batch(batch) if labelled else (batch, None)
+            outputs = call_with(trained, inputs)
+            loss = training_loss(outputs, inputs, target, loss_fn, teacher, distill, temperature, distill_weight)
+            _check_finite(loss, step, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     finally:
         model.eval()
+        if teacher is not None:
+            teacher.train(teacher_was_training)
     return model
+
+
+def training_loss(outputs: Any, inputs: Any, target: Any, loss_fn: Callable | None, teacher: nn.Module | None,
+               distill: Distill, temperature: float, distill_weight: float) -> torch.Tensor:
+    """The loss of one batch: the task loss, the distillation loss, or their weighted sum."""
+    if teacher is None:
+        return loss_fn(outputs, target)  # type: ignore[misc]
+    with torch.no_grad():
+        reference = call_with(teacher, inputs)
+    loss = distillation_loss(outputs, reference, distill, temperature)
+    if loss_fn is None:
+        return loss
+    return distill_weight * loss + (1.0 - distill_weight) * loss_fn(outputs, target)
+
+
+def _check_finite(loss: torch.Tensor, step: int, w: distributed.World) -> None:
+    """A non-finite loss stops training, on every rank at once (one tiny all-reduce per step)."""
+    finite = bool(torch.isfinite(loss.detach()))
+    if not w.active:
+        if not finite:
+            raise InputError(f"finetune(): the loss became {loss.item()} at step {step}; lower lr")
+        return
+    bad = torch.zeros(w.size)
+    bad[w.rank] = 0.0 if finite else 1.0
+    torch.distributed.all_reduce(bad)
+    if bad.any():
+        ranks = [r for r in range(w.size) if bad[r]]
+        raise InputError(f"finetune(): the loss became non-finite at step {step} on rank(s) {ranks} "
+                         f"of {w.size}; lower lr")
 
 
 def _cycle(data: Iterable) -> Any:

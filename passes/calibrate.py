@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
+from fxcompress import distributed
 from fxcompress.errors import CalibrationError, ConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.activations import ActivationObserver
@@ -36,6 +37,17 @@ class Calibrate(Pass):
     an observer (naming its node) and an observer no batch reached.  On a graph without
     activation observers (``activations=None``) the pass does nothing.
     Stats: ``batches``, ``samples``, ``observers``.
+
+    Across processes (an initialised ``torch.distributed`` group of more than one
+    rank, e.g. under ``torchrun``; ``across_ranks=False`` turns it off) each rank
+    passes its own shard of the data, and the observers are merged across ranks before
+    the qparams are computed (:func:`fxcompress.distributed.merge_observers`): every
+    rank ends with the qparams one process computes on the union of the shards, bit for
+    bit for min/max observers, within the merge guarantee for histogram observers.
+    Shards may differ in length, one may even be empty; ``batches`` and ``samples``
+    then count the union, ``samples_per_rank`` lists each rank's, and a note says the
+    shards are uneven.  A rank whose data raises makes every rank raise
+    :class:`~fxcompress.errors.DistributedError` naming it.
     """
 
     name = "calibrate"
@@ -48,6 +60,7 @@ class Calibrate(Pass):
     float32_only = True
 
     num_batches: int | None = None
+    across_ranks: bool = True
 
     def __post_init__(self) -> None:
         if self.num_batches is not None and (isinstance(self.num_batches, bool) or self.num_batches < 1):
@@ -65,6 +78,32 @@ class Calibrate(Pass):
         observers = [m for m in gm.modules() if isinstance(m, ActivationObserver)]
         if not observers:
             return PassResult(gm, False, {"batches": 0, "samples": 0, "observers": 0})
+        w = distributed.world() if self.across_ranks else distributed.World()
+        with distributed.collective_step("calibrate", w):
+            batches, samples = self._observe(gm, ctx)
+        stats = {"batches": batches, "samples": samples, "observers": len(observers)}
+        notes = []
+        if w.active:
+            counts = distributed.all_gather_objects((batches, samples), w)
+            stats["batches"] = sum(b for b, _ in counts)
+            stats["samples"] = sum(n for _, n in counts)
+            stats["ranks"] = w.size
+            stats["samples_per_rank"] = [n for _, n in counts]
+            if len({n for _, n in counts}) > 1:
+                notes.append(f"uneven shards: ranks calibrated on {stats['samples_per_rank']} samples; the merged "
+                             f"observers cover all {stats['samples']}")
+            distributed.merge_observers([o.observer for o in observers], w)
+        if stats["batches"] == 0:
+            raise CalibrationError("the calibration data is empty: give at least one batch"
+                                   + (" (on some rank)" if w.active else ""))
+        for observer in observers:
+            observer.finalize()
+        if notes:
+            stats["notes"] = notes
+        return PassResult(gm, True, stats)
+
+    def _observe(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[int, int]:
+        """Run this process's batches through the graph; ``(batches, samples)``."""
         if ctx.calibration_data is None:
             raise CalibrationError("no calibration data: pass calibration_data=[batch, ...] to fxcompress.run "
                                    "(a list or DataLoader of representative input batches)")
@@ -78,11 +117,7 @@ class Calibrate(Pass):
                 raise CalibrationError(f"calibration batch {index}: {exc}") from exc
             batches += 1
             samples += batch_size(args, kwargs)
-        if batches == 0:
-            raise CalibrationError("the calibration data is empty: give at least one batch")
-        for observer in observers:
-            observer.finalize()
-        return PassResult(gm, True, {"batches": batches, "samples": samples, "observers": len(observers)})
+        return batches, samples
 
     def _batches(self, ctx: PassContext) -> Any:
         data: Any = ctx.calibration_data

@@ -9,7 +9,10 @@ Ratios count units (channels, or whole conv groups for grouped convolutions).
   their group's mean, ``ratio`` of all units go, and no group loses more
   than ``max_ratio`` of its units;
 * attention heads: each attention layer's heads are a group of their own,
-  always chosen per layer at ``head_ratio`` (default ``ratio``).
+  always chosen per layer at ``head_ratio`` (default ``ratio``);
+* per group: ``group_ratios`` maps group indices to ratios and overrides all
+  of the above for those groups (what greedy, budget-driven pruning and the
+  sensitivity analysis choose).
 
 Always: frozen units stay; a group keeps a multiple of ``round_to`` units
 (rounded up, so never more is removed than asked); and every channel space
@@ -90,7 +93,7 @@ def _keep_target(n: int, ratio: float, round_to: int, min_channels: int) -> int:
 def select(cg: ChannelGraph, scores: torch.Tensor, *, ratio: float,
            layer_ratios: Mapping[str, float] | None = None, head_ratio: float | None = None,
            global_ranking: bool = False, max_ratio: float = 0.9, round_to: int = 1,
-           min_channels: int = 1) -> torch.Tensor:
+           min_channels: int = 1, group_ratios: Mapping[int, float] | None = None) -> torch.Tensor:
     """Bool per unit: removed.  Deterministic for given scores (ties by unit index).
 
     Attention heads are always chosen per attention layer (``head_ratio``,
@@ -100,9 +103,10 @@ def select(cg: ChannelGraph, scores: torch.Tensor, *, ratio: float,
     removed = torch.zeros(cg.n_units, dtype=torch.bool)
     prunable = cg.prunable()
     floor = _Floor(cg, min_channels)
+    fixed = dict(group_ratios or {})
     for g in cg.groups:
-        if g.heads or not global_ranking:
-            r = group_ratio(g, ratio, layer_ratios, head_ratio)
+        if g.index in fixed or g.heads or not global_ranking:
+            r = fixed[g.index] if g.index in fixed else group_ratio(g, ratio, layer_ratios, head_ratio)
             n = len(g.units)
             todo = n - _keep_target(n, r, 1 if g.heads else round_to, min_channels)
             if r <= 0 or todo <= 0:
@@ -116,7 +120,7 @@ def select(cg: ChannelGraph, scores: torch.Tensor, *, ratio: float,
                     removed[u] = True
                     todo -= 1
     if global_ranking:
-        _select_global(cg, scores, [g for g in cg.groups if not g.heads], removed, prunable, floor,
+        _select_global(cg, scores, [g for g in cg.groups if not g.heads and g.index not in fixed], removed, prunable, floor,
                        ratio=ratio, max_ratio=max_ratio, round_to=round_to, min_channels=min_channels)
     return removed
 

@@ -91,3 +91,56 @@ def test_training_batches_are_not_written_into() -> None:
     fxcompress.run(Halves().eval(), [("finetune", {"steps": 3}), ("prune_channels", {"importance": "taylor"})],
                    EXAMPLE.clone(), calibration_data=pairs, loss_fn=F.cross_entropy)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(pairs, PAIRS[:2]))
+
+
+# -- distillation from a teacher ------------------------------------------------------
+UNLABELLED = [DATA.train_x[i * 64:(i + 1) * 64] for i in range(8)]
+
+
+def _agreement(model, teacher) -> float:
+    with torch.no_grad():
+        return float((model(DATA.test_x).argmax(1) == teacher(DATA.test_x).argmax(1)).float().mean())
+
+
+def test_distillation_recovers_a_pruned_model_on_unlabelled_data() -> None:
+    teacher = pretrained_digits_cnn()
+    pipeline = [("prune_channels", {"ratio": 0.5}), ("finetune", {"steps": 40, "lr": 1e-3, "distill": "kl",
+                                                                   "temperature": 2.0})]
+    pruned = fxcompress.run(teacher, pipeline[:1], EXAMPLE).model
+    result = fxcompress.run(teacher, pipeline, EXAMPLE, calibration_data=UNLABELLED, teacher=teacher)
+    row = result.report.rows[-1]
+    assert row.stats["distill"] == "kl" and row.stats["loss_after"] < 0.5 * row.stats["loss_before"]
+    assert _agreement(result.model, teacher) > _agreement(pruned, teacher) + 0.1
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher only reads
+
+
+class _TwoHeads(torch.nn.Module):
+    """Outputs a dict of a feature map and a tuple of logits: any structure distils leaf by leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU())
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        features = self.body(x)
+        return {"features": features, "logits": (self.head(features),)}
+
+
+def test_distillation_with_mse_on_any_output_structure() -> None:
+    torch.manual_seed(0)
+    teacher, student = _TwoHeads().eval(), _TwoHeads().eval()
+    loss = fxcompress.train.distillation_loss(student(EXAMPLE), teacher(EXAMPLE), "mse")
+    fxcompress.finetune(student, UNLABELLED, None, steps=60, lr=1e-2, teacher=teacher, distill="mse", progress=False)
+    assert fxcompress.train.distillation_loss(student(EXAMPLE), teacher(EXAMPLE), "mse") < 0.2 * loss
+
+
+def test_distillation_bad_input() -> None:
+    with pytest.raises(ConfigError, match="teacher=<model>"):
+        fxcompress.run(_untrained(), [("finetune", {"distill": "kl"})], EXAMPLE, calibration_data=UNLABELLED)
+    with pytest.raises(ConfigError, match="distill must be"):
+        fxcompress.run(_untrained(), [("finetune", {"distill": "ce"})], EXAMPLE, calibration_data=UNLABELLED)
+    with pytest.raises(ConfigError, match="loss_fn"):
+        fxcompress.finetune(_untrained(), UNLABELLED, None, steps=1, lr=1e-3)
+    with pytest.raises(InputError, match="structure"):
+        fxcompress.train.distillation_loss({"a": torch.zeros(2)}, (torch.zeros(2),))

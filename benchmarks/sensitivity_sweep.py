@@ -1,0 +1,137 @@
+"""resnet18 sensitivity sweep: one process with one thread against torchrun with 2 processes.
+
+The sweep: every prunable channel group of torchvision's resnet18 (realistic random weights,
+``fxcompress.zoo``) at 3 ratios and every conv / linear at 2 weight precisions (int8, int4, each
+with its int8 input), scored by the output SQNR against float on 8 real photo crops (224 px,
+``benchmarks/_photos.py``).  Targets: <= 5 min on 2 cores; under ``torchrun --nproc_per_node=2``
+(gloo, one thread per rank) the same entries, bit for bit, and >= 1.6x faster than one process
+with one thread.  The sweep time excludes building the model; the end-to-end time of the torchrun
+launch (process start, imports, model build) is shown too.  Writes the plots
+``docs/images/sensitivity_resnet18_layers.png`` / ``..._groups.png`` and
+``docs/benchmarks/sensitivity_sweep.md``.
+
+Usage: ``python benchmarks/sensitivity_sweep.py`` (it launches torchrun itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+MODEL = "resnet18"
+CROPS = 8
+BATCH = 4
+
+
+def sweep(across_ranks: bool) -> dict:
+    import fxcompress
+    from fxcompress import zoo
+    from _photos import photo_crops
+
+    model = zoo.build(MODEL, seed=0)
+    crops = photo_crops(CROPS, 224, seed=0)
+    batches = [crops[i:i + BATCH] for i in range(0, CROPS, BATCH)]
+    start = time.perf_counter()
+    result = fxcompress.sensitivity(model, crops[:1], calibration_data=batches, quant=("int8", "int4"),
+                                    prune_ratios=(0.25, 0.5, 0.75), cache=False, progress=False,
+                                    across_ranks=across_ranks)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "entries": [e.to_dict() for e in result.entries], "result": result.to_dict()}
+
+
+def worker(out: Path) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    record = sweep(across_ranks=True)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    from _common import ROOT, markdown_table, write_section
+    from fxcompress.budget import Sensitivity
+
+    # One process, torchrun, one process again: the machine is shared, so the reference is the mean
+    # of the runs on either side of the torchrun run (drift in the background load then cancels).
+    torch.set_num_threads(1)
+    before = sweep(across_ranks=False)
+    print(f"one process, 1 thread: {before['seconds']:.1f} s", flush=True)
+    out = Path(tempfile.mkdtemp(prefix="fxc-sweep-")) / "rank0.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    __file__, "--worker", str(out)], env=env, check=True)
+    launch = time.perf_counter() - start
+    distributed = json.loads(out.read_text())
+    shutil.rmtree(out.parent)
+    print(f"torchrun: {distributed['seconds']:.1f} s", flush=True)
+    after = sweep(across_ranks=False)
+    print(f"one process, 1 thread, again: {after['seconds']:.1f} s", flush=True)
+    identical = distributed["entries"] == before["entries"] == after["entries"]
+    one = (before["seconds"] + after["seconds"]) / 2
+    entries = len(before["entries"])
+    rows = [["1 process, 1 thread (before torchrun)", f"{before['seconds']:.1f}", "", entries, "reference"],
+            ["1 process, 1 thread (after torchrun)", f"{after['seconds']:.1f}", "", len(after["entries"]),
+             "identical" if after["entries"] == before["entries"] else "DIFFERENT"],
+            ["torchrun, 2 processes x 1 thread", f"{distributed['seconds']:.1f}",
+             f"{one / distributed['seconds']:.2f}x", len(distributed["entries"]),
+             "identical" if distributed["entries"] == before["entries"] else "DIFFERENT"],
+            ["  (end to end: launch, imports, model build)", f"{launch:.1f}", f"{one / launch:.2f}x", "", ""]]
+    speedup = one / distributed["seconds"]
+    verdicts = [f"- <= 5 min on 2 cores (torchrun): {'met' if distributed['seconds'] <= 300 else 'MISSED'}",
+                f"- torchrun entries identical to one process: {'met' if identical else 'MISSED'}",
+                f"- torchrun >= 1.6x faster than one process with one thread (mean of the runs before and "
+                f"after): {speedup:.2f}x, {'met' if speedup >= 1.6 else 'MISSED'}"]
+    result = Sensitivity.from_dict(distributed["result"])
+    images = ROOT / "docs" / "images"
+    images.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="fxc-plots-"))
+    for path in result.save(tmp, plots=True):
+        if path.suffix == ".png":
+            shutil.copy(path, images / path.name.replace("sensitivity_", "sensitivity_resnet18_"))
+    shutil.rmtree(tmp)
+    worst = sorted((e for e in result.entries if e.kind == "quant" and e.setting == "int8"), key=lambda e: e.sqnr_db)
+    worst_text = ", ".join(f"{e.target} {e.sqnr_db:.1f} dB" for e in worst[:3])
+    table = markdown_table(rows, ["run", "sweep seconds", "speed vs 1 process 1 thread (mean)", "entries",
+                                  "entries vs reference"])
+    print(table, "\n".join(verdicts), sep="\n\n")
+    n_quant = sum(1 for e in result.entries if e.kind == "quant")
+    write_section("sensitivity_sweep", "Sensitivity sweep across processes (resnet18)", f"""
+`fxcompress.sensitivity` on torchvision's resnet18 (realistic random weights): {n_quant} quantization
+entries (every conv / linear at int8 and int4 weights with an int8 input) and
+{entries - n_quant} pruning entries (every prunable group at 0.25 / 0.5 / 0.75), each scored by the
+output SQNR against float on {CROPS} real photo crops at 224 px.  Same machine, same run, one after
+the other: one process, torchrun, one process again (the machine is shared with other work; the
+speed-up is against the mean of the runs on either side; the load average below is the one at
+the end).
+
+{table}
+
+{chr(10).join(verdicts)}
+
+The most sensitive layers at int8: {worst_text}.
+
+![per-layer sensitivity](images/sensitivity_resnet18_layers.png)
+
+![per-group pruning sensitivity](images/sensitivity_resnet18_groups.png)
+""")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(Path(sys.argv[2]))
+    else:
+        main()
