@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, MetricError
 
 __all__ = ["clone_inputs", "check_example_inputs", "check_weights", "check_run_arguments", "check_data",
            "check_metric", "backends", "first_non_float32", "NEED_HINTS"]
@@ -136,16 +136,18 @@ def check_data(data: Any, readers: list[str]) -> None:
 
 
 def check_metric(value: Any, where: str) -> float:
-    """The task metric ``eval_fn`` returned, as a float; ConfigError if it is not a real number."""
+    """What an ``eval_fn`` returned (``where``: when), as a float; :class:`MetricError` for
+    anything but one finite real number (None, a string, a bool, NaN, Inf)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"eval_fn must return a number (the task metric), but {where} it returned "
-                          f"{type(value).__name__} {value!r}")
-    value = float(value)
-    if math.isnan(value):
-        raise ConfigError(f"eval_fn returned NaN {where}; it must return a number")
-    return value
+        raise MetricError(f"eval_fn returned {type(value).__name__} {value!r} {where}; it must return one "
+                          f"finite number (the task metric, higher is better)")
+    number = float(value)
+    if not math.isfinite(number):
+        raise MetricError(f"eval_fn returned {number} {where}; it must return a finite number (check the "
+                          f"model's outputs and the evaluation data)")
+    return number
 
 
 #: What to tell a caller who left out an input a pass ``needs`` (Pass.needs names PassContext fields).
@@ -159,9 +161,14 @@ NEED_HINTS = {
 
 
 def first_non_float32(model: torch.nn.Module | None, args: tuple, kwargs: dict) -> str | None:
-    """A phrase naming the first floating tensor (state or example input) that is not float32."""
+    """A phrase naming the first floating tensor (the model's state or an example input) that is not
+    float32; the state of fxcompress's own modules (observers, quantizers) is not looked at."""
     if model is not None:
+        # fxcompress's own modules (observers keep float64 histograms) are not the model's precision.
+        ours = [path + "." for path, m in model.named_modules() if path and getattr(type(m), "fxc_role", None)]
         for name, t in model.state_dict(keep_vars=True).items():
+            if any(name.startswith(prefix) for prefix in ours):
+                continue
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
                 return f"the model's {name!r} is {str(t.dtype).removeprefix('torch.')}"
     inputs = [(f"#{i}", a) for i, a in enumerate(args)] + [(repr(k), v) for k, v in kwargs.items()]

@@ -45,7 +45,6 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from .boundary import clone_inputs
 from .errors import ConfigError, InputError, TraceError
 from .pass_base import close_matches
-from .raising import raise_functional_layers
 
 __all__ = ["trace", "normalize_inputs", "propagate_shapes", "record_meta", "tensor_metadata", "gc_paused"]
 
@@ -243,6 +242,8 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Iterable
         _name_concrete_placeholders(model, graph, concrete or {})
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         _copy_training_flags(model, gm)
+        from .raising import raise_functional_layers  # on use: it needs ops, which import fxcompress defers
+
         raise_functional_layers(gm)  # F.conv2d / F.linear on parameters -> nn modules: one dialect
     propagate_shapes(gm, args, kwargs)
     return gm

@@ -93,7 +93,8 @@ def int8_static(
         ("insert_observers", observe) if observe else "insert_observers",
         _entry("calibrate", num_batches=num_batches),
         "fold_fake_quant",
-        _entry("lower", backend=backend, only_if_faster=only_if_faster),
+        # The reference backend is portable by choice and never timed: no option to carry.
+        _entry("lower", backend=backend, only_if_faster=None if backend == "reference" else only_if_faster),
         "eliminate_dead_nodes",
     ]
 

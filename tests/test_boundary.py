@@ -11,7 +11,7 @@ from torch import nn
 
 import fxcompress
 from fxcompress import recipes
-from fxcompress.errors import ConfigError, InputError
+from fxcompress.errors import ConfigError, InputError, MetricError
 
 torch.set_num_threads(1)
 
@@ -191,14 +191,14 @@ def test_pruning_a_graph_that_is_already_quantized_is_refused_before_any_work():
 
 
 @pytest.mark.parametrize("value", [None, "0.9", [1.0], float("nan")])
-def test_an_eval_fn_that_returns_no_number_is_a_config_error_before_the_pipeline(value):
+def test_an_eval_fn_that_returns_no_number_is_a_metric_error_before_the_pipeline(value):
     ran = []
 
     def eval_fn(model: nn.Module):
         ran.append(len(ran))
         return value
 
-    with pytest.raises(ConfigError, match=r"eval_fn (must return a number|returned NaN) .*before the pipeline"):
+    with pytest.raises(MetricError, match=r"eval_fn returned .* before the pipeline"):
         fxcompress.run(Net().eval(), ["fuse_conv_bn"], X, eval_fn=eval_fn, progress=False)
     assert ran == [0]
 

@@ -15,24 +15,11 @@ import torch
 from torch import nn
 
 from ..distill import output_leaves
-from ..errors import ConfigError, MetricError
+from ..boundary import check_metric
+from ..errors import ConfigError
 from ..quant.calibration import batch_inputs
 
 __all__ = ["check_metric", "evaluate_metric", "OutputSQNR", "input_batches"]
-
-
-def check_metric(value: Any, where: str) -> float:
-    """``value`` as a float; MetricError (naming ``where``) for a non-number, NaN or Inf."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise MetricError(f"eval_fn returned {type(value).__name__} {value!r} {where}; it must return one "
-                          f"number, higher is better (e.g. top-1 accuracy in percent)")
-    number = float(value)
-    if not math.isfinite(number):
-        raise MetricError(f"eval_fn returned {number} {where}; it must return a finite number "
-                          f"(check the model's outputs and the evaluation data)")
-    return number
 
 
 def evaluate_metric(eval_fn: Callable[[nn.Module], Any], model: nn.Module, where: str) -> float:

@@ -105,12 +105,16 @@ def test_bad_options(options, message) -> None:
 
 
 def test_a_layer_no_precision_can_take_is_listed() -> None:
-    class Odd(torch.nn.Linear):
-        def forward(self, x):  # overrides forward: a wrapper cannot quantize it
-            return super().forward(x) * 2
+    class WeightNormed(torch.nn.Module):  # its weight is computed: no module owns it, nothing quantizes it
+        def __init__(self) -> None:
+            super().__init__()
+            self.v = torch.nn.Parameter(torch.randn(16, 64) / 8)
 
-    model = torch.nn.Sequential(torch.nn.Flatten(), Odd(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.v / self.v.norm(dim=1, keepdim=True))
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), WeightNormed(), torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
     result = fxcompress.sensitivity(model, EXAMPLE, calibration_data=BATCHES, prune_ratios=(), progress=False)
     assert result.layers() == ["3"] and result.kept_float == {
-        "linear": "functional call: the weight is not owned by a module"}  # Odd is traced through
+        "linear": "functional call: the weight is not owned by a module"}
     assert math.isfinite(result.quant("3", "int8").sqnr_db)

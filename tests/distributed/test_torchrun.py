@@ -93,7 +93,7 @@ def test_a_rank_that_raises_ends_both_with_its_error(tmp_path: Path) -> None:
     assert proc.returncode != 0
     for r in range(2):
         message = (tmp_path / f"rank{r}.err").read_text()
-        assert "calibrate failed on 1 of 2 ranks" in message and "rank 1 raised CalibrationError" in message
+        assert "calibrate failed on 1 of 2 ranks" in message and "rank 1 raised CalibrationDataError" in message
         assert "NaN" in message
     assert not list(tmp_path.glob("*.fxc"))  # nothing was written
 

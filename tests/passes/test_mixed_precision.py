@@ -67,11 +67,16 @@ def test_int8_only_choice_and_layers_kept_float() -> None:
     result = _run({"max_drop": 1.0, "choices": ("float", "int8")})
     assert set(result.report.rows[1].stats["precision"].values()) <= {"float", "int8"}
 
-    class Odd(torch.nn.Linear):
-        def forward(self, x):
-            return super().forward(x) + 1
+    class WeightNormed(torch.nn.Module):  # a computed weight: no module owns it, nothing quantizes it
+        def __init__(self) -> None:
+            super().__init__()
+            self.v = torch.nn.Parameter(torch.randn(16, 64) / 8)
 
-    model = torch.nn.Sequential(torch.nn.Flatten(), Odd(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.v / self.v.norm(dim=1, keepdim=True))
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), WeightNormed(), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 10)).eval()
     with pytest.raises(ConfigError, match=r"layer 'linear' can take none of the precisions"):
         fxcompress.run(model, ["fuse_conv_bn", ("mixed_precision", {"max_bytes": 1000, "choices": ("int8",)})],
                        EXAMPLE, calibration_data=PAIRS, progress=False)
