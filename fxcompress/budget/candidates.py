@@ -69,6 +69,19 @@ def weight_spec(precision: str) -> QuantSpec:
     return default_weight_spec().replace(bits=BITS[precision])
 
 
+def kernel_weight_spec() -> QuantSpec:
+    """The int8 weight spec whose layers run on this CPU's int8 kernels: 8-bit where their
+    products are exact (VNNI, AMX), 7-bit where they add in saturating 16-bit pairs (AVX2),
+    on which 8-bit weights take the slower exact reference path (docs/lowering.md)."""
+    from ..quant.isa import int8_arithmetic
+    from ..quant.kernels import onednn_int8_support
+    from ..quant.spec import portable_weight_spec
+
+    if onednn_int8_support() and not int8_arithmetic().exact_products:
+        return portable_weight_spec()
+    return default_weight_spec()
+
+
 def quantizable_layers(gm: fx.GraphModule) -> dict[str, str | None]:
     """Every conv / linear the graph computes, in graph order: module path (or, for a
     functional call, node name) -> None if a layer wrapper can quantize it, else the

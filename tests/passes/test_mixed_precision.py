@@ -100,3 +100,41 @@ def test_bad_options(options, message) -> None:
 def test_max_drop_needs_eval_fn() -> None:
     with pytest.raises(ConfigError, match="eval_fn"):
         _run({"max_drop": 0.5}, eval_fn=None)
+
+
+def _kernel_weight_bits() -> int:
+    from fxcompress.quant.isa import int8_arithmetic
+
+    return 8 if int8_arithmetic().exact_products else 7
+
+
+@pytest.mark.skipif(not __import__("fxcompress.quant.kernels", fromlist=["x"]).onednn_int8_support(),
+                    reason="max_latency times the model lowered for the x86 int8 kernels")
+def test_latency_budget_takes_the_first_configuration_within_it() -> None:
+    # A budget any configuration meets: the first one (all float) is taken, measured and reported.
+    generous = _run({"max_latency": 10.0}, eval_fn=None)
+    stats = generous.report.rows[1].stats
+    assert stats["budget"]["met"] and set(stats["precision"].values()) == {"float"}
+    assert stats["latency"]["after"] == stats["trials"][0]["seconds"] <= 10.0
+    # One no configuration meets: the fastest end of the chain (every layer int8, never int4,
+    # whose codes run on the same kernels), reported as missed.
+    tight = _run({"max_latency": 1e-9}, eval_fn=None, tail=[("lower", {"backend": "x86"})])
+    stats = tight.report.rows[1].stats
+    assert not stats["budget"]["met"] and set(stats["precision"].values()) == {"int8"}
+    assert any("budget MISSED (max_latency=1e-09)" in n for n in tight.report.notes)
+    assert all(t["seconds"] > 0 for t in stats["trials"])
+    # Its int8 weights are the ones this CPU's kernels run exactly: nothing takes the reference path.
+    assert tight.report.rows[2].stats["fallbacks"] == []
+    codes = [t for t in tight.model.state_dict().values() if t.dtype == torch.int8]
+    assert codes and max(int(t.abs().max()) for t in codes) <= 2 ** (_kernel_weight_bits() - 1) - 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_latency": 0.01, "max_bytes": 1000}, "give exactly one budget"),
+    ({"max_latency": -1.0}, "max_latency must be a positive number of seconds"),
+    ({"max_latency": float("nan")}, "max_latency must be a positive number of seconds"),
+    ({"max_latency": 0.01, "choices": ("float", "int4")}, "max_latency needs 'int8' in choices"),
+])
+def test_bad_latency_budgets_are_config_errors(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _run(options, eval_fn=None)
