@@ -115,7 +115,7 @@ def _fuse(gm: fx.GraphModule, bn: OpInfo, ctx: PassContext, refs: Counter[int]) 
     if not isinstance(src, fx.Node):
         return "bn input is not a conv or linear"
     prod = describe(src, gm)
-    if (prod.not_plain.kind if prod.not_plain else prod.kind) not in (Kind.CONV, Kind.LINEAR):
+    if prod.family not in (Kind.CONV, Kind.LINEAR):
         return "bn input is not a conv or linear"
     if prod.module is None:
         return "conv or linear is not a module call"

@@ -191,6 +191,6 @@ def layers_inside(module: nn.Module, kinds: Iterable[Kind] = WEIGHTED_KINDS) -> 
         if not name or any(name.startswith(f"{outer}.") for outer in found):
             continue  # a layer inside a layer (attention's out_proj) is part of it, not one more
         info = describe_module(m)
-        if (info.not_plain.kind if info.not_plain else info.kind) in wanted:
+        if info.family in wanted:
             found.append(name)
     return found

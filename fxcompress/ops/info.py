@@ -143,6 +143,12 @@ class OpInfo:
         return int(self.params.get("channel_dim", 1))
 
     @property
+    def family(self) -> Kind:
+        """``kind``, or for a module that is not plain the kind of the torch class it derives
+        from: for telling what was left alone and why, never for deciding what it computes."""
+        return self.not_plain.kind if self.not_plain is not None else self.kind
+
+    @property
     def is_noop(self) -> bool:
         """Whether the op returns its first input unchanged at inference (identity, contiguous,
         clone; dropout and stochastic depth when not training)."""
