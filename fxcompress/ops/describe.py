@@ -17,7 +17,7 @@ from .tables import (
     FIRST_DATA_ALIASES, PARAM_DEFAULTS, TORCH_MODULES, function_entry, method_entry, module_rule,
 )
 
-__all__ = ["describe", "describe_module", "attr_tensor", "tensor_shape", "layers_inside", "WEIGHTED_KINDS"]
+__all__ = ["describe", "describe_module", "attr_tensor", "tensor_shape", "meta_shape", "layers_inside", "WEIGHTED_KINDS"]
 
 
 def _bind(node: fx.Node, data_names: tuple[str, ...], names: tuple[str, ...]) -> tuple[tuple, dict[str, Any]]:
@@ -166,10 +166,14 @@ def _spatial_pad(data: tuple, params: dict[str, Any]) -> bool:
         and len(pad) // 2 <= len(shape) - 2
 
 
+def meta_shape(meta: Any) -> tuple[int, ...] | None:
+    """The shape in a ``tensor_meta`` entry, or None for non-tensors (a tuple of entries, None)."""
+    return tuple(meta.shape) if hasattr(meta, "shape") and hasattr(meta, "dtype") else None
+
+
 def tensor_shape(node: Any) -> tuple[int, ...] | None:
     """The shape recorded on a node by capture (``tensor_meta``), or None for non-tensors."""
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return meta_shape(node.meta.get("tensor_meta")) if isinstance(node, fx.Node) else None
 
 
 #: The kinds of layers with weights that multiply activations.
