@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from ..ops import Kind, describe
 from .analysis import cache_directory
-from .result import write_atomically
+from .files import write_atomically
 
 __all__ = ["LatencyTable", "layer_key", "resource", "RESOURCES"]
 

@@ -8,8 +8,6 @@ conv reads is absorbed into the conv (:meth:`LayerEmitter._absorbed_pad`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import fx, nn
 
@@ -20,9 +18,7 @@ from fxcompress.quant.lowered import LoweredModule
 from fxcompress.quant.lowering.build import QParams, float_twin, quant_conv, quant_linear
 from fxcompress.quant.lowering.chains import FusedChain
 from fxcompress.quant.lowering.choice import Candidates
-
-if TYPE_CHECKING:
-    from fxcompress.quant.lowering.static import StaticLowering
+from fxcompress.quant.lowering.state import LoweringState
 
 __all__ = ["LayerEmitter"]
 
@@ -30,7 +26,7 @@ __all__ = ["LayerEmitter"]
 class LayerEmitter:
     """Emits the quantized layers of one lowering (see the module docstring)."""
 
-    def __init__(self, lowering: StaticLowering) -> None:
+    def __init__(self, lowering: LoweringState) -> None:
         self.low = lowering
         self.first_site: dict[int, nn.Module] = {}  # id(folded layer) -> its first call site's lowered module
         self.twins: dict[int, nn.Module] = {}  # id(folded layer) -> its float module, where kept float
