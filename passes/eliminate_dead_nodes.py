@@ -49,7 +49,6 @@ class EliminateDeadNodes(Pass):
 
     name = "eliminate_dead_nodes"
     exact = True
-    changes_outputs = False
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         bytes_before = state_bytes(gm)

@@ -40,7 +40,6 @@ class FuseConvBn(Pass):
     name = "fuse_conv_bn"
     exact = True
     eval_only = True
-    changes_outputs = False
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         refs = _module_references(gm)

@@ -66,7 +66,6 @@ class InsertObservers(Pass):
 
     name = "insert_observers"
     exact = True
-    changes_outputs = False
 
     weights: QuantSpec | dict | None = field(default_factory=default_weight_spec)
     activations: QuantSpec | dict | None = field(default_factory=default_activation_spec)

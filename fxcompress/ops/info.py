@@ -149,6 +149,12 @@ class OpInfo:
         return self.not_plain.kind if self.not_plain is not None else self.kind
 
     @property
+    def family_op(self) -> str:
+        """``op``, or for a module that is not plain the op of the torch class it derives from
+        (the counterpart of :attr:`family`)."""
+        return self.not_plain.op if self.not_plain is not None else self.op
+
+    @property
     def is_noop(self) -> bool:
         """Whether the op returns its first input unchanged at inference (identity, contiguous,
         clone; dropout and stochastic depth when not training)."""

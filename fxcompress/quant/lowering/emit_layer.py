@@ -36,7 +36,7 @@ class LayerEmitter:
         lowered conv applies to its codes itself (TensorFlow-style "same" padding: one pass over
         memory saved)."""
         if data.op not in ("call_module", "call_function") or len(data.users) != 1 or \
-                isinstance(layer.module, nn.Linear) or layer.module.padding_mode != "zeros":
+                layer.op == "linear" or layer.module.padding_mode != "zeros":
             return None
         info = describe(data, self.low.gm)
         source = info.inputs[0] if info.inputs else None
@@ -63,7 +63,7 @@ class LayerEmitter:
         data, pad = absorbed if absorbed is not None else (data, ())
         u, qx = self.low.uint8(data)  # type: ignore[misc]
         out = self.low.out_qparams(chain)
-        conv = not isinstance(layer.module, nn.Linear)  # layer_problem admitted only convs and linears
+        conv = layer.op != "linear"  # layer_problem admitted only convs and linears
         args: tuple = (u,)
         if conv:
             residual: QParams | bool = False
