@@ -100,11 +100,13 @@ class Pass:
     def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement __call__")
 
-    def check_stage(self, gm: fx.GraphModule, remedy: str) -> None:
-        """ConfigError when ``gm`` is past the ``stages`` this pass runs on (the manager checks a
-        pipeline's input graph before any work; this checks the graph the pass is given)."""
+    def check_stage(self, gm: fx.GraphModule, remedy: str, stages: tuple[str, ...] | None = None) -> None:
+        """ConfigError saying ``remedy`` when ``gm`` is past ``stages`` (default: the pass's own
+        ``stages``, which the manager checks on a pipeline's input graph before any work; this
+        checks the graph the pass is given)."""
+        stages = stages or self.stages
         stage = stage_of(gm)
-        if self.stages is not None and STAGES.index(stage) > max(STAGES.index(s) for s in self.stages):
+        if stages is not None and STAGES.index(stage) > max(STAGES.index(s) for s in stages):
             raise ConfigError(f"pass {self.name!r}: the graph is already {stage} (it holds quantization "
                               f"modules); {remedy}")
 

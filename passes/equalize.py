@@ -57,7 +57,6 @@ class Equalize(Pass):
     name = "equalize"
     exact = True
     eval_only = True
-    stages = ("float",)
 
     iterations: int = 4
     relu6: str = "clamp"
@@ -69,7 +68,7 @@ class Equalize(Pass):
             raise ConfigError(f"pass {self.name!r}: relu6 must be one of {_RELU6_MODES}, got {self.relu6!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        self.check_stage(gm, "equalize the float model, before insert_observers")
+        self.check_stage(gm, "equalize the float model, before insert_observers", ("float",))
         pairs = _find_pairs(gm, ctx, self.relu6 == "clamp")
         notes = []
         if any(describe(n, gm).op == "batch_norm" for n in gm.graph.nodes if n.op == "call_module"):

@@ -47,7 +47,6 @@ class SmoothQuant(Pass):
     name = "smooth_quant"
     exact = True
     eval_only = True
-    stages = ("float",)
 
     alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     num_batches: int | None = None
@@ -62,7 +61,7 @@ class SmoothQuant(Pass):
             raise ConfigError(f"pass {self.name!r}: max_rows must be a positive int, got {self.max_rows!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        self.check_stage(gm, "smooth the float model, before insert_observers")
+        self.check_stage(gm, "smooth the float model, before insert_observers", ("float",))
         groups = _groups(gm, ctx)
         stats: dict[str, Any] = {"groups": len(groups), "smoothed": 0, "into_norm": 0, "mul_nodes": 0, "alpha": {}}
         if not groups:
