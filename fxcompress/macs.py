@@ -41,7 +41,7 @@ import torch
 from torch import fx, nn
 
 from fxcompress.errors import InputError
-from fxcompress.ops import Kind, describe, layers_inside
+from fxcompress.ops import Kind, attr_value, describe, layers_inside
 from fxcompress.ops.tables import module_rule
 
 __all__ = ["KINDS", "count_macs", "macs_by_kind", "uncounted", "register_module", "count_conv", "count_linear"]
@@ -105,7 +105,7 @@ def _shape(gm: fx.GraphModule, value: Any, owner: fx.Node) -> torch.Size:
     if meta is not None and hasattr(meta, "shape"):
         return meta.shape
     if value.op == "get_attr":
-        attr = _get_attr(gm, str(value.target))
+        attr = attr_value(gm, str(value.target))
         if isinstance(attr, torch.Tensor):
             return attr.shape
     raise InputError(
@@ -113,13 +113,6 @@ def _shape(gm: fx.GraphModule, value: Any, owner: fx.Node) -> torch.Size:
         "count MACs on a graph from fxcompress.trace(), or run "
         "torch.fx.passes.shape_prop.ShapeProp(gm).propagate(*inputs) first"
     )
-
-
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _out_shape(gm: fx.GraphModule, node: fx.Node) -> torch.Size:

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import fx, nn
 
+from .ops import attr_value
+
 __all__ = ["STAGES", "role_of", "stage_of", "verify", "register_check"]
 
 STAGES = ("float", "observed", "fake_quant", "folded", "lowered")
@@ -79,9 +81,7 @@ def _targets_exist(gm: fx.GraphModule, stage: str) -> list[str]:
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
             try:
-                owner, _, attr = str(node.target).rpartition(".")
-                if not hasattr(gm.get_submodule(owner), attr):
-                    raise AttributeError(attr)
+                attr_value(gm, str(node.target))
             except AttributeError:
                 problems.append(f"node {node.name!r}: {node.op} target {node.target!r} does not exist")
     return problems

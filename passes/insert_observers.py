@@ -13,7 +13,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.activations import ActivationObserver, preserves_qparams, quant_source
 from fxcompress.quant.layers import ObservedLayer, layer_support
 from fxcompress.quant.observers import make_observer
-from fxcompress.quant.placement import Chain, consumed_quantized, find_chains, is_float_value
+from fxcompress.quant.placement import Chain, consumed_quantized, find_chains, is_cat, is_float_value
 from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
 from fxcompress.rewrite import replace_modules
 from fxcompress.verify import role_of
@@ -183,7 +183,7 @@ class _Placer:
                 self._ensure(node, chain.data)
             elif node in by_add and by_add[node].end in wanted:
                 self._ensure(node, by_add[node].residual)
-            elif node in wanted and _is_cat(node, self.gm):
+            elif node in wanted and is_cat(node, self.gm):
                 self._share(node)
         self._label()
         return len(self.roots)
@@ -237,8 +237,3 @@ class _Placer:
             observed.setdefault(str(obs.target), []).append(value.name)
         for target, names in observed.items():
             self.gm.get_submodule(target).where = ", ".join(names)
-
-
-def _is_cat(node: fx.Node, gm: fx.GraphModule) -> bool:
-    info = describe(node, gm)
-    return info.kind is Kind.CONCAT and info.op == "cat"

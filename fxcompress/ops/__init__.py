@@ -28,7 +28,7 @@ unknown" (e.g. pruning freezes the channels that flow through it).
 """
 
 from .describe import (
-    WEIGHTED_KINDS, attr_tensor, describe, describe_module, layers_inside, meta_shape, tensor_shape,
+    WEIGHTED_KINDS, attr_tensor, attr_value, describe, describe_module, layers_inside, meta_shape, tensor_shape,
 )
 from .effects import call_arguments
 from .info import PURE, Effects, Kind, NotPlain, OpInfo
@@ -36,5 +36,5 @@ from .plain import not_plain
 from .tables import register_function, register_method, register_module, register_qualified
 
 __all__ = ["Kind", "OpInfo", "Effects", "PURE", "NotPlain", "describe", "describe_module", "register_function",
-           "register_method", "register_module", "register_qualified", "tensor_shape", "meta_shape", "attr_tensor",
+           "register_method", "register_module", "register_qualified", "tensor_shape", "meta_shape", "attr_tensor", "attr_value",
            "layers_inside", "WEIGHTED_KINDS", "not_plain", "call_arguments"]

@@ -17,7 +17,7 @@ from .tables import (
     FIRST_DATA_ALIASES, PARAM_DEFAULTS, TORCH_MODULES, function_entry, method_entry, module_rule,
 )
 
-__all__ = ["describe", "describe_module", "attr_tensor", "tensor_shape", "meta_shape", "layers_inside", "WEIGHTED_KINDS"]
+__all__ = ["describe", "describe_module", "attr_tensor", "attr_value", "tensor_shape", "meta_shape", "layers_inside", "WEIGHTED_KINDS"]
 
 
 def _bind(node: fx.Node, data_names: tuple[str, ...], names: tuple[str, ...]) -> tuple[tuple, dict[str, Any]]:
@@ -57,12 +57,21 @@ def _signature_defaults(target: Callable) -> dict[str, Any]:
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
+def attr_value(gm: nn.Module, target: str) -> Any:
+    """What ``gm`` holds at the dotted ``target`` of a ``get_attr`` or ``call_module`` node
+    (a tensor, a module, any attribute); AttributeError when nothing is there."""
+    owner, _, attr = target.rpartition(".")
+    module = gm.get_submodule(owner)
+    if not hasattr(module, attr):
+        raise AttributeError(f"{type(module).__name__} {owner or '(root)'!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
 def attr_tensor(gm: nn.Module, value: Any) -> torch.Tensor | None:
     """The tensor a ``get_attr`` node reads (or ``value`` itself when it is a tensor), else None."""
     if isinstance(value, fx.Node) and value.op == "get_attr":
-        owner, _, attr = str(value.target).rpartition(".")
         try:
-            t = getattr(gm.get_submodule(owner), attr, None)
+            t = attr_value(gm, str(value.target))
         except AttributeError:
             return None
         return t if isinstance(t, torch.Tensor) else None
