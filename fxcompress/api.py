@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -24,14 +23,11 @@ from torch import fx, nn
 from . import boundary
 from .capture import gc_paused, normalize_inputs, trace
 from .errors import ConfigError
-from .manager import CHECKS, Check, PassManager, PipelineEntry
+from .manager import CHECK_ENV, Check, PassManager, PipelineEntry
 from .pass_base import PassContext
 from .report import Report
 
-__all__ = ["run", "Result", "state_hash", "CHECK_ENV"]
-
-# Overrides the default check level of run() (tests set it to "full").
-CHECK_ENV = "FXCOMPRESS_CHECK"
+__all__ = ["run", "Result", "state_hash", "CHECK_ENV"]  # CHECK_ENV: the manager's, named here too
 
 
 def state_hash(module: nn.Module) -> str:
@@ -121,7 +117,7 @@ def run(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"run() takes an nn.Module or GraphModule, got {type(model).__name__}")
     boundary.check_run_arguments(backend=backend, seed=seed, progress=progress, eval_fn=eval_fn, loss_fn=loss_fn)
-    manager = PassManager(passes, check=_check_level(check), tolerance=tolerance, progress=progress)
+    manager = PassManager(passes, check=check, tolerance=tolerance, progress=progress)
     args, kwargs = normalize_inputs(example_inputs)
     boundary.check_example_inputs(args, kwargs)
     boundary.check_weights(model)
@@ -140,21 +136,8 @@ def run(
     if eval_fn is not None:
         after = boundary.check_metric(eval_fn(gm), "after the pipeline")
         report.metrics["task metric"] = {"before": metric_before, "after": after,
-                                         "ratio": f"{after - metric_before:+.4g}"}
+                                         "change": f"{after - metric_before:+.4g}"}
     return Result(gm, report, [s.describe() for s in manager.steps], source_hash)
-
-
-def _check_level(check: str | None) -> str:
-    """The check level: the argument, else $FXCOMPRESS_CHECK, else "shapes"."""
-    if check is not None:
-        if check not in CHECKS:
-            raise ConfigError(f"check must be one of {CHECKS}, got {check!r}")
-        return check
-    level = os.environ.get(CHECK_ENV, "shapes")
-    if level not in CHECKS:
-        raise ConfigError(f"environment variable {CHECK_ENV}={level!r} is not a check level; "
-                          f"use one of {CHECKS} or unset it")
-    return level
 
 
 def _private_copy(model: nn.Module) -> nn.Module:

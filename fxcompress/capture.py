@@ -45,6 +45,7 @@ from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from .boundary import clone_inputs
 from .errors import ConfigError, InputError, TraceError
 from .pass_base import close_matches
+from .verify import role_of
 
 __all__ = ["trace", "normalize_inputs", "propagate_shapes", "record_meta", "tensor_metadata", "gc_paused"]
 
@@ -120,7 +121,7 @@ class _PathTracer(fx.Tracer):
         # fxcompress's own runtime modules (observers, lowered kernels, pruned
         # attention) are ops of the dialect: re-capturing a compressed model
         # must keep them whole, never trace into their implementation.
-        if getattr(type(m), "fxc_role", None) or getattr(type(m), "fxc_leaf", False):
+        if role_of(m) or getattr(type(m), "fxc_leaf", False):
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -35,15 +35,14 @@ whose layers inside are therefore missing from the count, so reports can say so.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxcompress.errors import InputError
-from fxcompress.ops import layers_inside
+from fxcompress.ops import Kind, attr_value, describe, layers_inside
+from fxcompress.ops.tables import module_rule
 
 __all__ = ["KINDS", "count_macs", "macs_by_kind", "uncounted", "register_module", "count_conv", "count_linear"]
 
@@ -106,7 +105,7 @@ def _shape(gm: fx.GraphModule, value: Any, owner: fx.Node) -> torch.Size:
     if meta is not None and hasattr(meta, "shape"):
         return meta.shape
     if value.op == "get_attr":
-        attr = _get_attr(gm, str(value.target))
+        attr = attr_value(gm, str(value.target))
         if isinstance(attr, torch.Tensor):
             return attr.shape
     raise InputError(
@@ -114,13 +113,6 @@ def _shape(gm: fx.GraphModule, value: Any, owner: fx.Node) -> torch.Size:
         "count MACs on a graph from fxcompress.trace(), or run "
         "torch.fx.passes.shape_prop.ShapeProp(gm).propagate(*inputs) first"
     )
-
-
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _out_shape(gm: fx.GraphModule, node: fx.Node) -> torch.Size:
@@ -270,38 +262,18 @@ def _recurrent(gm: fx.GraphModule, node: fx.Node) -> _Counts:
 
 # --- the table: what counts, and how -------------------------------------------------
 
-_FUNCTIONS: dict[Any, _Counter] = {
-    F.conv1d: _conv_function(transposed=False),
-    F.conv2d: _conv_function(transposed=False),
-    F.conv3d: _conv_function(transposed=False),
-    F.conv_transpose1d: _conv_function(transposed=True),
-    F.conv_transpose2d: _conv_function(transposed=True),
-    F.conv_transpose3d: _conv_function(transposed=True),
-    F.linear: _linear_function,
-    F.bilinear: _bilinear,
-    torch.matmul: _matmul(0),
-    operator.matmul: _matmul(0),
-    torch.mm: _matmul(0),
-    torch.bmm: _matmul(0),
-    torch.addmm: _matmul(1),
-    torch.baddbmm: _matmul(1),
-    torch.einsum: _einsum,
-    F.scaled_dot_product_attention: _sdpa,
+# What counts, by the op fxcompress.ops.describe() names: the module, function and method
+# forms of an op alike (conv and linear read their weight from the module or the arguments).
+_BY_OP: dict[str, _Counter] = {
+    "matmul": _matmul(0), "mm": _matmul(0), "bmm": _matmul(0), "addmm": _matmul(1), "baddbmm": _matmul(1),
+    "einsum": _einsum,
+    "scaled_dot_product_attention": _sdpa,
+    "shifted_window_attention": _shifted_window_attention,
 }
-
-# Tensor methods: ``self`` is ``args[0]``.
-_METHODS: dict[str, _Counter] = {
-    "matmul": _matmul(0),
-    "mm": _matmul(0),
-    "bmm": _matmul(0),
-    "addmm": _matmul(1),
-    "baddbmm": _matmul(1),
-}
-
-# Functions that third-party tracing keeps whole (``torch.fx.wrap``), by qualified
-# name, so that this module does not import the libraries that define them.
-_WRAPPED: dict[str, _Counter] = {
-    "torchvision.models.swin_transformer.shifted_window_attention": _shifted_window_attention,
+_BY_KIND: dict[Kind, tuple[_Counter | None, _Counter | None]] = {  # kind -> (module form, functional form)
+    Kind.LINEAR: (_linear_module, _linear_function),
+    Kind.BILINEAR: (_bilinear, _bilinear),
+    Kind.RECURRENT: (_recurrent, None),
 }
 
 _REGISTERED: dict[type[nn.Module], _Counter] = {}
@@ -316,28 +288,21 @@ def register_module(cls: type[nn.Module], counter: _Counter) -> None:
     _REGISTERED[cls] = counter
 
 
-_MODULES: tuple[tuple[type[nn.Module], _Counter], ...] = (
-    (nn.modules.conv._ConvNd, _conv_module),
-    (nn.Linear, _linear_module),
-    (nn.MultiheadAttention, _multihead_attention),
-    (nn.Bilinear, _bilinear),
-    (nn.RNNBase, _recurrent),
-)
-
 
 def _counter_for(gm: fx.GraphModule, node: fx.Node) -> _Counter | None:
-    if node.op == "call_module":
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    module_form = node.op == "call_module"
+    if module_form:
         module = gm.get_submodule(str(node.target))
-        return next((c for cls, c in (*_REGISTERED.items(), *_MODULES) if isinstance(module, cls)), None)
-    if node.op == "call_method":
-        return _METHODS.get(str(node.target))
-    if node.op == "call_function":
-        try:
-            counter = _FUNCTIONS.get(node.target)
-        except TypeError:  # an unhashable callable cannot be one of ours
-            return None
-        if counter is not None:
-            return counter
-        qualified = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
-        return _WRAPPED.get(qualified)
-    return None
+        registered = next((c for cls, c in _REGISTERED.items() if isinstance(module, cls)), None)
+        if registered is not None or module_rule(module) is not None:
+            return registered  # a class of ours (or yours) is counted by its own counter, or not at all
+    info = describe(node, gm)
+    if info.kind is Kind.CONV:
+        return _conv_module if module_form else _conv_function(info.transposed)
+    if info.kind is Kind.ATTENTION and info.op == "multihead_attention":
+        return _multihead_attention if module_form else None
+    if info.kind in _BY_KIND:
+        return _BY_KIND[info.kind][0 if module_form else 1]
+    return _BY_OP.get(info.op)

@@ -35,12 +35,14 @@ and the reason; an fxcompress error the pass raises itself keeps its type and
 gains the same prefix.  Every check is linear in the number of nodes (plus
 one pass over the state for the finite-values invariant) and runs with the
 cyclic garbage collector paused (:func:`~fxcompress.capture.gc_paused`), so
-verification time grows linearly with the graph.  Tests always run with
-``check="full"``.
+verification time grows linearly with the graph.  The defaults are
+:func:`fxcompress.run`'s: ``check`` from :func:`check_level` (``$FXCOMPRESS_CHECK``, else
+``"shapes"``), ``progress`` on.  Tests always run with ``check="full"``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence, Union
@@ -57,14 +59,30 @@ from .registry import get_pass
 from .report import PassRow, Report, snapshot
 from .verify import STAGES, stage_of, verify
 
-__all__ = ["PassManager", "Step", "PipelineEntry", "Check", "CHECKS", "HISTORY_KEY", "normalize_pipeline",
-           "relative_error"]
+__all__ = ["PassManager", "Step", "PipelineEntry", "Check", "CHECKS", "CHECK_ENV", "check_level", "HISTORY_KEY",
+           "normalize_pipeline", "relative_error"]
 
 PipelineEntry = Union[Pass, str, type, tuple]
 Check = Literal["full", "shapes", "none"]
 CHECKS: tuple[str, ...] = ("full", "shapes", "none")
+#: The environment variable giving the check level when none is passed (tests set it to "full").
+CHECK_ENV = "FXCOMPRESS_CHECK"
 # gm.meta key listing the passes already run on a graph, so that `requires` holds across run() calls.
 HISTORY_KEY = "fxcompress_history"
+
+
+def check_level(check: str | None) -> Check:
+    """The check level: the argument, else ``$FXCOMPRESS_CHECK``, else ``"shapes"`` (ConfigError
+    for anything else); :class:`PassManager` and :func:`fxcompress.run` share this default."""
+    if check is not None:
+        if check not in CHECKS:
+            raise ConfigError(f"check must be one of {CHECKS}, got {check!r}")
+        return check  # type: ignore[return-value]
+    level = os.environ.get(CHECK_ENV, "shapes")
+    if level not in CHECKS:
+        raise ConfigError(f"environment variable {CHECK_ENV}={level!r} is not a check level; "
+                          f"use one of {CHECKS} or unset it")
+    return level  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -183,10 +201,9 @@ class PassManager:
     the graph; :meth:`run` does both and then the passes.
     """
 
-    def __init__(self, passes: Sequence[PipelineEntry], *, check: Check = "full",
-                 tolerance: float = 1e-3, progress: bool = False) -> None:
-        if check not in CHECKS:
-            raise ConfigError(f"check must be one of {CHECKS}, got {check!r}")
+    def __init__(self, passes: Sequence[PipelineEntry], *, check: Check | None = None,
+                 tolerance: float = 1e-3, progress: bool = True) -> None:
+        check = check_level(check)
         if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float)) and tolerance >= 0):
             raise ConfigError(f"tolerance must be a non-negative number, got {tolerance!r}")
         self.steps = normalize_pipeline(passes)

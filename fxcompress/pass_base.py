@@ -21,9 +21,6 @@ Class attributes a pass may set:
     the rewrite is only valid for a model in eval mode (e.g. folding
     BatchNorm); the manager refuses, with a ConfigError, a model with any
     module in training mode.
-``changes_outputs``
-    whether output *values* may change (quantization does, fusion does not).
-    Output structure, shapes and dtypes never change, for any pass.
 ``needs``
     the :func:`fxcompress.run` inputs the pass cannot work without, by their
     :class:`PassContext` field names (``"calibration_data"``, ``"loss_fn"``,
@@ -59,6 +56,7 @@ import torch
 from torch import fx
 
 from .errors import ConfigError, PassError
+from .verify import STAGES, stage_of
 
 __all__ = [
     "Pass",
@@ -94,7 +92,6 @@ class Pass:
     provides: ClassVar[tuple[str, ...]] = ()
     exact: ClassVar[bool] = False
     eval_only: ClassVar[bool] = False
-    changes_outputs: ClassVar[bool] = True
     needs: ClassVar[tuple[str, ...]] = ()
     stages: ClassVar[tuple[str, ...] | None] = None
     runs_before: ClassVar[tuple[str, ...]] = ()
@@ -102,6 +99,16 @@ class Pass:
 
     def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement __call__")
+
+    def check_stage(self, gm: fx.GraphModule, remedy: str, stages: tuple[str, ...] | None = None) -> None:
+        """ConfigError saying ``remedy`` when ``gm`` is past ``stages`` (default: the pass's own
+        ``stages``, which the manager checks on a pipeline's input graph before any work; this
+        checks the graph the pass is given)."""
+        stages = stages or self.stages
+        stage = stage_of(gm)
+        if stages is not None and STAGES.index(stage) > max(STAGES.index(s) for s in stages):
+            raise ConfigError(f"pass {self.name!r}: the graph is already {stage} (it holds quantization "
+                              f"modules); {remedy}")
 
     def needs_after(self, earlier: "Sequence[Pass]") -> tuple[str, ...]:
         """What the pass needs when ``earlier`` run before it in the pipeline (default: ``needs``)."""
@@ -158,8 +165,7 @@ class PassContext:
     """What a pass may need beyond the graph.
 
     ``example_args``/``example_kwargs`` are the normalised example inputs;
-    ``teacher`` is the model that distillation (``finetune(distill=...)``) learns from;
-    ``store`` is a small dict for state that flows between passes.  ``scope``
+    ``teacher`` is the model that distillation (``finetune(distill=...)``) learns from.  ``scope``
     and ``skip`` are set by the manager for the pass currently running; passes
     ask :meth:`in_scope` instead of reading them.
     """
@@ -173,7 +179,6 @@ class PassContext:
     backend: str = "x86"
     seed: int = 0
     progress: bool = True
-    store: dict[str, Any] = field(default_factory=dict)
     scope: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
 
@@ -207,7 +212,6 @@ def function_pass(
     requires: tuple[str, ...] = (),
     exact: bool = False,
     eval_only: bool = False,
-    changes_outputs: bool = True,
 ) -> Any:
     """Turn ``def f(gm, ctx, *, opt: T = default, ...)`` into a pass class.
 
@@ -252,7 +256,6 @@ def function_pass(
                 "requires": tuple(requires),
                 "exact": exact,
                 "eval_only": eval_only,
-                "changes_outputs": changes_outputs,
                 "__call__": __call__,
                 "__doc__": fn.__doc__ or f"Function pass {pass_name}.",
                 "__module__": fn.__module__,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
+
 __all__ = ["align_new_modules", "Fingerprints"]
 
 
@@ -68,12 +69,13 @@ class Fingerprints:
         return str(t.dtype), tuple(t.shape), crc
 
     def __call__(self, gm: fx.GraphModule) -> tuple:
+        from .ops import attr_value  # on use: `import fxcompress` stays light
+
         state = tuple((k, self._tensor(t)) for k, t in gm.state_dict(keep_vars=True).items())
         constants = []
         for node in gm.graph.find_nodes(op="get_attr"):
-            owner, _, attr = str(node.target).rpartition(".")
             try:
-                constants.append(self._tensor(getattr(gm.get_submodule(owner), attr)))
+                constants.append(self._tensor(attr_value(gm, str(node.target))))
             except AttributeError:
                 constants.append(object())
         modules = tuple((name, id(m)) for name, m in gm.named_modules())

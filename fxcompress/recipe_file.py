@@ -51,6 +51,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .pass_base import close_matches
+from .recipes import get_recipe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -336,8 +337,6 @@ def _calibration(data: dict, where: str) -> CalibrationSpec | None:
 
 
 def _passes(raw: Any, where: str) -> list[Entry]:
-    from .recipes import get_recipe  # recipes re-exports this module's names: import on use
-
     if raw is None:
         return []
     if not isinstance(raw, list):

@@ -7,9 +7,13 @@ names when the pipeline runs (an unknown name is a :class:`ConfigError` before
 any work).  ``scope``/``skip`` of a recipe go to the pass that decides what is
 compressed (the observers of int8, the quantized linears, the pruned groups).
 
+Recipes are composed by pass name, never by list position: :func:`int8_qat` is
+:func:`int8_static` with fake-quant training inserted before ``fold_fake_quant``,
+wherever that entry stands.
+
 Recipe *files* (TOML descriptions of a whole :func:`fxcompress.run` call, for the
-command line) live in :mod:`fxcompress.recipe_file`; ``InputSpec``,
-``CalibrationSpec``, ``RecipeSpec`` and ``load_recipe`` are re-exported here.
+command line) are :mod:`fxcompress.recipe_file`'s, which names these recipes; this
+module does not import it.
 """
 
 from __future__ import annotations
@@ -29,10 +33,6 @@ __all__ = [
     "prune_then_int8",
     "get_recipe",
     "available_recipes",
-    "InputSpec",
-    "CalibrationSpec",
-    "RecipeSpec",
-    "load_recipe",
 ]
 
 Entry = Any  # a pipeline entry: a name, (name, {options}) or a Pass object
@@ -49,6 +49,12 @@ def _options(**options: Any) -> dict[str, Any]:
 def _entry(name: str, **options: Any) -> Entry:
     opts = _options(**options)
     return (name, opts) if opts else name
+
+
+def _inserted_before(entries: list[Entry], name: str, new: list[Entry]) -> list[Entry]:
+    """``entries`` with ``new`` inserted before the entry of pass ``name`` (which must be there)."""
+    at = next(i for i, e in enumerate(entries) if (e if isinstance(e, str) else e[0]) == name)
+    return entries[:at] + new + entries[at:]
 
 
 def _where(options: dict[str, Any], scope: Sequence[str], skip: Sequence[str]) -> dict[str, Any]:
@@ -120,8 +126,8 @@ def int8_qat(
     static = int8_static(weights=weights, activations=activations, num_batches=num_batches,
                          backend=backend, scope=scope, skip=skip)
     train = [("finetune", {"steps": steps, "lr": lr})] if steps else []
-    # static = fuse, observe, calibrate, fold, lower, dce: fake-quant + training go before fold.
-    return static[:3] + ["to_fake_quant"] + train + static[3:]
+    # Fake-quant and training act on calibrated observers and end where folding starts.
+    return _inserted_before(static, "fold_fake_quant", ["to_fake_quant", *train])
 
 
 def int8_dynamic(*, bits: int = 8, ops: Sequence[str] = ("linear",), scope: Sequence[str] = (),
@@ -186,7 +192,3 @@ def get_recipe(name: str, **options: Any) -> list[Entry]:
         valid = ", ".join(sig.parameters) or "(none)"
         raise ConfigError(f"recipe {name!r}: {exc}; its options are: {valid}") from exc
     return fn(**options)
-
-
-# -- recipe files (fxcompress.recipe_file; re-exported here, where they were first) --------
-from .recipe_file import CalibrationSpec, InputSpec, RecipeSpec, load_recipe  # noqa: E402

@@ -175,9 +175,10 @@ class Report:
         # them with the task metric's floats in scientific notation.
         rows = [[k, f"{getattr(b, k):,}", f"{getattr(a, k):,}", ratio(getattr(a, k), getattr(b, k))]
                 for k in ("nodes", "parameters", "state_bytes", "macs")]
-        rows += [[k, _number(v.get("before", "")), _number(v.get("after", "")), v.get("ratio", "")]
+        # change: after/before for the counts ("0.256x"), after - before for a metric ("+0.01").
+        rows += [[k, _number(v.get("before", "")), _number(v.get("after", "")), v.get("change", "")]
                  for k, v in self.metrics.items() if isinstance(v, dict)]
-        return rows, ["", "before", "after", "after/before"]
+        return rows, ["", "before", "after", "change"]
 
     def _render(self, fmt: str) -> str:
         # Markdown cells cannot hold line breaks: only the text table wraps its stats.

@@ -22,6 +22,7 @@ from . import distributed
 from .boundary import clone_inputs
 from .distill import Distill, check_distill_options, distillation_loss
 from .errors import ConfigError, InputError
+from .verify import role_of
 
 __all__ = ["finetune", "split_batch", "call_with", "training_loss", "distillation_loss"]
 
@@ -53,7 +54,7 @@ def call_with(model: nn.Module, inputs: Any) -> Any:
 def _freeze_observers(model: nn.Module) -> int:
     frozen = 0
     for m in model.modules():
-        if getattr(type(m), "fxc_role", None) == "fake_quant" and hasattr(m, "freeze_observer"):
+        if role_of(m) == "fake_quant" and hasattr(m, "freeze_observer"):
             m.freeze_observer()
             frozen += 1
     return frozen

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import fx, nn
 
+
 __all__ = ["STAGES", "role_of", "stage_of", "verify", "register_check"]
 
 STAGES = ("float", "observed", "fake_quant", "folded", "lowered")
@@ -75,13 +76,13 @@ def verify(gm: fx.GraphModule) -> tuple[str, list[str]]:
 
 @register_check
 def _targets_exist(gm: fx.GraphModule, stage: str) -> list[str]:
+    from .ops import attr_value  # on use: `import fxcompress` stays light (verify is imported eagerly)
+
     problems = []
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
             try:
-                owner, _, attr = str(node.target).rpartition(".")
-                if not hasattr(gm.get_submodule(owner), attr):
-                    raise AttributeError(attr)
+                attr_value(gm, str(node.target))
             except AttributeError:
                 problems.append(f"node {node.name!r}: {node.op} target {node.target!r} does not exist")
     return problems

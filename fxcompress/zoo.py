@@ -60,6 +60,7 @@ import torchvision
 from torch import nn
 
 from fxcompress.errors import ConfigError
+from fxcompress.ops import Kind, describe_module
 
 __all__ = [
     "list_classifiers",
@@ -167,8 +168,19 @@ _PARAM_COUNTS: dict[str, int] = {
     "wide_resnet50_2": 68883240,
 }
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-_WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
+# What the realistic weights redraw, by the family of a module's torch class (plain or not:
+# a ConvNeXt LayerNorm2d holds a LayerNorm's parameters whatever its forward does).
+_NORM_OPS = ("batch_norm", "instance_norm", "layer_norm", "group_norm")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Batch / instance / layer / group norms (what has a norm's affine parameters and statistics)."""
+    return describe_module(module).family_op in _NORM_OPS
+
+
+def _is_weighted(module: nn.Module) -> bool:
+    """Convs (transposed too) and linears."""
+    return describe_module(module).family in (Kind.CONV, Kind.LINEAR)
 
 
 def list_classifiers() -> list[str]:
@@ -256,7 +268,7 @@ def _uniform(shape: torch.Size, low: float, high: float, gen: torch.Generator) -
 
 def _randomise_norms(model: nn.Module, gen: torch.Generator) -> None:
     for module in model.modules():
-        if not isinstance(module, _NORMS):
+        if not _is_norm(module):
             continue
         if getattr(module, "weight", None) is not None:
             module.weight.copy_(_uniform(module.weight.shape, 0.5, 1.5, gen))
@@ -269,7 +281,7 @@ def _randomise_norms(model: nn.Module, gen: torch.Generator) -> None:
 
 def _redraw_degenerate_parameters(model: nn.Module, gen: torch.Generator) -> None:
     for module in model.modules():
-        if isinstance(module, _NORMS):
+        if _is_norm(module):
             continue
         for pname, param in module.named_parameters(recurse=False):
             if pname == "layer_scale":
@@ -281,7 +293,7 @@ def _redraw_degenerate_parameters(model: nn.Module, gen: torch.Generator) -> Non
 
 def _scale_output_channels(model: nn.Module, gen: torch.Generator) -> None:
     for module in model.modules():
-        if isinstance(module, _WEIGHTED):
+        if _is_weighted(module):
             out_dim = 1 if getattr(module, "transposed", False) else 0
             shape = [1] * module.weight.dim()
             shape[out_dim] = module.weight.shape[out_dim]
@@ -306,7 +318,7 @@ def _lsuv_hook(done: set[int]) -> Callable[[nn.Module, tuple, torch.Tensor], tor
 
 def _calibrate(model: nn.Module, batch: torch.Tensor) -> None:
     model.eval()
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if describe_module(m).family_op == "batch_norm"]
     momenta = [m.momentum for m in norms]
     for bn in norms:
         # A cumulative average restarted at zero batches makes the running stats
@@ -317,7 +329,7 @@ def _calibrate(model: nn.Module, batch: torch.Tensor) -> None:
         bn.train()
     done: set[int] = set()
     handles = [
-        m.register_forward_hook(_lsuv_hook(done)) for m in model.modules() if isinstance(m, _WEIGHTED)
+        m.register_forward_hook(_lsuv_hook(done)) for m in model.modules() if _is_weighted(m)
     ]
     try:
         model(batch)

@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from fxcompress.capture import _bind_placeholders
 from fxcompress.errors import ConfigError
+from fxcompress.ops import describe_module
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.activations import ActivationObserver
 from fxcompress.quant.layers import ObservedLayer, weighted_forward
@@ -127,8 +128,8 @@ def _corrected(layer: ObservedLayer, x_q: torch.Tensor, y_float: torch.Tensor) -
     """The layer's quantized output with its correction applied, and the correction per channel."""
     scale, zero_point = layer.qparams()
     weight = fake_quantize(layer.module.weight, scale, zero_point, layer.spec)
-    y_q = weighted_forward(layer.module, x_q, weight, layer.bias)
-    channel = -1 if isinstance(layer.module, (nn.Linear, nn.Embedding)) else 1
+    y_q = weighted_forward(layer.module, layer.op, x_q, weight, layer.bias)
+    channel = describe_module(layer.module).channel_dim
     dims = [d for d in range(y_q.dim()) if d != channel % y_q.dim()]
     delta = (y_float.double() - y_q.double()).mean(dim=dims)
     shape = [1] * y_q.dim()

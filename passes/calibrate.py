@@ -54,7 +54,6 @@ class Calibrate(Pass):
     requires = ("insert_observers",)
     exact = True
     eval_only = True
-    changes_outputs = False
     # The qparams are computed for, and folded into, float32 layers: a half-precision
     # model is refused before any work instead of failing at fold_fake_quant.
     float32_only = True

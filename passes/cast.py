@@ -12,7 +12,6 @@ from torch import fx, nn
 from fxcompress.capture import record_meta
 from fxcompress.errors import ConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.quant.lowering import set_submodule
 from fxcompress.report import state_bytes
 from fxcompress.verify import role_of, stage_of
 
@@ -95,7 +94,7 @@ def _cast_state(gm: fx.GraphModule, ctx: PassContext, target: torch.dtype) -> tu
         tensors = [t for t in (*module.parameters(), *module.buffers()) if _is_float(t)]
         if not tensors or all(t.dtype == target for t in tensors):
             continue
-        set_submodule(gm, str(node.target), copy.deepcopy(module, memo).to(target))
+        gm.set_submodule(str(node.target), copy.deepcopy(module, memo).to(target))
         modules += 1
     for node in gm.graph.find_nodes(op="get_attr"):
         owner_path, _, attr = str(node.target).rpartition(".")

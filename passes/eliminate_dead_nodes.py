@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
-import operator
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from fxcompress.ops import Kind, describe
+from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.report import state_bytes
 
@@ -53,7 +49,6 @@ class EliminateDeadNodes(Pass):
 
     name = "eliminate_dead_nodes"
     exact = True
-    changes_outputs = False
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         bytes_before = state_bytes(gm)
@@ -90,82 +85,15 @@ class EliminateDeadNodes(Pass):
         return PassResult(gm, modified, stats)
 
 
-# -- what an op does to memory ---------------------------------------------------
-_INPLACE_OPERATORS = {
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
-    operator.imatmul, operator.setitem,
-}
-_INPLACE_DUNDERS = {f"__{op.__name__}__" for op in _INPLACE_OPERATORS}
-_RANDOM_METHODS = {"bernoulli", "multinomial"}
-_RANDOM_FUNCTIONS = {
-    torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like,
-    torch.randperm, torch.bernoulli, torch.multinomial, torch.normal, torch.poisson,
-    F.gumbel_softmax, F.fractional_max_pool2d, F.fractional_max_pool3d,
-}
-_RANDOM_MODULES = (nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)
-# Ops that always return a new tensor; anything else (views, reshape, getitem,
-# unknown ops) is assumed to possibly return an alias of its inputs.
-_FRESH_KINDS = {Kind.CONV, Kind.LINEAR, Kind.NORM, Kind.ELEMENTWISE, Kind.ACTIVATION, Kind.SOFTMAX,
-                Kind.POOL, Kind.CONCAT, Kind.MATMUL, Kind.EMBEDDING, Kind.ATTENTION, Kind.REDUCTION}
-_ALIASING_OPS = {"stochastic_depth", "einsum"}  # return their input / a view in some cases
-
-
-@functools.lru_cache(maxsize=None)
-def _signature(target: Callable) -> inspect.Signature | None:
-    try:
-        return inspect.signature(target)
-    except (TypeError, ValueError):  # builtins without a Python signature
-        return None
-
-
-def _arguments(node: fx.Node) -> dict[str, Any]:
-    """A call_function node's arguments by parameter name, defaults included ({} if unknown)."""
-    sig = _signature(node.target) if node.op == "call_function" else None
-    if sig is None:
-        return dict(node.kwargs)
-    try:
-        bound = sig.bind(*node.args, **node.kwargs)
-    except TypeError:
-        return dict(node.kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
-def _is_inplace_name(name: str) -> bool:
-    return (name.endswith("_") and not name.startswith("_")) or name in _INPLACE_DUNDERS
-
-
+# -- what an op does to memory (fxcompress.ops.effects) ----------------------------
 def _mutated_inputs(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node]:
     """The input nodes this node writes into."""
-    indices: list[int] = []
-    if node.op == "call_method" and _is_inplace_name(str(node.target)):
-        indices = [0]
-    elif node.op == "call_function":
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None:  # an aten op: the schema says which arguments it writes
-            indices = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-        elif (node.target in _INPLACE_OPERATORS or _is_inplace_name(getattr(node.target, "__name__", ""))
-              or _arguments(node).get("inplace") is True):
-            indices = [0]
-    elif node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        indices = list(getattr(module, "mutates_args", ()))
-        if getattr(module, "inplace", False) is True:
-            indices.append(0)
-    return [node.args[i] for i in indices if i < len(node.args) and isinstance(node.args[i], fx.Node)]
+    return [node.args[i] for i in describe(node, gm).effects.mutates]
 
 
 def _may_alias_inputs(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether the node's result may share memory with one of its inputs."""
-    if node.op in ("placeholder", "get_attr", "output"):
-        return False
-    if _mutated_inputs(node, gm):
-        return True  # an in-place op returns the tensor it wrote
-    info = describe(node, gm)
-    if info.kind is Kind.IDENTITY:
-        return info.op != "clone"
-    return info.kind not in _FRESH_KINDS or info.op in _ALIASING_OPS
+    return describe(node, gm).effects.may_alias
 
 
 class _AliasSets:
@@ -236,7 +164,7 @@ def _no_op(node: fx.Node, gm: fx.GraphModule, aliases: _AliasSets) -> tuple[str,
         return None
     info = describe(node, gm)
     if info.kind is Kind.ELEMENTWISE:
-        return _neutral_arithmetic(node, gm, info.op, aliases)
+        return _neutral_arithmetic(info, aliases)
     source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node):
         return None
@@ -248,8 +176,8 @@ def _no_op(node: fx.Node, gm: fx.GraphModule, aliases: _AliasSets) -> tuple[str,
             return "identity", source
         return ("dropout", source) if not info.module.training else None
     if (info.kind is Kind.IDENTITY and info.op == "dropout") or info.op == "stochastic_depth":
-        return ("dropout", source) if _arguments(node).get("training") is False else None
-    if _mutated_inputs(node, gm):
+        return ("dropout", source) if info.params.get("training") is False else None
+    if info.effects.mutates:
         return None
     if info.op == "contiguous" and node.op == "call_method":
         plain = len(node.args) == 1 and node.kwargs in ({}, {"memory_format": torch.contiguous_format})
@@ -259,11 +187,12 @@ def _no_op(node: fx.Node, gm: fx.GraphModule, aliases: _AliasSets) -> tuple[str,
     return None
 
 
-def _neutral_arithmetic(node: fx.Node, gm: fx.GraphModule, op: str, aliases: _AliasSets) -> tuple[str, fx.Node] | None:
+def _neutral_arithmetic(info: OpInfo, aliases: _AliasSets) -> tuple[str, fx.Node] | None:
     """``x*1``, ``1*x``, ``x+0``, ``0+x``, ``x-0``, ``x/1`` with a Python scalar, nothing else."""
-    if op not in _NEUTRAL or len(node.args) != 2 or node.kwargs or _mutated_inputs(node, gm):
+    node = info.node
+    if info.op not in _NEUTRAL or len(node.args) != 2 or node.kwargs or info.effects.mutates:
         return None
-    neutral, commutes = _NEUTRAL[op]
+    neutral, commutes = _NEUTRAL[info.op]
     a, b = node.args
     if isinstance(a, fx.Node) and _is_scalar(b, neutral):
         source = a
@@ -286,35 +215,19 @@ def _must_stay(node: fx.Node, gm: fx.GraphModule) -> str | None:
     """Why an unused node must not be erased, or None when it may go."""
     if node.op == "get_attr":
         return None
-    module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-    marker = module if module is not None else node.target
-    if getattr(marker, "fxc_impure", False) is True or getattr(module, "mutates_args", ()):
+    effects = describe(node, gm).effects
+    if effects.declared_impure:
         return "marked impure"
-    if _is_random(node, module):
+    if effects.random:
         return "random"
-    written = _mutated_inputs(node, gm)
-    if written:
+    if effects.mutates:
+        written = [node.args[i] for i in effects.mutates]
         private = all(len(w.users) == 1 and w.op != "placeholder" and w.op != "get_attr"
                       and not _may_alias_inputs(w, gm) for w in written)
         return None if private else "in-place"
-    if node.is_impure():
+    if effects.side_effect:
         return "side effect"
     return None
-
-
-def _is_random(node: fx.Node, module: nn.Module | None) -> bool:
-    if module is not None:
-        if isinstance(module, _RANDOM_MODULES):
-            return True
-        return bool(module.training) and isinstance(module, (nn.modules.dropout._DropoutNd, nn.RReLU))
-    if node.op == "call_method":
-        return str(node.target) in _RANDOM_METHODS
-    if node.target in _RANDOM_FUNCTIONS:
-        return True
-    args = _arguments(node)
-    name = getattr(node.target, "__name__", "")
-    stochastic = "dropout" in name or name in ("stochastic_depth", "rrelu")
-    return stochastic and args.get("training") is True
 
 
 # -- state -------------------------------------------------------------------------

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from fxcompress.capture import record_meta
 from fxcompress.errors import ConfigError
-from fxcompress.ops import Kind, describe
+from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.verify import stage_of
 
 __all__ = ["Equalize"]
 
@@ -58,7 +57,6 @@ class Equalize(Pass):
     name = "equalize"
     exact = True
     eval_only = True
-    changes_outputs = False
 
     iterations: int = 4
     relu6: str = "clamp"
@@ -70,13 +68,10 @@ class Equalize(Pass):
             raise ConfigError(f"pass {self.name!r}: relu6 must be one of {_RELU6_MODES}, got {self.relu6!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        stage = stage_of(gm)
-        if stage != "float":
-            raise ConfigError(f"pass {self.name!r}: the graph is already {stage}; equalize the float model, "
-                              f"before insert_observers")
+        self.check_stage(gm, "equalize the float model, before insert_observers", ("float",))
         pairs = _find_pairs(gm, ctx, self.relu6 == "clamp")
         notes = []
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules()):
+        if any(describe(n, gm).op == "batch_norm" for n in gm.graph.nodes if n.op == "call_module"):
             notes.append("BatchNorm layers are present: a conv followed by BatchNorm pairs with nothing; "
                          "run fuse_conv_bn before equalize")
         stats: dict[str, Any] = {"pairs": len(pairs), "relu6_clamps": 0, "range_ratio": None}
@@ -96,13 +91,13 @@ class Equalize(Pass):
         return PassResult(gm, True, stats)
 
 
-def _layer(gm: fx.GraphModule, node: Any) -> nn.Module | None:
-    """The plain conv / linear module a node calls, or None."""
+def _layer(gm: fx.GraphModule, node: Any) -> OpInfo | None:
+    """What a node calling a plain conv (not transposed) or linear module with a float weight is, or None."""
     if not isinstance(node, fx.Node) or node.op != "call_module":
         return None
-    module = gm.get_submodule(str(node.target))
-    plain = type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-    return module if plain and module.weight.is_floating_point() else None
+    info = describe(node, gm)
+    wanted = info.kind is Kind.LINEAR or info.kind is Kind.CONV and not info.transposed
+    return info if wanted and info.weight is not None and info.weight.is_floating_point() else None
 
 
 def _activation(node: fx.Node, gm: fx.GraphModule) -> str | None:
@@ -129,8 +124,8 @@ def _find_pairs(gm: fx.GraphModule, ctx: PassContext, through_relu6: bool) -> li
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     pairs = []
     for node in gm.graph.nodes:
-        first = _layer(gm, node)
-        if first is None or calls[str(node.target)] != 1 or len(node.users) != 1 or not ctx.in_scope(node):
+        first_layer = _layer(gm, node)
+        if first_layer is None or calls[str(node.target)] != 1 or len(node.users) != 1 or not ctx.in_scope(node):
             continue
         user = next(iter(node.users))
         act, kind = None, None
@@ -139,10 +134,11 @@ def _find_pairs(gm: fx.GraphModule, ctx: PassContext, through_relu6: bool) -> li
             if kind is None or len(user.users) != 1 or (kind == "relu6" and not through_relu6):
                 continue
             act, user = user, next(iter(user.users))
-        second = _layer(gm, user)
-        if second is None or calls[str(user.target)] != 1 or user.args[0] is not (act or node) \
-                or not ctx.in_scope(user) or isinstance(first, nn.Linear) != isinstance(second, nn.Linear):
+        second_layer = _layer(gm, user)
+        if second_layer is None or calls[str(user.target)] != 1 or user.args[0] is not (act or node) \
+                or not ctx.in_scope(user) or first_layer.kind is not second_layer.kind:
             continue
+        first, second = first_layer.module, second_layer.module
         channels = first.weight.shape[0]
         groups = getattr(second, "groups", 1)
         depthwise = groups > 1 and groups == channels
@@ -160,7 +156,7 @@ def _clamp_relu6(gm: fx.GraphModule, pair: Pair, index: int) -> torch.Tensor:
     assert act is not None
     first = gm.get_submodule(pair.first)
     channels = first.weight.shape[0]
-    spatial = first.weight.dim() - 2 if not isinstance(first, nn.Linear) else 0
+    spatial = first.weight.dim() - 2  # a linear's weight has none
     name = f"{_UPPER_PREFIX}{index}"
     gm.register_buffer(name, torch.full((channels, *([1] * spatial)), 6.0))
     graph = gm.graph

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxcompress.ops import Kind, OpInfo, describe
+from fxcompress.ops import Kind, OpInfo, attr_tensor, describe
 from fxcompress.pass_base import Pass, PassContext, PassResult
 
 __all__ = ["FuseConvBn"]
@@ -40,7 +40,6 @@ class FuseConvBn(Pass):
     name = "fuse_conv_bn"
     exact = True
     eval_only = True
-    changes_outputs = False
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         refs = _module_references(gm)
@@ -49,6 +48,9 @@ class FuseConvBn(Pass):
         emptied_bns: list[str] = []
         for node in list(gm.graph.nodes):
             bn = describe(node, gm)
+            if bn.not_plain is not None and bn.not_plain.op == "batch_norm":
+                skipped["bn is not a plain BatchNorm module"] += 1
+                continue
             if bn.kind is not Kind.NORM or bn.op != "batch_norm":
                 continue
             reason = _fuse(gm, bn, ctx, refs)
@@ -85,32 +87,10 @@ def _module_references(gm: fx.GraphModule) -> Counter[int]:
     return refs
 
 
-def _is_torch_forward(module: nn.Module) -> bool:
-    """The module computes what torch's class computes: no overridden forward, no hooks."""
-    cls = type(module)
-    for attr in ("forward", "_conv_forward"):
-        fn = getattr(cls, attr, None)
-        if fn is not None and not getattr(fn, "__module__", "").startswith("torch.nn.modules"):
-            return False
-    hooks = (module._forward_hooks, module._forward_pre_hooks)
-    return not any(hooks) and not torch.nn.utils.parametrize.is_parametrized(module)
-
-
-def _constant(gm: fx.GraphModule, value: Any) -> torch.Tensor | None:
-    """The tensor behind a ``get_attr`` node, or None for anything computed."""
-    if not (isinstance(value, fx.Node) and value.op == "get_attr"):
-        return None
-    owner, _, attr = str(value.target).rpartition(".")
-    t = getattr(gm.get_submodule(owner), attr, None)
-    return t if isinstance(t, torch.Tensor) else None
-
-
 def _bn_statistics(gm: fx.GraphModule, bn: OpInfo) -> tuple[tuple, str | None]:
     """``(mean, var, gamma, beta, eps)`` of an eval-mode BatchNorm, or a reason it has none."""
     m = bn.module
-    if m is not None:
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or not _is_torch_forward(m):
-            return (), "bn is not a plain BatchNorm module"
+    if m is not None:  # a plain BatchNorm module (describe says so)
         if m.training:
             return (), "bn in training mode"
         if m.running_mean is None or m.running_var is None:
@@ -118,9 +98,9 @@ def _bn_statistics(gm: fx.GraphModule, bn: OpInfo) -> tuple[tuple, str | None]:
         return (m.running_mean, m.running_var, m.weight, m.bias, m.eps), None
     if bn.params.get("training", False) is not False:
         return (), "bn in training mode"
-    mean, var = _constant(gm, bn.params.get("running_mean")), _constant(gm, bn.params.get("running_var"))
+    mean, var = (attr_tensor(gm, bn.params.get(k)) for k in ("running_mean", "running_var"))
     affine = [bn.params.get(k) for k in ("weight", "bias")]
-    gamma, beta = (None if a is None else _constant(gm, a) for a in affine)
+    gamma, beta = (None if a is None else attr_tensor(gm, a) for a in affine)
     eps = bn.params.get("eps", 1e-5)
     if mean is None or var is None or any(a is not None and t is None for a, t in zip(affine, (gamma, beta))) \
             or not isinstance(eps, (int, float)):
@@ -134,7 +114,7 @@ def _fuse(gm: fx.GraphModule, bn: OpInfo, ctx: PassContext, refs: Counter[int]) 
     if not isinstance(src, fx.Node):
         return "bn input is not a conv or linear"
     prod = describe(src, gm)
-    if prod.kind not in (Kind.CONV, Kind.LINEAR):
+    if prod.family not in (Kind.CONV, Kind.LINEAR):
         return "bn input is not a conv or linear"
     if prod.module is None:
         return "conv or linear is not a module call"
@@ -144,7 +124,7 @@ def _fuse(gm: fx.GraphModule, bn: OpInfo, ctx: PassContext, refs: Counter[int]) 
         return "conv output has other users"
     if refs[id(prod.module)] != 1:
         return "conv module is shared"
-    if not _is_torch_forward(prod.module):
+    if prod.not_plain is not None:
         return "conv is not a plain torch module"
     stats, reason = _bn_statistics(gm, bn)
     if reason is not None:

@@ -8,22 +8,20 @@ from typing import Any
 from torch import fx, nn
 
 from fxcompress.errors import ConfigError
-from fxcompress.ops import Kind, OpInfo, describe
+from fxcompress.ops import Kind, OpInfo, describe, describe_module
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.activations import ActivationObserver, preserves_qparams, quant_source
 from fxcompress.quant.layers import ObservedLayer, layer_support
 from fxcompress.quant.observers import make_observer
-from fxcompress.quant.placement import Chain, consumed_quantized, find_chains, is_float_value
+from fxcompress.quant.placement import Chain, consumed_quantized, find_chains, is_cat, is_float_value
 from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
 from fxcompress.rewrite import replace_modules
+from fxcompress.verify import role_of
 
 __all__ = ["InsertObservers", "OP_KINDS", "ACTIVATION_OBSERVERS", "as_spec"]
 
 #: The op kinds this pass can quantize, by option name.
 OP_KINDS: dict[str, Kind] = {"conv": Kind.CONV, "linear": Kind.LINEAR, "embedding": Kind.EMBEDDING}
-_MODULE_TYPES: dict[Kind, type | tuple[type, ...]] = {
-    Kind.CONV: nn.modules.conv._ConvNd, Kind.LINEAR: nn.Linear, Kind.EMBEDDING: nn.Embedding,
-}
 #: The submodule holding the activation observers (one child per quantization point).
 ACTIVATION_OBSERVERS = "fxc_act"
 
@@ -68,7 +66,6 @@ class InsertObservers(Pass):
 
     name = "insert_observers"
     exact = True
-    changes_outputs = False
 
     weights: QuantSpec | dict | None = field(default_factory=default_weight_spec)
     activations: QuantSpec | dict | None = field(default_factory=default_activation_spec)
@@ -120,7 +117,7 @@ def _select_layers(gm: fx.GraphModule, ctx: PassContext, kinds: set[Kind]) -> tu
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         info = describe(node, gm)
-        if info.kind not in kinds:
+        if info.family not in kinds:
             continue
         where = str(node.target) if node.op == "call_module" else node.name
         reason = _reason_kept(info, ctx, read)
@@ -129,12 +126,11 @@ def _select_layers(gm: fx.GraphModule, ctx: PassContext, kinds: set[Kind]) -> tu
         else:
             kept[where] = reason
     called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    types = tuple(t for kind, t in _MODULE_TYPES.items() if kind in kinds)
     for path, module in gm.named_modules():
-        if not isinstance(module, types) or path in called:
+        if path in called or describe_module(module).family not in kinds:
             continue
         parent = next((c for c in called if path.startswith(c + ".")), None)
-        if parent and getattr(type(gm.get_submodule(parent)), "fxc_role", None) is not None:
+        if parent and role_of(gm.get_submodule(parent)) is not None:
             continue  # the float module inside one of our layers
         kept[path] = (f"inside {parent!r} ({type(gm.get_submodule(parent)).__name__}), called as one module"
                       if parent else "not called by the graph (unused, or its tensors are read by get_attr)")
@@ -187,7 +183,7 @@ class _Placer:
                 self._ensure(node, chain.data)
             elif node in by_add and by_add[node].end in wanted:
                 self._ensure(node, by_add[node].residual)
-            elif node in wanted and _is_cat(node, self.gm):
+            elif node in wanted and is_cat(node, self.gm):
                 self._share(node)
         self._label()
         return len(self.roots)
@@ -241,8 +237,3 @@ class _Placer:
             observed.setdefault(str(obs.target), []).append(value.name)
         for target, names in observed.items():
             self.gm.get_submodule(target).where = ", ".join(names)
-
-
-def _is_cat(node: fx.Node, gm: fx.GraphModule) -> bool:
-    info = describe(node, gm)
-    return info.kind is Kind.CONCAT and info.op == "cat"

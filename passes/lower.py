@@ -16,7 +16,8 @@ from fxcompress.quant.isa import int8_arithmetic
 from fxcompress.quant.kernels import onednn_int8_support
 from fxcompress.quant.lowering import check_backend_option, resolve_backend
 from fxcompress.quant.lowering.build import uint8_qparams
-from fxcompress.quant.lowering.static import LoweringStats, StaticLowering
+from fxcompress.quant.lowering.state import LoweringStats
+from fxcompress.quant.lowering.static import StaticLowering
 from fxcompress.quant.lowering.choice import choose
 from fxcompress.quant.lowering.timing import float_reference, median_seconds
 

@@ -14,7 +14,6 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.prune import (CRITERIA, ChannelGraph, apply_removal, build_channel_graph, select, taylor_terms,
                               unit_scores, unused_patterns)
 from fxcompress.prune.selection import group_ratio
-from fxcompress.verify import stage_of
 
 __all__ = ["PruneChannels"]
 
@@ -54,7 +53,6 @@ class PruneChannels(Pass):
 
     name = "prune_channels"
     exact = False
-    changes_outputs = True
     stages = ("float",)
     # Pruning slices float weights: once anything quantized or lowered them it has nothing to cut.
     runs_before = ("insert_observers", "to_fake_quant", "fold_fake_quant", "lower", "quantize_dynamic",
@@ -96,10 +94,7 @@ class PruneChannels(Pass):
         return ("calibration_data", "loss_fn") if self.importance == "taylor" else ()
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        stage = stage_of(gm)
-        if stage != "float":
-            raise ConfigError(f"prune_channels: the graph is already {stage} (it holds quantization modules); "
-                              f"prune first, then quantize (see recipes.prune_then_int8)")
+        self.check_stage(gm, "prune first, then quantize (see recipes.prune_then_int8)")
         # gradients are measured on the graph as it is, before anything is analysed or sliced
         taylor = taylor_terms(gm, ctx.calibration_data, ctx.loss_fn) if self.importance == "taylor" else None
         # which channels (and attention heads) must go together, and which must stay

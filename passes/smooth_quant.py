@@ -11,12 +11,12 @@ from torch import fx, nn
 
 from fxcompress.capture import record_meta
 from fxcompress.errors import ConfigError
+from fxcompress.ops import Kind, describe
 from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.observers import make_observer
 from fxcompress.quant.qparams import fake_quantize
 from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
 from fxcompress.budget.measure import input_batches
-from fxcompress.verify import stage_of
 
 __all__ = ["SmoothQuant"]
 
@@ -47,7 +47,6 @@ class SmoothQuant(Pass):
     name = "smooth_quant"
     exact = True
     eval_only = True
-    changes_outputs = False
 
     alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     num_batches: int | None = None
@@ -62,10 +61,7 @@ class SmoothQuant(Pass):
             raise ConfigError(f"pass {self.name!r}: max_rows must be a positive int, got {self.max_rows!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        stage = stage_of(gm)
-        if stage != "float":
-            raise ConfigError(f"pass {self.name!r}: the graph is already {stage}; smooth the float model, "
-                              f"before insert_observers")
+        self.check_stage(gm, "smooth the float model, before insert_observers", ("float",))
         groups = _groups(gm, ctx)
         stats: dict[str, Any] = {"groups": len(groups), "smoothed": 0, "into_norm": 0, "mul_nodes": 0, "alpha": {}}
         if not groups:
@@ -107,8 +103,9 @@ def _groups(gm: fx.GraphModule, ctx: PassContext) -> dict[fx.Node, list[fx.Node]
     for node in gm.graph.nodes:
         if node.op != "call_module" or calls[str(node.target)] != 1 or not ctx.in_scope(node):
             continue
-        module = gm.get_submodule(str(node.target))
-        if type(module) is nn.Linear and module.weight.is_floating_point() and isinstance(node.args[0], fx.Node):
+        info = describe(node, gm)
+        if info.kind is Kind.LINEAR and info.weight is not None and info.weight.is_floating_point() \
+                and isinstance(node.args[0], fx.Node):
             groups.setdefault(node.args[0], []).append(node)
     return groups
 
@@ -174,7 +171,7 @@ def _fold_into_norm(gm: fx.GraphModule, source: fx.Node, users: list[fx.Node], s
     if source.op != "call_module" or set(source.users) != set(users):
         return False
     norm = gm.get_submodule(str(source.target))
-    if type(norm) is not nn.LayerNorm or not norm.elementwise_affine or norm.weight is None \
+    if describe(source, gm).op != "layer_norm" or not norm.elementwise_affine or norm.weight is None \
             or sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == source.target) != 1:
         return False
     norm = copy.deepcopy(norm)

@@ -362,7 +362,7 @@ def test_unknown_function_method_and_module():
 
 def test_tables_can_be_extended(monkeypatch):
     for table in ("_FUNCTIONS", "_METHODS", "_MODULE_RULES"):  # registrations end with the test
-        monkeypatch.setattr(ops, table, dict(getattr(ops, table)))
+        monkeypatch.setattr(ops.tables, table, dict(getattr(ops.tables, table)))
     x = torch.randn(2, 3)
 
     class Scale(nn.Module):
@@ -384,6 +384,104 @@ def test_tables_can_be_extended(monkeypatch):
     assert found[1].weight is gm.get_submodule("scale").weight and found[2].params["dim"] == 0
 
 
+# -- effects --------------------------------------------------------------------------------
+def test_effects_in_place_writes_and_aliases():
+    def fn(s, x):
+        y = x * 2
+        y.add_(1)
+        z = F.relu(y, inplace=True)
+        return s.act(z.view(-1)).clone()
+
+    found = infos(Fn(fn, act=nn.ReLU(inplace=True)), X4)
+    by_op = {(i.op, i.node.op): i.effects for i in found}
+    assert by_op[("mul", "call_function")] == ops.PURE
+    assert by_op[("add", "call_method")].mutates == (0,) and by_op[("add", "call_method")].may_alias
+    assert by_op[("relu", "call_function")].mutates == (0,)
+    assert by_op[("relu", "call_module")].mutates == (0,)
+    assert by_op[("view", "call_method")] == ops.Effects(may_alias=True)
+    assert not by_op[("clone", "call_method")].may_alias
+
+
+def test_effects_randomness_follows_training():
+    def fn(s, x):
+        return F.dropout(x, 0.1, False) + F.dropout(x, 0.1) + F.alpha_dropout(x, 0.1) + torch.rand_like(x) + s.drop(x)
+
+    train = [i for i in infos(Fn(fn, drop=nn.Dropout(0.1)).train(), X4) if i.kind is not Kind.ELEMENTWISE]
+    assert [(i.op, i.effects.random) for i in train] == [
+        ("dropout", False), ("dropout", True), ("dropout", False), ("rand_like", True), ("dropout", True)]
+    evaluated = infos(Fn(fn, drop=nn.Dropout(0.1)).eval(), X4)
+    assert not evaluated[-2].effects.random and evaluated[-2].is_noop  # the module, in eval mode
+
+
+def test_effects_of_declared_impure_modules_and_asserts():
+    class Recorder(nn.Module):
+        fxc_impure = True
+
+        def forward(self, x):
+            return x
+
+    gm = fxcompress.trace(Fn(lambda s, x: s.rec(x) + 1, rec=Recorder()), X4, leaf_modules=[Recorder])
+    (rec,) = [describe(n, gm) for n in gm.graph.nodes if n.op == "call_module"]
+    assert rec.kind is Kind.UNKNOWN and rec.effects.declared_impure and rec.effects.may_alias
+    def checked(s, x):
+        torch._assert(x.dim() == 4, "4-D")
+        return x
+
+    check = fx.symbolic_trace(Fn(checked))
+    (assertion,) = [describe(n, check) for n in check.graph.nodes if n.target is torch._assert]
+    assert assertion.kind is Kind.ASSERT and assertion.effects.side_effect
+
+
+# -- plainness ------------------------------------------------------------------------------
+class StandardisedConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+class Doubling(nn.ReLU):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+@pytest.mark.parametrize(("make", "like", "reason"), [
+    (lambda: StandardisedConv(4, 4, 3), (Kind.CONV, "conv2d"), "StandardisedConv overrides Conv2d.forward"),
+    (lambda: Doubling(), (Kind.ACTIVATION, "relu"), "Doubling overrides ReLU.forward"),
+    (lambda: _hooked(nn.Conv2d(4, 4, 3)), (Kind.CONV, "conv2d"), "Conv2d has forward hooks"),
+    (lambda: nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 3)), (Kind.CONV, "conv2d"),
+     "ParametrizedConv2d has a parametrized weight"),
+])
+def test_a_module_that_is_not_plain_is_never_described_as_its_class(make, like, reason):
+    module = make()
+    info = ops.describe_module(module)
+    assert (info.kind, info.op, info.not_plain) == (Kind.UNKNOWN, type(module).__name__, ops.NotPlain(*like, reason))
+    assert info.weight is None and not info.params
+    gm = fxcompress.trace(Fn(lambda s, x: s.m(x), m=module), X4, leaf_modules=[type(module)])
+    (node_info,) = [describe(n, gm) for n in gm.graph.nodes if n.op == "call_module"]
+    assert (node_info.kind, node_info.not_plain) == (Kind.UNKNOWN, info.not_plain)
+
+
+def _hooked(module: nn.Module) -> nn.Module:
+    module.register_forward_hook(lambda m, args, out: out * 2)
+    return module
+
+
+def test_subclasses_that_keep_torch_forward_are_plain():
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    for module, kind in ((NonDynamicallyQuantizableLinear(4, 4), Kind.LINEAR), (nn.ZeroPad2d(1), Kind.POOL),
+                         (nn.ReLU6(), Kind.ACTIVATION)):
+        info = ops.describe_module(module)
+        assert (info.kind, info.not_plain) == (kind, None)
+    assert ops.not_plain(nn.ReLU6(), nn.Hardtanh) is None  # ReLU6 computes Hardtanh's forward
+
+
+def test_layers_inside_name_the_weighted_layers_of_a_module_kept_whole():
+    layer = nn.TransformerEncoderLayer(8, 2, 16)
+    assert ops.layers_inside(layer) == ["self_attn", "linear1", "linear2"]
+    assert ops.layers_inside(layer, {Kind.LINEAR}) == ["self_attn.out_proj", "linear1", "linear2"]
+
+
 def test_tensor_shape_reads_capture_metadata():
     gm = fxcompress.trace(Fn(lambda s, x: x.flatten(1)), X4)
     flat = next(n for n in gm.graph.nodes if n.op == "call_method")
@@ -393,7 +491,7 @@ def test_tensor_shape_reads_capture_metadata():
 # -- the torchvision zoo ---------------------------------------------------------------------
 # describe() reads only the graph and module attributes, so the models are built on the meta
 # device (no memory, no init time); regnet's constructor computes widths from tensors and needs CPU.
-# Swin's two helpers stay UNKNOWN on purpose (see ops._register_torchvision).
+# Swin's two helpers stay UNKNOWN on purpose (see ops.tables._QUALIFIED).
 EXPECTED_UNKNOWN = {"patch_merging_pad", "get_relative_position_bias"}
 REPRESENTATIVES = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "densenet121",
                    "squeezenet1_1", "googlenet", "mnasnet0_5", "regnet_x_400mf", "convnext_tiny", "vit_b_32",

@@ -12,7 +12,8 @@ from torch import nn
 import fxcompress
 from fxcompress import recipes
 from fxcompress.errors import ConfigError
-from fxcompress.recipes import get_recipe, load_recipe
+from fxcompress.recipe_file import load_recipe
+from fxcompress.recipes import get_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "recipes" / "resnet18_fuse.toml"

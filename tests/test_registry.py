@@ -187,7 +187,7 @@ def test_function_pass_options_are_its_keyword_only_parameters():
     cls = function_pass("swap_relu", requires=("fuse_conv_bn",), eval_only=True)(relu_to_gelu)
     assert issubclass(cls, Pass) and cls.name == "swap_relu" and cls.__name__ == "SwapRelu"
     assert {n: f.default for n, f in cls.option_fields().items()} == {"approximate": "none", "limit": -1}
-    assert (cls.requires, cls.exact, cls.eval_only, cls.changes_outputs) == (("fuse_conv_bn",), False, True, True)
+    assert (cls.requires, cls.exact, cls.eval_only) == (("fuse_conv_bn",), False, True)
     assert cls.doc() == "Replaces ReLU modules by GELU (a deliberately output-changing rewrite)."
     assert cls(approximate="tanh").options() == {"approximate": "tanh", "limit": -1}
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -83,7 +83,7 @@ def test_rows_follow_the_passes(report):
     assert shrink.stats["replaced"] == 1 and shrink.seconds >= 0
     assert report.after == shrink.after
     assert report.notes == ["trep_shrink: narrowed nothing"]
-    assert report.metrics["task metric"] == {"before": 0.5, "after": 0.5, "ratio": "+0"}
+    assert report.metrics["task metric"] == {"before": 0.5, "after": 0.5, "change": "+0"}
 
 
 def test_to_dict_and_json_carry_the_same_content(report):

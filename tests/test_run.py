@@ -139,7 +139,7 @@ def test_task_metric_is_measured_before_and_after():
 
     result = fxcompress.run(model, [], x, eval_fn=eval_fn, check="full", progress=False)
     metric = result.report.metrics["task metric"]
-    assert calls == [True, True] and metric["before"] == metric["after"] and metric["ratio"] == "+0"
+    assert calls == [True, True] and metric["before"] == metric["after"] and metric["change"] == "+0"
 
 
 class Untraceable(nn.Module):

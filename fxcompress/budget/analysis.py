@@ -260,7 +260,7 @@ def _store(key: str, result: Sensitivity, w: distributed.World) -> None:
     _MEMORY[key] = data
 
     def write() -> None:
-        from .result import write_atomically
+        from .files import write_atomically
 
         path = _cache_file(key)
         try:

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..ops import Kind, describe
+from ..ops import Kind, describe, describe_module
 from .analysis import cache_directory
-from .result import write_atomically
+from .files import write_atomically
 
 __all__ = ["LatencyTable", "layer_key", "resource", "RESOURCES"]
 
@@ -47,9 +47,10 @@ def _cpu() -> str:
 
 def layer_key(module: nn.Module, input_shape: tuple[int, ...]) -> str | None:
     """A string naming what a conv / linear layer computes at an input shape (None for other modules)."""
-    if isinstance(module, nn.Linear):
+    info = describe_module(module)
+    if info.kind is Kind.LINEAR:
         return f"linear|{module.in_features}|{module.out_features}|{module.bias is not None}|{input_shape}"
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if info.kind is Kind.CONV:
         return (f"{type(module).__name__}|{module.in_channels}|{module.out_channels}|{module.kernel_size}|"
                 f"{module.stride}|{module.padding}|{module.dilation}|{module.groups}|{module.bias is not None}|"
                 f"{input_shape}")

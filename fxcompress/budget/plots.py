@@ -40,7 +40,7 @@ def _finite(x: float, cap: float = 80.0) -> float:
 
 
 def _png(fig: Any, path: Path) -> Path:
-    from .result import write_atomically
+    from .files import write_atomically
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ from typing import Any
 from tabulate import tabulate
 
 from ..report import human
+from .files import write_atomically
 
-__all__ = ["Entry", "Sensitivity", "write_atomically"]
+__all__ = ["Entry", "Sensitivity"]
 
 
 @dataclass(frozen=True)
@@ -136,18 +136,3 @@ class Sensitivity:
             if plots or plotting.available():
                 written += plotting.plot(self, out)
         return written
-
-
-def write_atomically(path: Path, text: str | bytes) -> Path:
-    """Write ``path`` through a temporary sibling and a rename: never half a file."""
-    data = text.encode() if isinstance(text, str) else text
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

@@ -13,10 +13,11 @@ that strings these together; see docs/pruning.md for the concepts.
 """
 
 from .attention import PrunedMultiheadAttention
-from .groups import ChannelGraph, Group, ParamSlice, Space, build_channel_graph
+from .groups import build_channel_graph
 from .importance import CRITERIA, Criterion, taylor_terms, unit_scores
 from .selection import select, unused_patterns
 from .slicing import apply_removal, silence
+from .types import ChannelGraph, Group, ParamSlice, Space
 
 __all__ = [
     "ChannelGraph", "Group", "ParamSlice", "Space", "build_channel_graph",

@@ -164,13 +164,13 @@ def call_arguments(node: fx.Node) -> dict[str, Any]:
 
 def unsupported(module: nn.Module) -> str | None:
     """Why the heads and widths of ``module`` cannot be pruned, or None."""
-    if isinstance(module, nn.MultiheadAttention):
-        if module.bias_k is not None or module.add_zero_attn:
-            return "add_bias_kv / add_zero_attn are not supported by the pruned attention"
-        return None
+    if ops.describe_module(module).op != "multihead_attention":  # plain nn.MultiheadAttention, or ours
+        return f"{type(module).__name__} is not a multi-head attention module fxcompress can prune"
     if isinstance(module, PrunedMultiheadAttention):
         return None
-    return f"{type(module).__name__} is not a multi-head attention module fxcompress can prune"
+    if module.bias_k is not None or module.add_zero_attn:
+        return "add_bias_kv / add_zero_attn are not supported by the pruned attention"
+    return None
 
 
 def layout(module: nn.Module) -> AttentionLayout:

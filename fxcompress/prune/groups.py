@@ -32,98 +32,17 @@ statistics legitimately change when channels go).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import networkx as nx
 import torch
 from torch import fx
 
 from ..pass_base import module_path_of
+from .rules import Analyzer
+from .types import ChannelGraph, Group
 
-__all__ = ["Space", "ParamSlice", "Group", "ChannelGraph", "build_channel_graph"]
-
-
-@dataclass(frozen=True)
-class Space:
-    """The channel dims of one tensor and the atom at every position along them.
-
-    ``dims`` are sorted, non-negative; ``ids`` has shape ``[shape[d] for d in
-    dims]``.  ``dims == ()`` means the tensor carries no prunable channels
-    (its shape can never change).
-    """
-
-    dims: tuple[int, ...]
-    ids: torch.Tensor
-
-    @property
-    def empty(self) -> bool:
-        return not self.dims
-
-
-EMPTY = Space((), torch.tensor(-1))
-
-
-@dataclass(frozen=True)
-class ParamSlice:
-    """Parameter ``owner.attr`` is indexed by atoms ``ids`` along ``dim``.
-
-    ``role``: "out" (a producer's output channels), "in" (a consumer's input
-    channels), "norm" (per-channel norm/activation parameters and buffers) or
-    "const" (a constant combined elementwise with the channels).
-    """
-
-    owner: str
-    attr: str
-    dim: int
-    ids: torch.Tensor
-    role: str
-    node: str
-
-
-@dataclass
-class Group:
-    """Units made by the same sources, with what keeps some of them."""
-
-    index: int
-    sources: list[str]
-    modules: list[str]
-    units: torch.Tensor
-    frozen: dict[str, int] = field(default_factory=dict)  # reason -> units it freezes (a unit may have several)
-    channel_norm: bool = False
-    heads: bool = False  # its units are attention heads, not channels
-
-    @property
-    def name(self) -> str:
-        shown = self.modules[:2] + (["..."] if len(self.modules) > 2 else [])
-        return (",".join(shown) or ",".join(self.sources[:2])) + (" (heads)" if self.heads else "")
-
-
-@dataclass
-class ChannelGraph:
-    """The result of :func:`build_channel_graph`."""
-
-    graph: nx.Graph  # channel spaces that make channels (sources); an edge = they share channels
-    spaces: dict[fx.Node, Any]  # Space, a tuple of them (multi-output nodes), or None (non-tensors)
-    params: dict[tuple[str, str, int], ParamSlice]
-    sources: dict[str, torch.Tensor]  # node name (":heads" added for attention heads) -> atoms it allocated
-    unit_of: torch.Tensor  # atom -> unit
-    frozen_units: dict[int, str]  # unit -> the first reason met in graph order
-    norm_units: torch.Tensor  # bool per unit: passes a norm over the channel dim
-    groups: list[Group]
-    group_of_unit: torch.Tensor
-    resized: list[fx.Node]  # nodes with literal size arguments to update after slicing
-
-    @property
-    def n_units(self) -> int:
-        return int(self.group_of_unit.numel())
-
-    def prunable(self) -> torch.Tensor:
-        """Bool per unit: not frozen."""
-        mask = torch.ones(self.n_units, dtype=torch.bool)
-        if self.frozen_units:
-            mask[torch.tensor(list(self.frozen_units))] = False
-        return mask
+__all__ = ["build_channel_graph"]
 
 
 def build_channel_graph(gm: fx.GraphModule, in_scope: Callable[[fx.Node], bool] | None = None) -> ChannelGraph:
@@ -132,8 +51,6 @@ def build_channel_graph(gm: fx.GraphModule, in_scope: Callable[[fx.Node], bool] 
     ``in_scope(node) -> bool`` says which weighted nodes may be changed; the
     channels of the others (and every channel coupled to them) are frozen.
     """
-    from .rules import Analyzer  # the rules import this module's types
-
     analyzer = Analyzer(gm, in_scope or (lambda node: True))
     analyzer.run()
     return _finalize(analyzer)
@@ -162,7 +79,8 @@ def _components(n: int, left: torch.Tensor, right: torch.Tensor) -> tuple[int, t
     return int(roots.numel()), unit_of
 
 
-def _finalize(a: Any) -> ChannelGraph:
+def _finalize(a: Analyzer) -> ChannelGraph:
+    """The units, frozen units and groups of a finished walk."""
     n_atoms = a.n_atoms
     left = torch.cat([e[0] for e in a.edges]) if a.edges else torch.zeros(0, dtype=torch.long)
     right = torch.cat([e[1] for e in a.edges]) if a.edges else torch.zeros(0, dtype=torch.long)

@@ -24,15 +24,14 @@ channels.  Slicing replaces the module (:func:`fxcompress.prune.attention.rebuil
 
 from __future__ import annotations
 
-import operator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 
-from ..ops import OpInfo
+from ..ops import Kind, OpInfo, describe, meta_shape
 from .attention import call_arguments, layout, unsupported
-from .groups import EMPTY, Space
-from .labels import meta_shape
+from .types import EMPTY, RuleState, Space
 
 __all__ = ["AttentionRule"]
 
@@ -43,7 +42,11 @@ def _path(module: str, owner: str) -> str:
     return f"{module}.{owner}" if owner else module
 
 
-class AttentionRule:
+# The analyzer's state, declared for type checkers only (at run time the Analyzer has it).
+_State = RuleState if TYPE_CHECKING else object
+
+
+class AttentionRule(_State):
     """``multihead_attention`` (a mixin of the :class:`~fxcompress.prune.rules.Analyzer`)."""
 
     def multihead_attention(self, info: OpInfo) -> None:
@@ -92,7 +95,7 @@ class AttentionRule:
             value = args[name]
             space = self.space(value)
             if not space.empty:
-                reason = self._check_dims(space, {len(meta_shape(value.meta["tensor_meta"])) - 1}, info)
+                reason = self.check_dims(space, {len(meta_shape(value.meta["tensor_meta"])) - 1}, info)
                 if reason:
                     self.freeze(space, reason)
                     space = EMPTY
@@ -112,10 +115,9 @@ class AttentionRule:
     def _attention_output(self, node: fx.Node, out: torch.Tensor, shape: tuple[int, ...]) -> None:
         meta = node.meta["tensor_meta"]
         space = Space((len(shape) - 1,), out)
-        self.spaces[node] = (space, *self._empty_like(meta)[1:]) if isinstance(meta, (tuple, list)) else space
+        self.spaces[node] = (space, *self.empty_like(meta)[1:]) if isinstance(meta, (tuple, list)) else space
 
-    @staticmethod
-    def _heads_fixed(node: fx.Node, args: dict) -> str | None:
+    def _heads_fixed(self, node: fx.Node, args: dict) -> str | None:
         """Why the number of heads must stay, or None."""
         mask = args["attn_mask"]
         if isinstance(mask, fx.Node) and len(meta_shape(mask.meta.get("tensor_meta")) or ()) == 3:
@@ -123,7 +125,8 @@ class AttentionRule:
         if not args["need_weights"]:
             return None
         for user in node.users:
-            index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+            use = describe(user, self.gm)
+            index = use.params.get("index") if use.kind is Kind.GETITEM else None
             if index == 0 or (index == 1 and not user.users):  # the output, or weights nobody reads
                 continue
             return "its attention weights are used, and they depend on every head"

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ConfigError, InputError
-from .groups import ChannelGraph
+from .types import ChannelGraph
 
 __all__ = ["Criterion", "CRITERIA", "unit_scores", "taylor_terms"]
 

@@ -7,29 +7,27 @@ are executed on labels, and the dims along which the result varies are its
 channel dims: offsets, flattening, shuffles and head splits are mapped by
 torch itself.  :class:`LabelOps` is the part of the
 :class:`~fxcompress.prune.rules.Analyzer` that does this; it relies on the
-analyzer's ``spaces``/``values`` tables and its ``union``/``freeze``/``unknown``.
+analyzer's state declared by :class:`~fxcompress.prune.types.RuleState`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
 
-from ..ops import Kind, OpInfo
-from .groups import EMPTY, Space
+from ..ops import Kind, OpInfo, describe, meta_shape
 from .sizes import CountedSize, annotate_sizes, provenance
+from .types import EMPTY, RuleState, Space
 
-__all__ = ["LabelOps", "meta_shape", "shape_arguments"]
+__all__ = ["LabelOps", "shape_arguments"]
+
+# The analyzer's state, declared for type checkers only (at run time the Analyzer has it).
+_State = RuleState if TYPE_CHECKING else object
 
 
-def meta_shape(meta: Any) -> tuple[int, ...] | None:
-    """The shape in a ``tensor_meta`` entry, or None for non-tensors."""
-    return tuple(meta.shape) if hasattr(meta, "shape") and hasattr(meta, "dtype") else None
-
-
-class LabelOps:
+class LabelOps(_State):
     """Label-tensor execution and the checks on run-time sizes (a mixin of the analyzer)."""
 
     def labels(self, node: fx.Node) -> Any:
@@ -98,8 +96,9 @@ class LabelOps:
         space = self.space(src)
         if space.empty:
             return value
-        reads_size = (node.op == "call_method" and node.target == "size") or (
-            node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+        info = describe(node, self.gm)
+        reads_size = info.kind is Kind.SHAPE and (
+            info.op == "size" or info.op == "getattr" and info.params.get("name") == "shape")
         if not reads_size:
             return value
         index = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else node.kwargs.get("dim")
@@ -146,7 +145,7 @@ class LabelOps:
         space = self.spaces.get(src)
         index = info.params.get("index")
         if isinstance(space, tuple):
-            self.spaces[node] = space[index] if isinstance(index, int) else self._empty_like(node.meta["tensor_meta"])
+            self.spaces[node] = space[index] if isinstance(index, int) else self.empty_like(node.meta["tensor_meta"])
             return
         touched = _indexed_dims(index, len(meta_shape(src.meta["tensor_meta"])))
         if touched is None or touched & set(self.space(src).dims):
@@ -240,9 +239,9 @@ def _is_literal(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v != -1
 
 
-def shape_arguments(node: fx.Node) -> tuple[int, list] | None:
+def shape_arguments(info: OpInfo) -> tuple[int, list] | None:
     """(first output dim, size list) of a view/reshape/unflatten node, or None."""
-    info_name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    node, info_name = info.node, info.op
     if info_name in ("view", "reshape"):
         rest = list(node.args[1:])
         if "shape" in node.kwargs:
@@ -258,7 +257,7 @@ def shape_arguments(node: fx.Node) -> tuple[int, list] | None:
 
 
 def _literal_sizes(info: OpInfo) -> dict[int, Any] | None:
-    found = shape_arguments(info.node)
+    found = shape_arguments(info)
     if found is None:
         return None
     start, sizes = found

@@ -1,7 +1,7 @@
 """One channel rule per op kind (through :func:`fxcompress.ops.describe`).
 
 :class:`Analyzer` walks the graph once, in order, and gives every tensor node
-its :class:`~fxcompress.prune.groups.Space`.  Ops that only rearrange
+its :class:`~fxcompress.prune.types.Space`.  Ops that only rearrange
 elements (reshape, permute, getitem, split, ...) are run for real on a
 *label tensor* that holds each element's atom, so channel indices are mapped
 through offsets, flattening, shuffles and head splits by torch itself rather
@@ -16,11 +16,11 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from ..ops import Kind, OpInfo, describe
+from ..ops import Kind, OpInfo, describe, meta_shape, tensor_shape
 from ..pass_base import module_path_of
-from .groups import EMPTY, ParamSlice, Space
 from .heads import AttentionRule
-from .labels import LabelOps, meta_shape
+from .labels import LabelOps
+from .types import EMPTY, ParamSlice, Space
 
 __all__ = ["Analyzer"]
 
@@ -146,7 +146,7 @@ class Analyzer(LabelOps, AttentionRule):
                 self.values[node] = None
             return
         if node.op in ("placeholder", "get_attr"):
-            self.spaces[node] = self._empty_like(meta)
+            self.spaces[node] = self.empty_like(meta)
             return
         info = describe(node, self.gm)
         self._check_counted_sizes(info)
@@ -156,17 +156,17 @@ class Analyzer(LabelOps, AttentionRule):
         else:
             rule(self, info)
 
-    def _empty_like(self, meta: Any) -> Any:
+    def empty_like(self, meta: Any) -> Any:
         if meta_shape(meta) is not None:
             return EMPTY
         if isinstance(meta, (tuple, list)):
-            return tuple(self._empty_like(m) for m in meta)
+            return tuple(self.empty_like(m) for m in meta)
         return None
 
     def unknown(self, info: OpInfo, reason: str) -> None:
         node = info.node
         self.freeze_all((node.args, node.kwargs), reason)
-        self.spaces[node] = self._empty_like(node.meta.get("tensor_meta"))
+        self.spaces[node] = self.empty_like(node.meta.get("tensor_meta"))
 
     def pass_through(self, info: OpInfo) -> None:
         self.spaces[info.node] = self.space(info.inputs[0] if info.inputs else None)
@@ -180,7 +180,7 @@ class Analyzer(LabelOps, AttentionRule):
         if weight is None or len(shape) < 2:
             self.unknown(info, f"{info.op} at node {node.name}: weight is not a parameter")
             return
-        reason = self._check_dims(x, {1}, info)
+        reason = self.check_dims(x, {1}, info)
         if reason:
             self.freeze(x, reason)
             x = EMPTY
@@ -220,7 +220,7 @@ class Analyzer(LabelOps, AttentionRule):
             self.unknown(info, f"linear at node {node.name}: weight is not a parameter")
             return
         last = len(meta_shape(info.inputs[0].meta["tensor_meta"])) - 1
-        reason = self._check_dims(x, {last}, info)
+        reason = self.check_dims(x, {last}, info)
         if reason:
             self.freeze(x, reason)
             x = EMPTY
@@ -262,10 +262,10 @@ class Analyzer(LabelOps, AttentionRule):
             return
         op = info.op
         if op in _PER_CHANNEL_NORMS or op == "group_norm":
-            reason = self._check_dims(x, {1}, info)
+            reason = self.check_dims(x, {1}, info)
         elif op == "layer_norm":
             shape = info.module.normalized_shape if info.module is not None else info.params.get("normalized_shape")
-            reason = self._check_dims(x, {ndim - 1}, info)
+            reason = self.check_dims(x, {ndim - 1}, info)
             if not reason and (isinstance(shape, fx.Node) or len(tuple(shape)) != 1):
                 reason = f"layer_norm at node {node.name}: normalizes over more than the channel dim"
         else:
@@ -302,7 +302,7 @@ class Analyzer(LabelOps, AttentionRule):
         if weight is not None and not x.empty:
             tensor = self._tensor(weight)
             if tensor is not None and tensor.numel() > 1:
-                reason = self._check_dims(x, {1}, info)
+                reason = self.check_dims(x, {1}, info)
                 if reason:
                     self.freeze(x, reason)
                 else:
@@ -318,7 +318,7 @@ class Analyzer(LabelOps, AttentionRule):
 
     def pool(self, info: OpInfo) -> None:
         x = self.space(info.inputs[0])
-        reason = self._check_dims(x, {1}, info)
+        reason = self.check_dims(x, {1}, info)
         if reason:
             self.unknown(info, reason)
         else:
@@ -446,21 +446,20 @@ class Analyzer(LabelOps, AttentionRule):
         if dim < 0:
             return None
         size = shape[dim]
-        if value.op == "call_method" and value.target == "expand" and isinstance(value.args[0], fx.Node):
-            sizes = value.args[1:]
-            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-                sizes = tuple(sizes[0])
-            source = meta_shape(value.args[0].meta.get("tensor_meta"))
+        expand = describe(value, self.gm)
+        if expand.op == "expand" and expand.inputs and isinstance(expand.inputs[0], fx.Node):
+            sizes = tuple(expand.params.get("sizes", ()))
+            source = tensor_shape(expand.inputs[0])
             if source is None or len(sizes) != len(shape) or sizes[dim] != -1:
                 return None
-            value, dim = value.args[0], dim - (len(shape) - len(source))
+            value, dim = expand.inputs[0], dim - (len(shape) - len(source))
         if value.op != "get_attr" or dim < 0:
             return None
         owner, attr = _owner_attr(str(value.target))
         tensor = self._tensor((owner, attr))
         return (owner, attr, dim) if tensor is not None and tensor.shape[dim] == size else None
 
-    def _check_dims(self, x: Space, allowed: set[int], info: OpInfo) -> str | None:
+    def check_dims(self, x: Space, allowed: set[int], info: OpInfo) -> str | None:
         if x.empty or set(x.dims) <= allowed:
             return None
         return f"{info.op} at node {info.node.name}: channels arrive on dims {x.dims}, expected {sorted(allowed)}"

@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 
 from ..pass_base import PassContext
-from .groups import ChannelGraph, Group
+from .types import ChannelGraph, Group
 
 __all__ = ["group_ratio", "unused_patterns", "select"]
 

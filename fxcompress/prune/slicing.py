@@ -24,9 +24,9 @@ import torch
 from torch import fx, nn
 
 from ..errors import PassError
-from ..ops import Kind, describe
+from ..ops import Kind, OpInfo, describe
 from .attention import rebuild
-from .groups import ChannelGraph, Space
+from .types import ChannelGraph, Space
 from .labels import shape_arguments
 
 __all__ = ["apply_removal", "new_shape", "silence"]
@@ -113,7 +113,7 @@ def apply_removal(gm: fx.GraphModule, cg: ChannelGraph, removed_units: torch.Ten
             _resize_module(node, gm, shapes, writable, copies)
     for owner in sorted(copies, key=lambda p: p.count(".")):
         gm.set_submodule(owner, copies[owner])
-    rewritten = sum(_rewrite_literals(node, cg, shapes, removed) for node in cg.resized)
+    rewritten = sum(_rewrite_literals(describe(node, gm), cg, shapes, removed) for node in cg.resized)
     return {"tensors_sliced": sum(len(d) for d in slices.values()), "modules_replaced": len(copies),
             "nodes_rewritten": rewritten}
 
@@ -186,9 +186,9 @@ def _resize_module(node: fx.Node, gm: fx.GraphModule, shapes: dict, writable: An
             m.num_parameters = m.weight.numel()
 
 
-def _rewrite_literals(node: fx.Node, cg: ChannelGraph, shapes: dict, removed: torch.Tensor) -> int:
+def _rewrite_literals(info: OpInfo, cg: ChannelGraph, shapes: dict, removed: torch.Tensor) -> int:
     """Update the literal size arguments of one node; returns 1 if it changed."""
-    info_op = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    node, info_op = info.node, info.op
     if info_op in ("split", "chunk"):
         return _rewrite_split(node, cg, removed)
     if info_op in ("layer_norm", "group_norm"):
@@ -210,7 +210,7 @@ def _rewrite_literals(node: fx.Node, cg: ChannelGraph, shapes: dict, removed: to
             kwargs[key] = value
         node.args, node.kwargs = tuple(args), kwargs
         return 1
-    found = shape_arguments(node)
+    found = shape_arguments(info)
     new = shapes.get(node)
     if found is None or new is None:
         return 0

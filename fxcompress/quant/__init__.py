@@ -1,8 +1,12 @@
-"""Quantization runtime: specs, qparams arithmetic, observers, fake quantization.
+"""Quantization: specs, qparams arithmetic, observers, fake quantization, and the graph code
+that places and lowers them.
 
-Pure tensor and module code (no graph passes): plain int8/uint8 storage,
-float32 scales and int32 zero points; nothing from the deprecated torch.ao quantization package and no
-quantized dtypes.  See ``docs/quantization.md``.
+This package's top level exports the tensor and module code (plain int8/uint8 storage,
+float32 scales and int32 zero points; nothing from the deprecated torch.ao quantization
+package and no quantized dtypes).  Graph code lives in named modules: where observers go
+(:mod:`.placement`, :mod:`.activations`), the layer wrappers of each stage (:mod:`.layers`),
+and the lowering's graph matching and emission (:mod:`.lowering`); the lowered modules and
+kernels are :mod:`.lowered` and :mod:`.kernels`.  See ``docs/quantization.md``.
 """
 
 from fxcompress.quant.fake_quant import FakeQuantize

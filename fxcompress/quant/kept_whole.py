@@ -9,13 +9,16 @@ so the report never counts them as done.
 
 from __future__ import annotations
 
-from torch import fx, nn
+from torch import fx
 
-from fxcompress.ops import layers_inside
+from fxcompress.ops import Kind, describe_module, layers_inside
 from fxcompress.pass_base import PassContext
 from fxcompress.verify import role_of
 
 __all__ = ["float_leaves"]
+
+# Linear layers, and attention (whose projections are linears).
+_LINEAR_KINDS = (Kind.LINEAR, Kind.ATTENTION)
 
 
 def float_leaves(gm: fx.GraphModule, ctx: PassContext, seen: set[str]) -> dict[str, str]:
@@ -25,9 +28,9 @@ def float_leaves(gm: fx.GraphModule, ctx: PassContext, seen: set[str]) -> dict[s
         if node.name in seen or not ctx.in_scope(node):
             continue
         module = gm.get_submodule(str(node.target))
-        if isinstance(module, (nn.Linear, nn.MultiheadAttention)) or role_of(module) is not None:
+        if describe_module(module).family in _LINEAR_KINDS or role_of(module) is not None:
             continue
-        inside = layers_inside(module, (nn.Linear, nn.MultiheadAttention))
+        inside = layers_inside(module, _LINEAR_KINDS)
         if inside:
             shown = ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
             found[node.name] = (f"{type(module).__name__} is kept whole (one graph node): its {len(inside)} "

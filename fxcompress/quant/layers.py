@@ -40,7 +40,7 @@ from torch import fx, nn
 from fxcompress import macs
 from fxcompress.artifact.modules import assign_state, describe_child
 from fxcompress.errors import ConfigError
-from fxcompress.ops import Kind, describe, register_module
+from fxcompress.ops import Kind, describe_module, register_module
 from fxcompress.quant import codecs
 from fxcompress.quant.fake_quant import FakeQuantize
 from fxcompress.quant.int_math import accumulate, rescale
@@ -48,9 +48,10 @@ from fxcompress.quant.observer_base import Observer
 from fxcompress.quant.observers import MinMaxObserver
 from fxcompress.quant.qparams import dequantize, pack_int, quantize, unpack_int
 from fxcompress.quant.spec import QuantSpec
+from fxcompress.verify import role_of
 
 __all__ = [
-    "WEIGHTED_TYPES",
+    "LAYER_KINDS",
     "layer_support",
     "weighted_forward",
     "ObservedLayer",
@@ -63,50 +64,43 @@ _EPS = torch.finfo(torch.float32).eps
 _CONV_TRANSPOSE: dict[int, Callable[..., torch.Tensor]] = {
     1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d,
 }
-#: Module types whose weight fxcompress quantizes, with the ``forward`` they must keep.
-WEIGHTED_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Linear, nn.Embedding,
-)
+#: The op kinds whose weight a layer wrapper quantizes.
+LAYER_KINDS: tuple[Kind, ...] = (Kind.CONV, Kind.LINEAR, Kind.EMBEDDING)
 
 
 def layer_support(module: nn.Module) -> str | None:
     """Why ``module``'s weight cannot be quantized by a layer wrapper, or None if it can.
 
-    Accepted: the torch conv / transposed conv / linear / embedding classes
-    and subclasses that keep torch's ``forward`` (such as
-    ``NonDynamicallyQuantizableLinear``), without hooks or parametrizations,
-    with zero padding for transposed convs and no ``max_norm`` for embeddings
-    (it renormalises the weight in place).
+    Accepted: what :func:`fxcompress.ops.describe_module` describes as a conv,
+    transposed conv, linear or embedding: the torch classes and subclasses that
+    keep torch's ``forward`` (such as ``NonDynamicallyQuantizableLinear``), without
+    hooks or parametrizations (:mod:`fxcompress.ops.plain`); with a floating-point
+    weight, and no ``max_norm`` for embeddings (it renormalises the weight in place).
     """
-    if getattr(type(module), "fxc_role", None) is not None:
+    if role_of(module) is not None:
         return f"already quantized ({type(module).__name__})"
-    base = next((t for t in WEIGHTED_TYPES if isinstance(module, t)), None)
-    if base is None:
+    info = describe_module(module)
+    if info.not_plain is not None and info.not_plain.kind in LAYER_KINDS:
+        return info.not_plain.reason
+    if info.kind not in LAYER_KINDS:
         return f"{type(module).__name__} is not a conv, linear or embedding module"
-    if type(module).forward is not base.forward:
-        return f"{type(module).__name__} overrides forward"
-    if module._forward_hooks or module._forward_pre_hooks:
-        return "the module has forward hooks"
-    if nn.utils.parametrize.is_parametrized(module):
-        return "the weight is parametrized"
-    if not isinstance(getattr(module, "weight", None), torch.Tensor) or not module.weight.is_floating_point():
+    if not isinstance(info.weight, torch.Tensor) or not info.weight.is_floating_point():
         return "the module has no floating-point weight"
-    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+    if info.op == "embedding" and module.max_norm is not None:
         return "embedding with max_norm renormalises its weight in place"
     return None
 
 
-def weighted_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+def weighted_forward(module: nn.Module, op: str, x: torch.Tensor, weight: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """What ``module`` computes on ``x``, with ``weight`` and ``bias`` in place of its own."""
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        fn = _CONV_TRANSPOSE[len(module.kernel_size)]
-        return fn(x, weight, bias, module.stride, module.padding, module.output_padding,
-                  module.groups, module.dilation)
-    if isinstance(module, nn.modules.conv._ConvNd):
+    """What ``module`` (which computes ``op``, as :func:`~fxcompress.ops.describe_module` says)
+    computes on ``x``, with ``weight`` and ``bias`` in place of its own."""
+    if op.startswith("conv_transpose"):
+        return _CONV_TRANSPOSE[len(module.kernel_size)](x, weight, bias, module.stride, module.padding,
+                                                        module.output_padding, module.groups, module.dilation)
+    if op.startswith("conv"):
         return module._conv_forward(x, weight, bias)
-    if isinstance(module, nn.Linear):
+    if op == "linear":
         return F.linear(x, weight, bias)
     return F.embedding(x, weight, module.padding_idx, None, module.norm_type,
                        module.scale_grad_by_freq, module.sparse)
@@ -114,9 +108,10 @@ def weighted_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
 
 class _FloatWeightLayer(nn.Module):
     """What the observed and fake-quantized wrappers share: the wrapped module's own
-    (float) ``weight`` and ``bias``."""
+    (float) ``weight`` and ``bias``, and the op it computes (``op``)."""
 
     module: nn.Module
+    op: str
 
     @property
     def weight(self) -> torch.Tensor:
@@ -140,6 +135,7 @@ class ObservedLayer(_FloatWeightLayer):
     def __init__(self, module: nn.Module, observer: Observer) -> None:
         super().__init__()
         self.module = module
+        self.op = describe_module(module).op
         self.weight_observer = observer
         with torch.no_grad():
             observer(module.weight.detach())
@@ -190,6 +186,7 @@ class FakeQuantLayer(_FloatWeightLayer):
     def __init__(self, module: nn.Module, fake_quant: FakeQuantize) -> None:
         super().__init__()
         self.module = module
+        self.op = describe_module(module).op
         self.weight_fake_quant = fake_quant
         self.train(module.training)
 
@@ -211,7 +208,7 @@ class FakeQuantLayer(_FloatWeightLayer):
         return scale.clamp(min=_EPS), zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return weighted_forward(self.module, x, self.weight_fake_quant(self.module.weight), self.bias)
+        return weighted_forward(self.module, self.op, x, self.weight_fake_quant(self.module.weight), self.bias)
 
     # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
     def _fxc_config(self) -> dict:
@@ -231,6 +228,10 @@ class FakeQuantLayer(_FloatWeightLayer):
         return layer
 
 
+# The ops a folded layer computes as the int8 kernels do (exact accumulation, then rescaling).
+_INTEGER_EXACT_OPS = ("linear", "conv1d", "conv2d", "conv3d")
+
+
 class FoldedLayer(nn.Module):
     """A conv / linear / embedding whose weight is stored as integers.
 
@@ -244,6 +245,7 @@ class FoldedLayer(nn.Module):
     hyperparameter).  :meth:`int_weight` gives the unpacked integers,
     :meth:`dequantized_weight` the float weight the forward uses.
 
+    ``op`` is what the wrapped module computes (``"conv2d"``, ``"linear"``, ...).
     ``input_scale`` (set by ``fold_fake_quant`` when the layer's input is the output
     of a quantize-dequantize, else None) makes a conv or linear with per-tensor or
     per-channel weights compute as the int8 kernels do (:mod:`fxcompress.quant.int_math`):
@@ -262,6 +264,7 @@ class FoldedLayer(nn.Module):
         super().__init__()
         module.weight = None  # the float weight leaves the state: only integers remain
         self.module = module
+        self.op = describe_module(module).op
         self.spec = spec
         self.weight_shape = tuple(q.shape)
         self.packed = spec.bits in (2, 4)
@@ -298,7 +301,7 @@ class FoldedLayer(nn.Module):
     def integer_exact(self) -> bool:
         """Whether the forward can compute as the int8 kernels do (see the class docstring)."""
         return (self.input_scale is not None and self.weight_scale.dim() <= 1 and self.spec.axis == 0
-                and isinstance(self.module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)))
+                and self.op in _INTEGER_EXACT_OPS)
 
     def set_input_scale(self, scale: torch.Tensor | float | None) -> None:
         """Record the per-tensor scale of the quantized input (None forgets it)."""
@@ -312,17 +315,17 @@ class FoldedLayer(nn.Module):
                 if not (torch.is_grad_enabled() and (x.requires_grad or exact.requires_grad)):
                     return exact
                 # Under autograd: the exact value, with the float path's gradient.
-                approx = weighted_forward(self.module, x, self.dequantized_weight(), self.bias)
+                approx = weighted_forward(self.module, self.op, x, self.dequantized_weight(), self.bias)
                 return approx + (exact - approx).detach()
-        return weighted_forward(self.module, x, self.dequantized_weight(), self.bias)
+        return weighted_forward(self.module, self.op, x, self.dequantized_weight(), self.bias)
 
     def _integer_forward(self, codes: torch.Tensor) -> torch.Tensor:
         weight = self.int_weight().to(torch.float64)
         if bool(self.weight_zero_point.any()):
             zp = self.weight_zero_point.to(torch.float64)
             weight = weight - (zp.view(-1, *([1] * (weight.dim() - 1))) if zp.dim() else zp)
-        acc = accumulate(lambda a, w: weighted_forward(self.module, a, w, None), codes, weight)
-        channel_dim = -1 if isinstance(self.module, nn.Linear) else 1
+        acc = accumulate(lambda a, w: weighted_forward(self.module, self.op, a, w, None), codes, weight)
+        channel_dim = -1 if self.op == "linear" else 1
         return rescale(acc, self.input_scale, self.weight_scale, self.bias, channel_dim)
 
     def extra_repr(self) -> str:
@@ -378,7 +381,7 @@ class FoldedLayer(nn.Module):
 
 def _stored_layer(config: dict, state: dict[str, torch.Tensor], missing: tuple[str, ...] = ()) -> nn.Module:
     """The wrapped conv / linear / embedding of a stored layer wrapper, refused unless a wrapper could hold it."""
-    module = codecs.child("module", config["module"], state, WEIGHTED_TYPES, missing=missing)
+    module = codecs.child("module", config["module"], state, nn.Module, missing=missing)
     reason = layer_support(module)
     if reason is not None:
         raise codecs.malformed(f"a quantized layer cannot wrap this {type(module).__name__}: {reason}")
@@ -388,32 +391,26 @@ def _stored_layer(config: dict, state: dict[str, torch.Tensor], missing: tuple[s
 #: The layer wrapper classes, one per stage.
 QUANTIZED_LAYERS: tuple[type[nn.Module], ...] = (ObservedLayer, FakeQuantLayer, FoldedLayer)
 
-# describe() of a wrapper is describe() of the module it wraps: a probe node whose
-# target is the wrapper's child "module", resolved against the wrapper itself.
-_PROBE = fx.Graph().call_module("module", ())
-
 
 def _wrapped_op(layer: nn.Module) -> tuple[Kind, str, dict]:
-    info = describe(_PROBE, layer)  # type: ignore[arg-type]  # only get_submodule is used
+    """describe() of a wrapper is describe() of the module it wraps."""
+    info = describe_module(layer.module)
     return info.kind, info.op, dict(info.params)
-
-
-for _cls in QUANTIZED_LAYERS:
-    register_module(_cls, _wrapped_op)
-    codecs.register(_cls)  # storable in artifacts
 
 
 def _count_layer_macs(gm: fx.GraphModule, node: fx.Node) -> dict[str, int]:
     """The MACs of the wrapped layer (a folded layer's float weight is gone: use its shape)."""
     layer = gm.get_submodule(str(node.target))
-    inner = layer.module
-    weight_shape = getattr(layer, "weight_shape", None) or tuple(inner.weight.shape)
-    if isinstance(inner, nn.modules.conv._ConvNd):
-        return macs.count_conv(gm, node, weight_shape, inner.transposed)
-    if isinstance(inner, nn.Linear):
-        return macs.count_linear(gm, node, inner.in_features)
+    weight_shape = getattr(layer, "weight_shape", None) or tuple(layer.module.weight.shape)
+    if layer.op.startswith("conv"):
+        return macs.count_conv(gm, node, weight_shape, layer.op.startswith("conv_transpose"))
+    if layer.op == "linear":
+        return macs.count_linear(gm, node, layer.module.in_features)
     return {}  # an embedding is a lookup: no multiply-accumulates
 
 
+# Registered here, next to the classes: describe(), MACs and artifacts know every wrapper.
 for _cls in QUANTIZED_LAYERS:
+    register_module(_cls, _wrapped_op)
     macs.register_module(_cls, _count_layer_macs)
+    codecs.register(_cls)  # storable in artifacts

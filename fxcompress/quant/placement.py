@@ -27,9 +27,10 @@ from torch import fx
 
 from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.quant.activations import preserves_qparams
-from fxcompress.quant.lowering.chains import residual_operand
+from fxcompress.quant.lowering.chains import only_user, residual_operand
 
-__all__ = ["CONV_POST_OPS", "LINEAR_POST_OPS", "Chain", "find_chains", "consumed_quantized", "is_float_value"]
+__all__ = ["CONV_POST_OPS", "LINEAR_POST_OPS", "Chain", "find_chains", "consumed_quantized", "is_float_value",
+           "is_cat"]
 
 #: Activations fused into a quantized conv's output (and relu after a residual add).
 CONV_POST_OPS = frozenset({"relu", "relu6", "hardtanh", "hardswish", "silu"})
@@ -60,11 +61,6 @@ def is_float_value(node: object) -> bool:
     return isinstance(dtype, torch.dtype) and dtype.is_floating_point
 
 
-def _only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
 def _residual_add(op: fx.Node, user: fx.Node | None, gm: fx.GraphModule, claimed: set[fx.Node]) -> fx.Node | None:
     """The other operand when ``user`` is ``op + other`` on same-shaped float tensors, else None."""
     if user is None or user in claimed:
@@ -91,14 +87,14 @@ def find_chains(gm: fx.GraphModule, ops: list[OpInfo]) -> dict[fx.Node, Chain]:
             continue
         data = info.inputs[0] if info.inputs and isinstance(info.inputs[0], fx.Node) else None
         end, add, residual = op, None, None
-        user = _only_user(op)
+        user = only_user(op)
         if info.kind is Kind.CONV and not info.transposed:
             residual = _residual_add(op, user, gm, claimed)
         if residual is not None:
             add = end = user
             claimed.add(add)
-            if _post_op(_only_user(add), gm, frozenset({"relu"})):
-                end = _only_user(add)
+            if _post_op(only_user(add), gm, frozenset({"relu"})):
+                end = only_user(add)
         elif _post_op(user, gm, CONV_POST_OPS if info.kind is Kind.CONV else LINEAR_POST_OPS):
             end = user
         chains[op] = Chain(op, data, end, add, residual)  # type: ignore[arg-type]
@@ -130,13 +126,14 @@ def consumed_quantized(gm: fx.GraphModule, chains: dict[fx.Node, Chain]) -> set[
 
     for node in reversed(gm.graph.nodes):
         if is_float_value(node) and any(takes_quantized(u, node) for u in node.users):
-            if _is_cat(node, gm) and not _all_float_inputs(node, gm):
+            if is_cat(node, gm) and not _all_float_inputs(node, gm):
                 continue
             wanted.add(node)
     return wanted
 
 
-def _is_cat(node: fx.Node, gm: fx.GraphModule) -> bool:
+def is_cat(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node`` concatenates (``torch.cat`` in any form; not ``stack``)."""
     info = describe(node, gm)
     return info.kind is Kind.CONCAT and info.op == "cat"
 

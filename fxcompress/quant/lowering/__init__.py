@@ -5,8 +5,7 @@ The passes in ``passes/`` stay thin readable rewrites; what they share lives her
 """
 
 from fxcompress.quant.lowering.swap import (
-    Built, SwapResult, check_backend_option, is_plain, resolve_backend, set_submodule, swap_linears,
+    Built, SwapResult, check_backend_option, resolve_backend, swap_linears,
 )
 
-__all__ = ["Built", "SwapResult", "check_backend_option", "is_plain", "resolve_backend", "set_submodule",
-           "swap_linears"]
+__all__ = ["Built", "SwapResult", "check_backend_option", "resolve_backend", "swap_linears"]

@@ -25,6 +25,9 @@ from fxcompress.quant.lowered import (
 
 __all__ = ["QParams", "STATS_KIND", "uint8_qparams", "layer_problem", "float_twin", "quant_conv", "quant_linear"]
 
+# The ops of the layers the x86 int8 kernels compute (what a folded layer's ``op`` names).
+_KERNEL_OPS = ("conv1d", "conv2d", "conv3d", "linear")
+
 #: The stats kind (``int8_ops`` key) of each uint8 op made between int8 layers.
 STATS_KIND: dict[type, str] = {QuantMaxPool2d: "max_pool", QuantAdd: "add", QuantAdaptiveAvgPool2d: "avg_pool"}
 
@@ -52,10 +55,10 @@ def uint8_qparams(qdq: QDQ) -> QParams | None:
 def layer_problem(layer: FoldedLayer) -> str | None:
     """Why the x86 int8 conv/linear cannot take this folded layer, or None when it can."""
     module, spec = layer.module, layer.spec
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if layer.op.startswith("conv_transpose"):
         return (f"no int8 kernel for {type(module).__name__}: this torch build's oneDNN ops have no int8 "
                 f"transposed conv; it stays folded (int8 weights, float compute)")
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+    if layer.op not in _KERNEL_OPS:
         return f"no int8 kernel for {type(module).__name__} (1/2/3-D convs and linears only)"
     if not (spec.signed and spec.symmetric):
         return "weights are not signed symmetric (the int8 kernels ignore weight zero points)"

@@ -24,7 +24,7 @@ from torch import fx
 from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.quant.kernels import CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, LINEAR_POST_OPS
 
-__all__ = ["FusedChain", "EXACT_POST_OPS", "match_chain", "post_op_of", "residual_operand"]
+__all__ = ["FusedChain", "EXACT_POST_OPS", "match_chain", "post_op_of", "residual_operand", "only_user"]
 
 #: Kernel post-ops whose oneDNN arithmetic equals torch's bit for bit.
 EXACT_POST_OPS = ("relu", "hardtanh", "leaky_relu")
@@ -47,7 +47,8 @@ class FusedChain:
     post_op_args: tuple[float, ...] = ()
 
 
-def _only_user(node: fx.Node) -> fx.Node | None:
+def only_user(node: fx.Node) -> fx.Node | None:
+    """The one node reading ``node``, or None when none or several do."""
     users = list(node.users)
     return users[0] if len(users) == 1 else None
 
@@ -59,7 +60,7 @@ def _is_noop(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 def _skip_noops(node: fx.Node, gm: fx.GraphModule, taken: list[fx.Node]) -> fx.Node:
     """Follow single-user eval-mode no-ops after ``node``; the last one reached."""
-    while (user := _only_user(node)) is not None and _is_noop(user, gm) and user.args[0] is node:
+    while (user := only_user(node)) is not None and _is_noop(user, gm) and user.args[0] is node:
         taken.append(user)
         node = user
     return node
@@ -110,11 +111,11 @@ def match_chain(info: OpInfo, gm: fx.GraphModule, *, allow_add: bool = True,
     taken = [info.node]
     end = _skip_noops(info.node, gm, taken)
     residual = None
-    user = _only_user(end)
+    user = only_user(end)
     if fuses_sum and allow_add and user is not None and (residual := residual_operand(user, end, gm)) is not None:
         taken.append(user)
         end = _skip_noops(user, gm, taken)
-        user = _only_user(end)
+        user = only_user(end)
     if residual is not None:
         table = {"relu": 0}
     elif conv:

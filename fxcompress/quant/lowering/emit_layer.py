@@ -8,8 +8,6 @@ conv reads is absorbed into the conv (:meth:`LayerEmitter._absorbed_pad`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import fx, nn
 
@@ -20,9 +18,7 @@ from fxcompress.quant.lowered import LoweredModule
 from fxcompress.quant.lowering.build import QParams, float_twin, quant_conv, quant_linear
 from fxcompress.quant.lowering.chains import FusedChain
 from fxcompress.quant.lowering.choice import Candidates
-
-if TYPE_CHECKING:
-    from fxcompress.quant.lowering.static import StaticLowering
+from fxcompress.quant.lowering.state import LoweringState
 
 __all__ = ["LayerEmitter"]
 
@@ -30,7 +26,7 @@ __all__ = ["LayerEmitter"]
 class LayerEmitter:
     """Emits the quantized layers of one lowering (see the module docstring)."""
 
-    def __init__(self, lowering: StaticLowering) -> None:
+    def __init__(self, lowering: LoweringState) -> None:
         self.low = lowering
         self.first_site: dict[int, nn.Module] = {}  # id(folded layer) -> its first call site's lowered module
         self.twins: dict[int, nn.Module] = {}  # id(folded layer) -> its float module, where kept float
@@ -40,7 +36,7 @@ class LayerEmitter:
         lowered conv applies to its codes itself (TensorFlow-style "same" padding: one pass over
         memory saved)."""
         if data.op not in ("call_module", "call_function") or len(data.users) != 1 or \
-                isinstance(layer.module, nn.Linear) or layer.module.padding_mode != "zeros":
+                layer.op == "linear" or layer.module.padding_mode != "zeros":
             return None
         info = describe(data, self.low.gm)
         source = info.inputs[0] if info.inputs else None
@@ -67,7 +63,7 @@ class LayerEmitter:
         data, pad = absorbed if absorbed is not None else (data, ())
         u, qx = self.low.uint8(data)  # type: ignore[misc]
         out = self.low.out_qparams(chain)
-        conv = not isinstance(layer.module, nn.Linear)  # layer_problem admitted only convs and linears
+        conv = layer.op != "linear"  # layer_problem admitted only convs and linears
         args: tuple = (u,)
         if conv:
             residual: QParams | bool = False

@@ -10,7 +10,7 @@ chunk. Each computes what the folded graph's float op and quantization compute.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from torch import fx, nn
 
@@ -19,9 +19,7 @@ from fxcompress.quant.kernels import POST_OPS
 from fxcompress.quant.lowered import QuantAdaptiveAvgPool2d, QuantAdd, Quantize, QuantizeProduct
 from fxcompress.quant.lowering.build import STATS_KIND, QParams
 from fxcompress.quant.lowering.chains import post_op_of
-
-if TYPE_CHECKING:
-    from fxcompress.quant.lowering.static import StaticLowering
+from fxcompress.quant.lowering.state import LoweringState
 
 __all__ = ["UInt8Producers", "impure"]
 
@@ -34,7 +32,7 @@ def impure(node: fx.Node) -> bool:
 class UInt8Producers:
     """The producers of one lowering (see the module docstring)."""
 
-    def __init__(self, lowering: StaticLowering) -> None:
+    def __init__(self, lowering: LoweringState) -> None:
         self.low = lowering
 
     def add_under(self, value: fx.Node, info: OpInfo) -> tuple[OpInfo, bool] | None:

@@ -30,28 +30,26 @@ from their inputs are :mod:`.producers`.
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxcompress.ops import Kind, describe
+from fxcompress.ops import Kind, describe, tensor_shape
 from fxcompress.pass_base import PassContext
 from fxcompress.quant.activations import QDQ, grid_padding
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import (
-    Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd, QuantMaxPool2d, Quantize,
+    Dequantize, QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd, QuantMaxPool2d, Quantize,
     QuantizeProduct,
 )
 from fxcompress.quant.lowering.build import STATS_KIND, QParams, layer_problem, uint8_qparams
 from fxcompress.quant.lowering.chains import FusedChain, match_chain
-from fxcompress.quant.lowering.choice import Candidates, Choice
 from fxcompress.quant.lowering.emit_layer import LayerEmitter
 from fxcompress.quant.lowering.producers import UInt8Producers, impure
+from fxcompress.quant.lowering.state import Choose, LoweringStats
 
-__all__ = ["LOWERED_CONTAINER", "LoweringStats", "StaticLowering", "Choose"]
+__all__ = ["LOWERED_CONTAINER", "StaticLowering"]
 
 #: The submodule holding the lowered modules that have no folded module to replace.
 LOWERED_CONTAINER = "fxc_lowered"
@@ -59,22 +57,6 @@ LOWERED_CONTAINER = "fxc_lowered"
 _CODE_KINDS = (Kind.RESHAPE, Kind.PERMUTE, Kind.GETITEM, Kind.SPLIT)
 # Modules whose output is a fresh tensor: a fused residual add may write into it.
 _FRESH = (Quantize, QuantizeProduct, Dequantize, QuantConvNd, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
-
-#: ``choose(candidates) -> Choice``: how a quantized layer runs (``choice.choose`` times them).
-Choose = Callable[[Candidates], Choice]
-
-
-@dataclass
-class LoweringStats:
-    """What the lowering did, for the pass's stats."""
-
-    int8_ops: Counter = field(default_factory=Counter)  # kind -> count
-    float_nodes: dict[str, str] = field(default_factory=dict)  # quantized-layer node -> why not int8
-    # node -> (module, the arguments of its kernel_support(): input shapes where they matter)
-    lowered: dict[str, tuple[LoweredModule, tuple]] = field(default_factory=dict)
-    boundaries: Counter = field(default_factory=Counter)  # "quantize" / "dequantize" -> count
-    choices: Counter = field(default_factory=Counter)  # way ("int8", "separate add", "float") -> layers
-
 
 class StaticLowering:
     """One lowering of ``gm`` (see the module docstring); :meth:`run` rewrites it in place."""
@@ -144,8 +126,7 @@ class StaticLowering:
 
     @staticmethod
     def shape(node: fx.Node) -> tuple[int, ...]:
-        meta = node.meta.get("tensor_meta")
-        return tuple(meta.shape) if hasattr(meta, "shape") else ()
+        return tensor_shape(node) or ()
 
     def plan(self) -> None:
         """Decide which folded layers lower, with which chains; which nodes wait to be asked for."""
@@ -200,7 +181,7 @@ class StaticLowering:
     # -- forms ------------------------------------------------------------------
     def copy_node(self, node: fx.Node, arg: Callable[[fx.Node], fx.Node]) -> fx.Node:
         new = self.new.node_copy(node, arg)
-        if new.op == "call_method" and new.target == "view":
+        if node.op == "call_method" and describe(node, self.gm).op == "view":
             # Lowered activations are channels-last, where view() of split channels fails;
             # reshape() gives the same values (a view whenever one is possible).
             new.target = "reshape"

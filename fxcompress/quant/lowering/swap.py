@@ -15,13 +15,13 @@ from typing import Any, Callable, Union
 from torch import fx, nn
 
 from fxcompress.errors import ConfigError
-from fxcompress.ops import Kind, describe
+from fxcompress.ops import Kind, describe, describe_module
+from fxcompress.ops.tables import module_rule
 from fxcompress.pass_base import PassContext
 from fxcompress.quant.lowered_attention import attention_support
 from fxcompress.quant.lowered_base import BACKENDS, LoweredModule
 
-__all__ = ["Built", "SwapResult", "swap_linears", "check_backend_option", "resolve_backend", "set_submodule",
-           "is_plain"]
+__all__ = ["Built", "SwapResult", "swap_linears", "check_backend_option", "resolve_backend"]
 
 #: A builder's answer: the replacement module, or the reason the original stays float.
 Built = Union[LoweredModule, str]
@@ -57,25 +57,14 @@ def resolve_backend(option: str | None, ctx: PassContext, pass_name: str) -> str
     return backend
 
 
-def is_plain(module: nn.Module, cls: type) -> bool:
-    """``module`` computes what torch's ``cls`` computes: same forward, no hooks."""
-    return (isinstance(module, cls) and type(module).forward is cls.forward
-            and not (module._forward_hooks or module._forward_pre_hooks))
-
-
-def set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    """Put ``module`` at ``path`` (which exists), replacing what was there."""
-    owner, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(owner), name, module)
-
-
 def swap_linears(gm: fx.GraphModule, ctx: PassContext, linear: Callable[[nn.Linear], Built],
                  attention: Callable[[nn.MultiheadAttention], Built]) -> SwapResult:
     """Replace in-scope ``nn.Linear`` / ``nn.MultiheadAttention`` leaves by what the builders return.
 
     A module called by several nodes is replaced once (all its calls then use the
     replacement). Linear layers applied functionally (``F.linear`` on graph constants)
-    and subclasses with their own ``forward`` stay float, with the reason recorded.
+    and modules that are not plain (:mod:`fxcompress.ops.plain`: their own ``forward``, hooks, a
+    parametrized weight) stay float, with the reason recorded.
     """
     result = SwapResult()
     done: dict[str, Built] = {}
@@ -88,25 +77,24 @@ def swap_linears(gm: fx.GraphModule, ctx: PassContext, linear: Callable[[nn.Line
             continue
         target = str(node.target)
         module = gm.get_submodule(target)
+        info = describe_module(module)
+        if module_rule(module) is not None or info.family not in (Kind.LINEAR, Kind.ATTENTION):
+            continue  # not torch's Linear or MultiheadAttention (a class of ours declares its own op)
         if target in done:
             built = done[target]
-        elif isinstance(module, nn.MultiheadAttention):
+        elif info.not_plain is not None:
+            built = done[target] = f"{info.not_plain.reason}: it is not what torch's class computes"
+        elif info.kind is Kind.ATTENTION:
             reason = attention_support(module)
-            if not is_plain(module, nn.MultiheadAttention):
-                reason = f"{type(module).__name__} overrides nn.MultiheadAttention's forward or has hooks"
             built = done[target] = reason if reason is not None else attention(module)
-        elif isinstance(module, nn.Linear):
-            plain = is_plain(module, nn.Linear)
-            built = done[target] = linear(module) if plain else \
-                f"{type(module).__name__} overrides nn.Linear's forward or has hooks"
         else:
-            continue
+            built = done[target] = linear(module)
         if isinstance(built, str):
             result.float_nodes[node.name] = built
             continue
         if gm.get_submodule(target) is module:  # not yet replaced (a module called twice)
-            set_submodule(gm, target, built)
-            if isinstance(module, nn.MultiheadAttention):
+            gm.set_submodule(target, built)
+            if info.kind is Kind.ATTENTION:
                 result.attention += 1
             else:
                 result.linear += 1

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
+from fxcompress.ops import attr_value
 from fxcompress.quant.activations import QDQ
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowering.build import float_twin
@@ -41,6 +42,5 @@ def float_reference(gm: fx.GraphModule) -> fx.GraphModule:
             root[str(node.target)] = (float_twin(module) if isinstance(module, FoldedLayer)
                                       else nn.Identity() if isinstance(module, QDQ) else module)
         elif node.op == "get_attr":
-            owner, _, attr = str(node.target).rpartition(".")
-            root[str(node.target)] = getattr(gm.get_submodule(owner), attr)
+            root[str(node.target)] = attr_value(gm, str(node.target))
     return fx.GraphModule(root, graph)
