@@ -83,3 +83,14 @@ class MetricError(FxCompressError, ValueError):
 class DistributedError(FxCompressError):
     """A run across processes failed: a rank raised (every rank then raises this, naming it),
     the ranks disagree about the model or data, or the process group cannot carry the tensors."""
+
+
+def _install_in_operator_library() -> None:
+    # The operator library (fxcompress_ops) imports torch only; under fxcompress its
+    # operators raise these classes, as the lowered modules did before it existed.
+    from fxcompress_ops.errors import use_error_classes
+
+    use_error_classes(input=InputError, config=ConfigError, kernel=LoweringError)
+
+
+_install_in_operator_library()
