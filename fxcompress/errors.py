@@ -86,9 +86,9 @@ class DistributedError(FxCompressError):
 
 
 def _install_in_operator_library() -> None:
-    # The operator library (fxcompress_ops) imports torch only; under fxcompress its
+    # The operator library (fxcompress.oplib) imports torch only; under fxcompress its
     # operators raise these classes, as the lowered modules did before it existed.
-    from fxcompress_ops.errors import use_error_classes
+    from fxcompress.oplib.errors import use_error_classes
 
     use_error_classes(input=InputError, config=ConfigError, kernel=LoweringError)
 

@@ -1,6 +1,6 @@
 """Thin, safe wrappers over the integer CPU kernels this torch build ships.
 
-Defined in the operator library (:mod:`fxcompress_ops.kernels`, where the preconditions
+Defined in the operator library (:mod:`fxcompress.oplib.kernels`, where the preconditions
 and facts about each kernel are documented), which the lowered models' operators call at
 run time with or without fxcompress; this module keeps the names where fxcompress code
 and users import them. Under fxcompress, a precondition that does not hold raises
@@ -8,7 +8,7 @@ and users import them. Under fxcompress, a precondition that does not hold raise
 :mod:`fxcompress.quant`).
 """
 
-from fxcompress_ops.kernels import (
+from fxcompress.oplib.kernels import (
     Support,
     CONV_POST_OPS,
     CONV_POST_OPS_BY_DIMS,

@@ -2,7 +2,7 @@
 
 A lowered module keeps only plain tensors as state (int8/uint8 weights, float32 scales and
 biases, int32 zero points as in :mod:`fxcompress.quant.qparams`) and computes with one
-operator of fxcompress's operator library (:mod:`fxcompress_ops`): eagerly it calls the
+operator of fxcompress's operator library (:mod:`fxcompress.oplib`): eagerly it calls the
 operator's implementation directly (the dispatcher's Python round trip costs about as
 much as a small op), under ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` the
 registered ``torch.ops.fxcompress.*`` operator (:func:`run_op`). Its ``forward`` holds no
@@ -10,7 +10,7 @@ data-dependent Python, so compilers see the operator call with the module's tens
 
 Everything derived from the state (oneDNN's prepacked weights, which are opaque tensors
 that cannot be deep-copied, pickled, ``torch.save``-d, put in safetensors or exported;
-dequantized reference weights) lives in the library's cache (:mod:`fxcompress_ops.cache`),
+dequantized reference weights) lives in the library's cache (:mod:`fxcompress.oplib.cache`),
 keyed by the weight tensor and the version counters of the tensors it was derived from:
 never in ``state_dict()``, never carried by a copy, rebuilt on the next call after
 ``load_state_dict``, ``.to()`` or any in-place edit of the state.
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-import fxcompress_ops
+import fxcompress.oplib
 from fxcompress.artifact.modules import assign_state, register_module
 from fxcompress.errors import ArtifactError, ConfigError, LoweringError
 
@@ -37,7 +37,7 @@ __all__ = ["BACKENDS", "LoweredModule", "as_pair", "check_qparams", "quantize_we
 #: ``x86``: oneDNN/aten integer kernels where their preconditions hold, reference elsewhere.
 #: ``reference``: portable torch ops only (dequantize, float compute, requantize).
 BACKENDS = ("x86", "reference")
-_IMPLEMENTATIONS = {name: getattr(fxcompress_ops.impl, name) for name in fxcompress_ops.library.SCHEMAS}
+_IMPLEMENTATIONS = {name: getattr(fxcompress.oplib.impl, name) for name in fxcompress.oplib.library.SCHEMAS}
 
 
 def run_op(name: str, *args: Any) -> Any:
@@ -140,7 +140,7 @@ class LoweredModule(nn.Module):
     def reset_cache(self) -> None:
         """Forget this module's packed weights; the next call rebuilds them. Edits through
         ``load_state_dict`` or in place (outside inference mode) are seen without it."""
-        fxcompress_ops.forget(*self.buffers(recurse=False))
+        fxcompress.oplib.forget(*self.buffers(recurse=False))
 
     def register_qparams(self, prefix: str) -> None:
         """Register ``{prefix}_scale`` (float32, 0-d) and ``{prefix}_zero_point`` (int32, 0-d)."""

@@ -23,7 +23,7 @@ from fxcompress.quant.kernels import (
 from fxcompress.quant.isa import int8_arithmetic
 from fxcompress.quant.lowered_base import LoweredModule, run_op, summarize
 from fxcompress.quant.qparams import pack_int, unpack_int
-from fxcompress_ops.impl import WEIGHT_ONLY_KERNEL_MAX_ROWS
+from fxcompress.oplib.impl import WEIGHT_ONLY_KERNEL_MAX_ROWS
 
 __all__ = ["GRANULARITIES", "DEFAULT_GRANULARITY", "DynamicQuantLinear", "WeightOnlyLinear"]
 
@@ -32,7 +32,7 @@ GRANULARITIES = ("per_token", "per_tensor")
 #: per token on vit_b_16 and a BERT-style encoder, at the same output cosine (>= 0.999).
 DEFAULT_GRANULARITY = "per_tensor"
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Above this many rows the weight-only kernels lose to a bf16 matmul (fxcompress_ops.impl).
+# Above this many rows the weight-only kernels lose to a bf16 matmul (fxcompress.oplib.impl).
 _KERNEL_MAX_ROWS = WEIGHT_ONLY_KERNEL_MAX_ROWS
 _REFERENCE_ONLY = Support(False, "backend='reference' was requested")
 

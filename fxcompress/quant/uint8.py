@@ -1,12 +1,12 @@
 """Portable uint8 activation helpers: (de)quantization, post-ops, max pooling.
 
-Defined in the operator library (:mod:`fxcompress_ops.arith`, which documents the
+Defined in the operator library (:mod:`fxcompress.oplib.arith`, which documents the
 rounding conventions and measured costs), so that a deployed model computes exactly what
 fxcompress computes; this module keeps the names where fxcompress code and users import
 them.
 """
 
-from fxcompress_ops.arith import (
+from fxcompress.oplib.arith import (
     quantize_uint8,
     quantize_product_uint8,
     dequantize_uint8,

@@ -8,17 +8,17 @@ a kernel error (``fxcompress.errors.LoweringError`` under fxcompress) when they 
 answers the same question in advance with a :class:`Support` (truthy when the fast path
 may be used, otherwise carrying the reason a lowering report shows).
 
-Numeric conventions, shared with the reference path (:mod:`fxcompress_ops.arith`):
+Numeric conventions, shared with the reference path (:mod:`fxcompress.oplib.arith`):
 
 * activations are uint8 affine per tensor: ``q = clamp(round(x * (1 / scale) + zp), 0, 255)``
-  and ``x ~= (q - zp) * scale`` (see :mod:`fxcompress_ops.arith`);
+  and ``x ~= (q - zp) * scale`` (see :mod:`fxcompress.oplib.arith`);
 * static weights are int8 symmetric per output channel: ``w ~= q[c] * scale[c]`` (oneDNN
   ignores weight zero points, so none are stored);
 * the oneDNN kernels requantize inside the kernel (round half to even); the reference
-  path computes the arithmetic they are specified by (:mod:`fxcompress_ops.arith`),
+  path computes the arithmetic they are specified by (:mod:`fxcompress.oplib.arith`),
   and each kernel path (AVX2, AVX512-VNNI, AMX) is within one code of it per op
   (:mod:`fxcompress.quant.contract`). On CPUs whose int8 dot products saturate
-  (:mod:`fxcompress_ops.isa`), only weights that cannot overflow them take the kernels.
+  (:mod:`fxcompress.oplib.isa`), only weights that cannot overflow them take the kernels.
 
 Facts checked on torch 2.14.1 (x86, AVX512-VNNI): prepacking a conv weight for the real
 input height/width matters (a 512x512 3x3 conv on 7x7 ran 3.6x slower when packed
@@ -36,8 +36,8 @@ from typing import Sequence
 
 import torch
 
-from fxcompress_ops.errors import fail
-from fxcompress_ops.isa import PAIR_LIMIT, int8_arithmetic, pair_overflow
+from fxcompress.oplib.errors import fail
+from fxcompress.oplib.isa import PAIR_LIMIT, int8_arithmetic, pair_overflow
 
 __all__ = [
     "Support",
@@ -113,7 +113,7 @@ def onednn_int8_support() -> Support:
 
     Whether a given layer may run on them is :func:`int8_weight_support`'s question: on
     CPUs whose int8 dot products saturate (AVX2, AVX512 without VNNI; see
-    :mod:`fxcompress_ops.isa`) only weights that cannot overflow are computed exactly.
+    :mod:`fxcompress.oplib.isa`) only weights that cannot overflow are computed exactly.
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return _no(f"the oneDNN int8 kernels need an x86-64 CPU, this is {platform.machine()}")
@@ -132,7 +132,7 @@ def int8_weight_support(weight: torch.Tensor) -> Support:
 
     Always on CPUs with exact 32-bit dot products (VNNI, AMX). On those that add
     products in saturating 16-bit pairs, only when no two same-sign weights of an output
-    channel sum to more than 128 in magnitude (:func:`fxcompress_ops.isa.pair_overflow`),
+    channel sum to more than 128 in magnitude (:func:`fxcompress.oplib.isa.pair_overflow`),
     which every weight of at most 7 bits satisfies.
     """
     base = onednn_int8_support()

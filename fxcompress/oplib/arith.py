@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fxcompress_ops.errors import fail
+from fxcompress.oplib.errors import fail
 
 __all__ = [
     "accumulate",

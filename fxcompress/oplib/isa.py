@@ -127,7 +127,7 @@ def int8_arithmetic() -> Int8Arithmetic:
     Probes a 1x1, a 3x3, a 3-channel 7x7 (a network's first conv), a depthwise conv and
     a linear, each of whose exact results fit float32; the products are exact only if
     every probe is. Call only where the oneDNN int8 ops exist (see
-    :func:`fxcompress_ops.kernels.onednn_int8_support`).
+    :func:`fxcompress.oplib.kernels.onednn_int8_support`).
     """
     with torch.inference_mode():
         exact = (_probe_conv(64, 1, 1) and _probe_conv(64, 3, 1) and _probe_conv(3, 7, 1)

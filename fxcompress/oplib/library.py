@@ -5,10 +5,10 @@ Each operator is one lowered module's computation with every parameter explicit:
 constants (geometry, post-op names, ``use_kernels``). Nothing about them is data-dependent
 at trace time, so ``torch.compile`` treats them as opaque calls (inductor fuses the float
 ops around them) and ``torch.export`` records them by name: an exported program needs
-``import fxcompress_ops`` to run, and nothing else from fxcompress.
+``import fxcompress.oplib`` to run, and nothing else from fxcompress.
 
 The fake implementations give the exact output shape, dtype and strides the CPU
-implementation returns (:mod:`fxcompress_ops.impl` fixes the layouts), with symbolic
+implementation returns (:mod:`fxcompress.oplib.impl` fixes the layouts), with symbolic
 batch sizes. ``qconv_add_`` writes into its ``residual`` argument (``Tensor(a!)``): under
 ``torch.compile`` it is functionalized and inductor re-inplaces it where nothing reads
 the residual afterwards.
@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fxcompress_ops import impl
+from fxcompress.oplib import impl
 
 __all__ = ["NAMESPACE", "SCHEMAS"]
 

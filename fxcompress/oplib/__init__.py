@@ -1,11 +1,11 @@
 """fxcompress's operator library: the int8 kernels of lowered models as ``torch.ops.fxcompress``.
 
-``import fxcompress_ops`` registers the operators (:mod:`.library`) with ``torch.library``;
+``import fxcompress.oplib`` registers the operators (:mod:`.library`) with ``torch.library``;
 it imports torch and nothing else, so a program made by ``torch.export`` from a lowered
 fxcompress model loads and runs where only torch and this library are installed::
 
     import torch
-    import fxcompress_ops  # registers torch.ops.fxcompress.*
+    import fxcompress.oplib  # registers torch.ops.fxcompress.*
 
     program = torch.export.load("model.pt2")
     y = program.module()(x)
@@ -19,8 +19,8 @@ compilers (:mod:`.library`). fxcompress's lowered modules call the same function
 model computes the same numbers eagerly, compiled, exported or loaded.
 """
 
-from fxcompress_ops import library
-from fxcompress_ops.cache import forget
-from fxcompress_ops.errors import KernelError, OpConfigError, OpInputError
+from fxcompress.oplib import library
+from fxcompress.oplib.cache import forget
+from fxcompress.oplib.errors import KernelError, OpConfigError, OpInputError
 
 __all__ = ["library", "forget", "KernelError", "OpConfigError", "OpInputError"]

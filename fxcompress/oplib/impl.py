@@ -1,6 +1,6 @@
 """What each operator computes: the kernel where it may run for this call, else the reference.
 
-Every function here is the CPU implementation of one operator of :mod:`fxcompress_ops.library`
+Every function here is the CPU implementation of one operator of :mod:`fxcompress.oplib.library`
 and is called either through the dispatcher (``torch.ops.fxcompress.<name>``: under
 ``torch.compile``, ``torch.export`` and in exported programs) or directly by fxcompress's
 lowered modules when they run eagerly (the dispatcher's Python round trip costs about as
@@ -8,8 +8,8 @@ much as a small op). The two are the same computation.
 
 The selection is made per call, on this machine: the oneDNN kernel when its preconditions
 hold for the call's shapes and, on CPUs whose int8 products saturate (AVX2), for the
-layer's weights (:func:`fxcompress_ops.kernels.int8_weight_support`); otherwise the
-reference arithmetic of :mod:`fxcompress_ops.arith`, which the kernels are held to (one
+layer's weights (:func:`fxcompress.oplib.kernels.int8_weight_support`); otherwise the
+reference arithmetic of :mod:`fxcompress.oplib.arith`, which the kernels are held to (one
 code per op). ``use_kernels=False`` (``backend="reference"``) always takes the reference.
 A program exported on one CPU therefore re-selects on the CPU that runs it.
 
@@ -26,14 +26,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from fxcompress_ops import cache
-from fxcompress_ops.arith import (
+from fxcompress.oplib import cache
+from fxcompress.oplib.arith import (
     accumulate, add_dequantized, apply_post_op, choose_qparams_uint8, dequantize_uint8, max_pool2d_uint8,
     quantize_per_token_int8, quantize_product_uint8, quantize_uint8, rescale, unpack_unsigned,
 )
-from fxcompress_ops.errors import fail
-from fxcompress_ops.isa import int8_arithmetic
-from fxcompress_ops.kernels import (
+from fxcompress.oplib.errors import fail
+from fxcompress.oplib.isa import int8_arithmetic
+from fxcompress.oplib.kernels import (
     QConvKernel, QLinearKernel, int4pack_mm, int4pack_scales_and_zeros, int4pack_weight, int8_weight_support,
     int8pack_mm, int_mm, onednn_int8_support, supports_int4pack_mm, supports_int8pack_mm, supports_qconv,
     supports_qlinear,
@@ -134,7 +134,7 @@ def _conv_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
                     padding: Sequence[int], dilation: Sequence[int], groups: int, post_op: str,
                     post_op_args: Sequence[float], residual: torch.Tensor | None = None, rs: float | None = None,
                     rzp: int = 0) -> torch.Tensor:
-    """The arithmetic the kernel is held to, with portable ops (:mod:`fxcompress_ops.arith`)."""
+    """The arithmetic the kernel is held to, with portable ops (:mod:`fxcompress.oplib.arith`)."""
     dims = weight.dim() - 2
     conv = _CONV[dims]
     acc = accumulate(lambda a, w: conv(a, w, None, list(stride), list(padding), list(dilation), groups),
