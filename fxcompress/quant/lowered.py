@@ -10,8 +10,9 @@ and why. ``backend="reference"`` runs the same arithmetic with portable torch op
 Static int8 activations stay uint8 channels-last between ops: :class:`QuantConv2d`
 requantizes inside the kernel, so consecutive int8 ops never round-trip through float.
 This module defines the (de)quantization modules and the static linear; it re-exports the
-static convs (:mod:`.lowered_conv`), the dynamic/weight-only linears and the uint8
-pooling/add modules so that callers import everything from here.
+static convs (:mod:`.lowered_conv`), the dynamic/weight-only linears, the uint8 pools and
+the uint8 add so that callers import everything from here. Each class registers its MACs
+counter in its own file (its artifact codec is registered by :class:`LoweredModule`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from fxcompress.quant.kernels import LINEAR_POST_OPS, POST_OPS, Support, int8_we
 from fxcompress.quant.lowered_base import LoweredModule, quantize_weight_int8, run_op, summarize
 from fxcompress.quant.lowered_conv import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvNd
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
-from fxcompress.quant.lowered_pool import QuantAdaptiveAvgPool2d, QuantAdd, QuantMaxPool2d
+from fxcompress.quant.lowered_add import QuantAdd
+from fxcompress.quant.lowered_pool import QuantAdaptiveAvgPool2d, QuantMaxPool2d
 
 __all__ = [
     "LoweredModule",
@@ -238,16 +240,8 @@ class QuantLinear(LoweredModule):
                 f"backend={self.backend}")
 
 
-def _count_conv_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, int]:
-    return macs.count_conv(gm, node, gm.get_submodule(str(node.target)).weight.shape)
-
-
 def _count_linear_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, int]:
     return macs.count_linear(gm, node, gm.get_submodule(str(node.target)).in_features)
 
 
-for _conv in (QuantConv1d, QuantConv2d, QuantConv3d):
-    macs.register_module(_conv, _count_conv_macs)
 macs.register_module(QuantLinear, _count_linear_macs)
-macs.register_module(DynamicQuantLinear, _count_linear_macs)
-macs.register_module(WeightOnlyLinear, _count_linear_macs)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, Support, int8_weight_support, supports_qconv
 from fxcompress.quant.lowered_base import LoweredModule, quantize_weight_int8, run_op, summarize
@@ -268,3 +269,12 @@ class QuantConv3d(QuantConvNd):
     """Static int8 3-D conv (see :class:`QuantConvNd`)."""
 
     spatial_dims = 3
+
+
+def _count_conv_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, int]:
+    return macs.count_conv(gm, node, gm.get_submodule(str(node.target)).weight.shape)
+
+
+# Registered here, next to the classes: whichever pass creates them, their MACs count.
+for _conv in (QuantConv1d, QuantConv2d, QuantConv3d):
+    macs.register_module(_conv, _count_conv_macs)

@@ -1,4 +1,5 @@
-"""uint8 ops between int8 convs: max pool, adaptive average pool, residual add.
+"""uint8 pools between int8 convs: max pool and adaptive average pool (the residual add is
+:mod:`.lowered_add`).
 
 They keep activations uint8 (channels-last) so consecutive int8 ops never round-trip
 through float. Why these implementations (torch 2.14.1, 1 thread, see
@@ -6,9 +7,8 @@ benchmarks/kernels.py): aten's uint8 ``max_pool2d`` raises on channels-last inpu
 is ~180x slower than ATen's ``quantized::max_pool2d`` on NCHW; aten has no uint8
 average pool and uint8 ``+`` wraps around; ``onednn::qadd`` reads its uint8 inputs as
 int8 on its vectorised path (wrong for values > 127), so it is not used. Average pooling
-with equal windows and same-shape adds therefore run as oneDNN depthwise int8 convs with
-all-ones weights (exact integer sums, requantized inside the kernel; the add uses the
-fused ``sum``), other cases take the float reference.
+with equal windows therefore runs as a oneDNN depthwise int8 conv with all-ones weights
+(exact integer sums, requantized inside the kernel), other cases take the float reference.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fxcompress.quant.kernels import Support, supports_qconv
 from fxcompress.quant.lowered_base import LoweredModule, as_pair, run_op, summarize
 from fxcompress.quant.uint8 import supports_uint8_max_pool2d
 
-__all__ = ["QuantMaxPool2d", "QuantAdaptiveAvgPool2d", "QuantAdd"]
+__all__ = ["QuantMaxPool2d", "QuantAdaptiveAvgPool2d"]
 
 _REFERENCE_ONLY = Support(False, "backend='reference' was requested")
 
@@ -124,55 +124,3 @@ class QuantAdaptiveAvgPool2d(LoweredModule):
         return (f"output_size={self.output_size}, bits=8, in=({summarize(self.input_scale)}, "
                 f"{int(self.input_zero_point)}), out=({summarize(self.output_scale)}, "
                 f"{int(self.output_zero_point)}), backend={self.backend}")
-
-
-class QuantAdd(LoweredModule):
-    """``requant(deq(a) + deq(b))`` (optionally ReLU-ed) of two uint8 activations.
-
-    Same-shape 4-D inputs run as a oneDNN depthwise 1x1 int8 conv of ``a`` (weights 1)
-    with ``b`` fused as ``sum``; ``b`` is copied first because that kernel writes into it.
-    Other shapes (broadcasting, other ranks) take the float reference.
-    """
-
-    def __init__(self, *, relu: bool = False, backend: str = "x86") -> None:
-        super().__init__(backend)
-        self.relu = bool(relu)
-        self.register_qparams("input")
-        self.register_qparams("other")
-        self.register_qparams("output")
-
-    @classmethod
-    def from_qparams(cls, input_qparams: tuple[float, int], other_qparams: tuple[float, int],
-                     output_qparams: tuple[float, int], *, relu: bool = False,
-                     backend: str = "x86") -> QuantAdd:
-        """Build from ``(scale, zero_point)`` pairs of ``a``, ``b`` and the result."""
-        m = cls(relu=relu, backend=backend)
-        m.set_qparams("input", *input_qparams)
-        m.set_qparams("other", *other_qparams)
-        m.set_qparams("output", *output_qparams)
-        return m
-
-    def config(self) -> dict[str, Any]:
-        return {"relu": self.relu, "backend": self.backend}
-
-    def kernel_support(self, a_shape: Sequence[int], b_shape: Sequence[int]) -> Support:
-        """Whether the fused depthwise-conv kernel runs for these input shapes, or why not."""
-        if self.backend == "reference":
-            return _REFERENCE_ONLY
-        if tuple(a_shape) != tuple(b_shape) or len(a_shape) != 4:
-            return Support(False, f"only same-shape 4-D adds are fused, got {tuple(a_shape)} + {tuple(b_shape)}")
-        return supports_qconv((a_shape[1], 1, 1, 1), a_shape, stride=(1, 1), padding=(0, 0),
-                              dilation=(1, 1), groups=a_shape[1], post_op="relu" if self.relu else "none",
-                              residual=True)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if a.dtype != torch.uint8 or b.dtype != torch.uint8:
-            raise InputError(f"QuantAdd expects uint8 activations, got {a.dtype} and {b.dtype}")
-        return run_op("add", a, b, self.input_scale, self.input_zero_point, self.other_scale,
-                      self.other_zero_point, self.output_scale, self.output_zero_point, self.relu,
-                      self.use_kernels)
-
-    def extra_repr(self) -> str:
-        return (f"relu={self.relu}, bits=8, a=({summarize(self.input_scale)}, {int(self.input_zero_point)}), "
-                f"b=({summarize(self.other_scale)}, {int(self.other_zero_point)}), "
-                f"out=({summarize(self.output_scale)}, {int(self.output_zero_point)}), backend={self.backend}")
