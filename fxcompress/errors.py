@@ -21,6 +21,7 @@ __all__ = [
     "IntegrityError",
     "ArtifactError",
     "MetricError",
+    "ExportError",
     "DistributedError",
 ]
 
@@ -78,6 +79,11 @@ class ArtifactError(FxCompressError):
 
 class MetricError(FxCompressError, ValueError):
     """An ``eval_fn`` returned something that is not a finite number (None, a string, NaN, Inf)."""
+
+
+class ExportError(FxCompressError):
+    """A model cannot be written for another runtime (ONNX): a module with no mapping there,
+    an opset too old for what the model needs, an exporter failure; nothing is written."""
 
 
 class DistributedError(FxCompressError):
