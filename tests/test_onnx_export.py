@@ -153,3 +153,40 @@ def test_the_callers_model_is_not_changed(static_resnet, tmp_path: Path) -> None
     fxcompress.export_onnx(static_resnet, tmp_path / "q.onnx")
     assert [type(m) for m in static_resnet.model.modules()] == kinds
     assert all(torch.equal(before[k], v) for k, v in static_resnet.model.state_dict().items())
+
+
+@pytest.mark.slow  # one export per kind of op: ~40-80 s on 2 shared cores
+def test_each_lowered_op_is_within_one_code_of_ours_teacher_forced(static_resnet, data, tmp_path: Path) -> None:
+    """Per op, on the inputs ours saw: the QDQ semantics (onnxruntime without graph rewrites,
+    so no CPU-specific int8 kernel) within one code of fxcompress's, and rarely off at all."""
+    from fxcompress.onnx_forms import NO_FORM, onnx_form
+    from fxcompress.quant.lowered_base import LoweredModule
+
+    model, seen, hooks = static_resnet.model, {}, []
+    for path, module in model.named_modules():
+        if isinstance(module, LoweredModule):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, path=path: seen.setdefault(path, [[a.clone() for a in args]]) and None))
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, path=path: seen[path].append(out.clone()) and None))
+    model(data.test_x[:16])
+    for h in hooks:
+        h.remove()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    kinds = {}  # one module of each kind (class, fused residual, output dtype) keeps the test short
+    for path, (args, out) in seen.items():
+        module = model.get_submodule(path)
+        kinds.setdefault((type(module), getattr(module, "residual", None), out.dtype), (path, args, out))
+    assert len(kinds) >= 6
+    for path, args, out in kinds.values():
+        twin = onnx_form(model.get_submodule(path))
+        assert twin is not NO_FORM and not isinstance(twin, str), path
+        torch.onnx.export(twin, tuple(args), str(tmp_path / "op.onnx"), dynamo=True, verbose=False)
+        session = ort.InferenceSession(str(tmp_path / "op.onnx"), options, providers=["CPUExecutionProvider"])
+        theirs = torch.from_numpy(session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})[0])
+        if out.dtype == torch.uint8:
+            diff = (theirs.int() - out.int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, path
+        else:  # float out: the int32-rounded bias moves it by up to half an accumulator step
+            assert torch.allclose(theirs, out, rtol=1e-3, atol=1e-3 * out.abs().max().item()), path
