@@ -68,7 +68,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     **{name: (name, None) for name in (
         "api", "artifact", "attention_mask", "bench", "boundary", "budget", "capture", "cli", "distill",
         "distributed", "errors", "examples", "macs", "manager", "onnx_export", "oplib", "ops", "pass_base",
-        "passes", "prune", "quant", "raising", "recipe_file", "recipes", "registry", "report", "rewrite", "train", "verify", "zoo",
+        "passes", "prune", "quant", "raising", "recipe_file", "recipes", "registry", "report", "rewrite",
+        "train", "verify", "zoo",
     )},
 }
 
