@@ -4,11 +4,13 @@ The public face.  A model is captured with :func:`trace`, a pipeline of passes
 runs under a verifying :class:`PassManager`, and :func:`run` ties both
 together without ever touching the caller's model.
 
-``import fxcompress`` stays light: the subpackages and modules
-(``fxcompress.recipes``, ``.bench``, ``.quant``, ``.prune``, ``.ops``,
-``.macs``, ``.artifact``, ``.budget``, ...), the artifact functions (:func:`save`,
-:func:`load`, :func:`verify_artifact`) and :func:`sensitivity` are imported on
-first attribute access.
+``import fxcompress`` imports nothing of fxcompress's own: every name below,
+the subpackages and modules (``fxcompress.recipes``, ``.bench``, ``.quant``,
+``.prune``, ``.ops``, ``.macs``, ``.artifact``, ``.budget``, ...), the artifact
+functions (:func:`save`, :func:`load`, :func:`verify_artifact`) and
+:func:`sensitivity` are imported on first attribute access.  So
+``import fxcompress.oplib`` (the operator library a ``torch.export``-ed lowered
+model needs) loads that library alone.
 
 ``fxcompress.verify`` is the module of graph invariants
 (``fxcompress.verify.register_check``, ``stage_of``); calling it,
@@ -20,14 +22,6 @@ from __future__ import annotations
 
 import importlib
 from typing import Any
-
-from . import errors, verify
-from .api import Result, run
-from .capture import trace
-from .manager import PassManager
-from .pass_base import Pass, PassContext, PassResult, function_pass
-from .registry import available_passes, get_pass, register, unregister
-from .report import Report
 
 __version__ = "0.1.0"
 
@@ -52,6 +46,7 @@ __all__ = [
     "verify",
     "errors",
     "sensitivity",
+    "export_onnx",
     "__version__",
 ]
 
@@ -62,10 +57,19 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "verify_artifact": ("artifact", "verify"),
     "finetune": ("train", "finetune"),
     "sensitivity": ("budget", "sensitivity"),
+    "export_onnx": ("onnx_export", "export_onnx"),
+    "run": ("api", "run"),
+    "Result": ("api", "Result"),
+    "trace": ("capture", "trace"),
+    "PassManager": ("manager", "PassManager"),
+    "Report": ("report", "Report"),
+    **{name: ("pass_base", name) for name in ("Pass", "PassContext", "PassResult", "function_pass")},
+    **{name: ("registry", name) for name in ("available_passes", "get_pass", "register", "unregister")},
     **{name: (name, None) for name in (
         "api", "artifact", "attention_mask", "bench", "boundary", "budget", "capture", "cli", "distill",
-        "distributed", "examples", "macs", "manager", "ops", "pass_base", "passes", "prune", "quant",
-        "raising", "recipe_file", "recipes", "registry", "report", "rewrite", "train", "zoo",
+        "distributed", "errors", "examples", "macs", "manager", "onnx_export", "oplib", "ops", "pass_base",
+        "passes", "prune", "quant", "raising", "recipe_file", "recipes", "registry", "report", "rewrite",
+        "train", "verify", "zoo",
     )},
 }
 

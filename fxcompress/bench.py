@@ -72,6 +72,8 @@ class ModelFigures:
     serialized_bytes: int
     latency: dict[int, Latency] = field(default_factory=dict)
     metric: float | None = None
+    #: Latency of ``torch.compile(model)`` (inductor), when ``compare(..., compiled=True)``.
+    compiled_latency: dict[int, Latency] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class Comparison:
         def figures(f: ModelFigures) -> dict[str, Any]:
             d = asdict(f)
             d["latency"] = {str(t): asdict(lat) for t, lat in f.latency.items()}
+            d["compiled_latency"] = {str(t): asdict(lat) for t, lat in f.compiled_latency.items()}
             return d
 
         return {
@@ -135,6 +138,10 @@ class Comparison:
         for t in self.threads:
             rows.append([f"latency, {t} thread{'s' if t > 1 else ''}", _ms(a.latency[t]), _ms(b.latency[t]),
                          f"speedup {self.speedup(t):.2f}x"])
+        for t in self.threads if b.compiled_latency else ():
+            ca, cb = a.compiled_latency[t], b.compiled_latency[t]
+            rows.append([f"latency compiled, {t} thread{'s' if t > 1 else ''}", _ms(ca), _ms(cb),
+                         f"speedup {ca.median / cb.median:.2f}x"])
         if a.metric is not None or b.metric is not None:
             delta = f"{b.metric - a.metric:+.4g}" if a.metric is not None and b.metric is not None else ""
             rows.append(["task metric", _num(a.metric), _num(b.metric), delta])
@@ -161,6 +168,7 @@ def compare(
     threads: tuple[int, ...] = (1, 2),
     min_run_time: float = 1.0,
     rounds: int = 4,
+    compiled: bool = False,
 ) -> Comparison:
     """Measure ``original`` and ``compressed`` side by side on ``inputs``.
 
@@ -175,7 +183,9 @@ def compare(
     MACs are counted on a shape-annotated graph (a model that is not a
     ``GraphModule`` is captured with :func:`fxcompress.trace`).  Both models
     must be in eval mode, since measuring a model in training mode would
-    update its BatchNorm statistics.
+    update its BatchNorm statistics.  With ``compiled=True`` both models are
+    also timed under ``torch.compile`` (inductor; lowered models compile
+    through :mod:`fxcompress.oplib`), reported as ``compiled_latency``.
     """
     args, kwargs = normalize_inputs(inputs)
     for role, model in (("original", original), ("compressed", compressed)):
@@ -199,6 +209,10 @@ def compare(
             notes.append(f"the compressed model is slower than the original at {t} thread{'s' * (t > 1)}: "
                          f"{lat_b.median * 1e3:.3f} ms vs {lat_a.median * 1e3:.3f} ms "
                          f"(speedup {lat_a.median / lat_b.median:.2f}x)")
+    if compiled and threads:
+        fast = [torch.compile(m) for m in (original, compressed)]
+        for t, (lat_a, lat_b) in _latencies(*fast, args, kwargs, threads, min_run_time, rounds).items():
+            figures[0].compiled_latency[t], figures[1].compiled_latency[t] = lat_a, lat_b
     if eval_fn is not None:
         figures[0].metric, figures[1].metric = float(eval_fn(original)), float(eval_fn(compressed))
     for note in notes:

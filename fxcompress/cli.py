@@ -16,6 +16,9 @@ Subcommands:
     and after and a side-by-side comparison.
 ``keygen --private FILE --public FILE`` / ``verify PATH [--public-key FILE]``
     signing keys for artifacts, and an artifact's integrity (and signature) check.
+``inspect ARTIFACT`` / ``compare ORIGINAL COMPRESSED --data ...`` / ``export-onnx ARTIFACT OUT.onnx``
+    an artifact's manifest, pipeline, report, signature and history; two artifacts side by
+    side; an artifact as ONNX (see :mod:`fxcompress.cli_artifacts`).
 
 Errors a user can cause (:class:`~fxcompress.errors.FxCompressError`) print one
 line to stderr and exit with status 2; anything else keeps its traceback, since
@@ -103,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--public-key", metavar="FILE", help="also require a valid signature by this key")
     p.set_defaults(func=_cmd_verify)
+
+    from .cli_artifacts import add_parsers  # inspect, compare, export-onnx
+
+    add_parsers(sub)
     return parser
 
 

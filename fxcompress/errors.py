@@ -21,6 +21,7 @@ __all__ = [
     "IntegrityError",
     "ArtifactError",
     "MetricError",
+    "ExportError",
     "DistributedError",
 ]
 
@@ -80,6 +81,22 @@ class MetricError(FxCompressError, ValueError):
     """An ``eval_fn`` returned something that is not a finite number (None, a string, NaN, Inf)."""
 
 
+class ExportError(FxCompressError):
+    """A model cannot be written for another runtime (ONNX): a module with no mapping there,
+    an opset too old for what the model needs, an exporter failure; nothing is written."""
+
+
 class DistributedError(FxCompressError):
     """A run across processes failed: a rank raised (every rank then raises this, naming it),
     the ranks disagree about the model or data, or the process group cannot carry the tensors."""
+
+
+def _install_in_operator_library() -> None:
+    # The operator library (fxcompress.oplib) imports torch only; under fxcompress its
+    # operators raise these classes, as the lowered modules did before it existed.
+    from fxcompress.oplib.errors import use_error_classes
+
+    use_error_classes(input=InputError, config=ConfigError, kernel=LoweringError)
+
+
+_install_in_operator_library()

@@ -36,7 +36,8 @@ def test_identical_models_agree_perfectly(digits) -> None:
     assert c.original.macs == c.compressed.macs > 0
     d = c.to_dict()
     assert set(d) == {"threads", "original", "compressed", "speedup", "agreement", "warnings"}
-    assert set(d["original"]) == {"parameters", "macs", "serialized_bytes", "latency", "metric"}
+    assert set(d["original"]) == {"parameters", "macs", "serialized_bytes", "latency", "metric",
+                                  "compiled_latency"}
     assert set(d["original"]["latency"]["1"]) == {"threads", "median", "iqr", "blocks"}
     assert d["original"]["latency"]["1"]["median"] > 0 and set(d["speedup"]) == {"1"}
     json.dumps(d)  # plain data throughout
@@ -167,3 +168,13 @@ def test_compare_does_not_write_into_the_inputs() -> None:
     compare(Halves().eval(), Halves().eval(), x, threads=(1,), min_run_time=0.01, rounds=1)
     assert torch.equal(x, torch.ones(4, 3))
 
+
+
+
+def test_compare_times_compiled_models_when_asked(digits) -> None:
+    data, model = digits
+    fused = fxcompress.run(model, ["fuse_conv_bn"], data.test_x[:4], progress=False).model
+    c = compare(model, fused, data.test_x[:4], threads=(1,), min_run_time=0.02, rounds=2, compiled=True)
+    assert set(c.original.compiled_latency) == set(c.compressed.compiled_latency) == {1}
+    assert c.compressed.compiled_latency[1].median > 0 and "latency compiled, 1 thread" in c.table()
+    assert c.to_dict()["compressed"]["compiled_latency"]["1"]["blocks"] >= 1

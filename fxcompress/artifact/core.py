@@ -33,17 +33,23 @@ import torch
 from fxcompress.artifact import graph_codec, signing, zipio
 from fxcompress.errors import ArtifactError, IntegrityError
 
-__all__ = ["FORMAT_VERSION", "SUPPORTED_VERSIONS", "MEMBERS", "save", "load", "verify", "check_target"]
+__all__ = ["FORMAT_VERSION", "SUPPORTED_VERSIONS", "MEMBERS", "save", "load", "verify", "check_target",
+           "lineage_step"]
 
 FORMAT = "fxcompress.artifact"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST, GRAPH, WEIGHTS, SIGNATURE = "manifest.json", "graph.json", "weights.safetensors", "manifest.sig"
 MEMBERS = (GRAPH, MANIFEST, SIGNATURE, WEIGHTS)
 _MAGIC = b"fxcompress-artifact manifest-sha256:"
 _META_KEY = "fxcompress_artifact"  # gm.meta entry of a loaded model; survives deepcopy
-_MANIFEST_KEYS = {"format", "format_version", "versions", "members", "model", "pipeline",
-                  "source_state_sha256", "report", "parent", "extra", "signature"}
+_HISTORY_KEY = "fxcompress_history"  # fxcompress.manager.HISTORY_KEY: the passes run on a graph
+_MANIFEST_KEYS_V1 = {"format", "format_version", "versions", "members", "model", "pipeline",
+                     "source_state_sha256", "report", "parent", "extra", "signature"}
+# Version 2 adds the lineage (earlier steps, oldest first), the passes run so far (so a
+# loaded model can continue a pipeline whose passes require earlier ones) and the graph
+# inputs' shapes and dtypes (what exporters need to know about the model's inputs).
+_MANIFEST_KEYS = {1: _MANIFEST_KEYS_V1, 2: _MANIFEST_KEYS_V1 | {"history", "passes_run", "inputs"}}
 
 
 def _canonical(obj: Any) -> bytes:
@@ -79,6 +85,29 @@ def _pipeline(entries: Any) -> list | None:
         else:
             raise ArtifactError(f"pipeline entry {e!r} is not a name, (name, options) or dict")
     return out
+
+
+def _input_specs(gm: torch.fx.GraphModule) -> list[dict] | None:
+    """Name, shape and dtype of each graph input, where shape propagation recorded them."""
+    specs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            return None
+        specs.append({"name": node.target, "shape": [int(d) for d in meta.shape],
+                      "dtype": str(meta.dtype).removeprefix("torch.")})
+    return specs
+
+
+def lineage_step(manifest: dict, digest: str) -> dict:
+    """What the lineage of a model saved from this artifact records about it: its id, passes,
+    pipeline, when and with what it was made, and whether it was signed."""
+    report = manifest.get("report") or {}
+    return {"id": digest, "pipeline": manifest.get("pipeline"), "passes_run": manifest.get("passes_run"),
+            "versions": manifest.get("versions"), "before": report.get("before"), "after": report.get("after"),
+            "signed_by": (manifest.get("signature") or {}).get("public_key")}
 
 
 def _fxcompress_version() -> str:
@@ -139,6 +168,7 @@ def save(
         raise ArtifactError(f"safetensors cannot store the model's tensors: {exc}") from exc
     members = {GRAPH: _canonical(doc), WEIGHTS: weights_bytes}
     params = {id(p): p for p in gm.parameters()}
+    loaded_from = getattr(gm, "meta", {}).get(_META_KEY, {})
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -150,7 +180,10 @@ def save(
         "pipeline": pipeline,
         "source_state_sha256": source,
         "report": report,
-        "parent": getattr(gm, "meta", {}).get(_META_KEY, {}).get("manifest_sha256"),
+        "parent": loaded_from.get("manifest_sha256"),
+        "history": _jsonable(loaded_from.get("history", [])),
+        "passes_run": _jsonable(list(getattr(gm, "meta", {}).get(_HISTORY_KEY, []))),
+        "inputs": _input_specs(gm) or _jsonable(loaded_from.get("inputs")),
         "extra": extra,
         "signature": None if signer is None else {
             "algorithm": signing.ALGORITHM, "public_key": signing.raw(signer.public_key()).hex()},
@@ -318,12 +351,18 @@ def _check_manifest(m: Any, where: str) -> None:
     if m.get("format_version") not in SUPPORTED_VERSIONS:
         raise ArtifactError(f"{where} has format version {m.get('format_version')!r}; this fxcompress reads "
                             f"versions {list(SUPPORTED_VERSIONS)}: use the fxcompress version that wrote it")
-    members = m.get("members")
-    if set(m) != _MANIFEST_KEYS or not isinstance(members, dict) or set(members) != {GRAPH, WEIGHTS} or not all(
+    members, layout = m.get("members"), _MANIFEST_KEYS[m["format_version"]]
+    if set(m) != layout or not isinstance(members, dict) or set(members) != {GRAPH, WEIGHTS} or not all(
         isinstance(e, dict) and set(e) == {"sha256", "bytes"} and isinstance(e["bytes"], int)
         and isinstance(e["sha256"], str) for e in members.values()
     ):
-        raise ArtifactError(f"malformed artifact {where}: manifest.json does not have the version-1 layout")
+        raise ArtifactError(f"malformed artifact {where}: manifest.json does not have the "
+                            f"version-{m['format_version']} layout")
+    steps, passes = m.get("history", []), m.get("passes_run", [])
+    if not (isinstance(steps, list) and all(isinstance(h, dict) for h in steps) and isinstance(passes, list)
+            and all(isinstance(p, str) for p in passes)):
+        raise ArtifactError(f"malformed artifact {where}: manifest.json's history or passes_run is not a list "
+                            f"of steps and pass names")
     sig = m["signature"]
     if sig is not None and not (isinstance(sig, dict) and sig.get("algorithm") == signing.ALGORITHM
                                 and set(sig) == {"algorithm", "public_key"} and isinstance(sig["public_key"], str)):
@@ -387,8 +426,10 @@ def load(path: str | os.PathLike, *, public_key: signing.KeyArg | None = None) -
     allow-listed functions and modules, the tensors are read with safetensors.
     The loaded model's outputs are bit-identical to the saved model's, its
     training flags are restored, and ``gm.meta["fxcompress_artifact"]`` holds
-    the artifact's id (``manifest_sha256``), so a model saved from it records
-    this artifact as its ``parent``.  Memory: the weights member is read once
+    the artifact's id (``manifest_sha256``) and its lineage, so a model saved from
+    it records this artifact as its ``parent`` and every earlier step in its
+    ``history``; the passes run so far are restored in ``gm.meta["fxcompress_history"]``
+    (a pipeline continued on the loaded model may ``require`` them).  Memory: the weights member is read once
     (hashed and parsed from the same bytes), then turned into tensors.
     """
     key = signing.public_key(public_key) if public_key is not None else None
@@ -401,5 +442,9 @@ def load(path: str | os.PathLike, *, public_key: signing.KeyArg | None = None) -
         raise ArtifactError(f"malformed artifact {path}: weights.safetensors: {exc}") from exc
     gm = graph_codec.decode(doc, weights)
     gm.meta[_META_KEY] = {"manifest_sha256": digest, "format_version": manifest["format_version"],
-                          "signed_by": signing.fingerprint(key) if key is not None else None}
+                          "signed_by": signing.fingerprint(key) if key is not None else None,
+                          "history": [*manifest.get("history", []), lineage_step(manifest, digest)],
+                          "inputs": manifest.get("inputs")}
+    if manifest.get("passes_run"):  # so that `requires` holds when the pipeline continues
+        gm.meta[_HISTORY_KEY] = list(manifest["passes_run"])
     return gm

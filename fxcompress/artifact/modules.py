@@ -92,6 +92,8 @@ _DERIVED = {"bias": ("has", "bias"), "add_bias_kv": ("has", "bias_k")}
 _DERIVED_BY_CLASS = {"MultiheadAttention": {"bias": ("has", "in_proj_bias")}}
 _SWIN = {"dim": ("attr", "qkv.in_features"), "qkv_bias": ("has", "qkv.bias"), "proj_bias": ("has", "proj.bias")}
 # torchvision modules a user may keep as leaves (tracing goes through them by default).
+# Registered classes that moved to another module: the name older artifacts store -> the current one.
+_RENAMED = {"fxcompress.quant.lowered_pool.QuantAdd": "fxcompress.quant.lowered_add.QuantAdd"}
 _TORCHVISION = {
     "torchvision.ops.stochastic_depth.StochasticDepth": {},
     "torchvision.ops.misc.Permute": {},
@@ -213,6 +215,7 @@ def _builtins() -> None:
 
 def _lookup_name(name: str) -> _Codec:
     _builtins()
+    name = _RENAMED.get(name, name)
     if name not in _by_name and name.startswith("fxcompress."):
         import_fxcompress_module(name)
     if name not in _by_name and name in _TORCHVISION:

@@ -10,8 +10,9 @@ and why. ``backend="reference"`` runs the same arithmetic with portable torch op
 Static int8 activations stay uint8 channels-last between ops: :class:`QuantConv2d`
 requantizes inside the kernel, so consecutive int8 ops never round-trip through float.
 This module defines the (de)quantization modules and the static linear; it re-exports the
-static convs (:mod:`.lowered_conv`), the dynamic/weight-only linears and the uint8
-pooling/add modules so that callers import everything from here.
+static convs (:mod:`.lowered_conv`), the dynamic/weight-only linears, the uint8 pools and
+the uint8 add so that callers import everything from here. Each class registers its MACs
+counter in its own file (its artifact codec is registered by :class:`LoweredModule`).
 """
 
 from __future__ import annotations
@@ -19,20 +20,16 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
-from fxcompress.quant.int_math import accumulate, rescale
-from fxcompress.quant.kernels import LINEAR_POST_OPS, POST_OPS, QLinearKernel, Support, int8_weight_support, supports_qlinear
-from fxcompress.quant.lowered_base import LoweredModule, quantize_weight_int8, summarize
+from fxcompress.quant.kernels import LINEAR_POST_OPS, POST_OPS, Support, int8_weight_support, supports_qlinear
+from fxcompress.quant.lowered_base import LoweredModule, quantize_weight_int8, run_op, summarize
 from fxcompress.quant.lowered_conv import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvNd
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
-from fxcompress.quant.lowered_pool import QuantAdaptiveAvgPool2d, QuantAdd, QuantMaxPool2d
-from fxcompress.quant.uint8 import (
-    apply_post_op, dequantize_uint8, quantize_product_uint8, quantize_uint8, requantize_uint8,
-)
+from fxcompress.quant.lowered_add import QuantAdd
+from fxcompress.quant.lowered_pool import QuantAdaptiveAvgPool2d, QuantMaxPool2d
 
 __all__ = [
     "LoweredModule",
@@ -106,13 +103,9 @@ class Quantize(LoweredModule):
                 "guard": self.guard, "backend": self.backend}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cache is None:
-            self._cache = {"q": self.qparams("output")}
-        if self.guard and x.is_floating_point() and not bool(torch.isfinite(x.sum())):
-            raise InputError(f"input {self.guard!r} holds NaN or Inf values: a lowered int8 model cannot "
-                             f"represent them (the float model would return NaN or Inf); check or clean "
-                             f"the input")
-        return quantize_uint8(x, *self._cache["q"], self.activation, self.activation_args)
+        # The NaN/Inf guard runs inside the operator: compiled and exported programs keep it.
+        return run_op("quantize", x, self.output_scale, self.output_zero_point, self.activation,
+                      self.activation_args, self.guard)
 
     def extra_repr(self) -> str:
         act = f"activation={self.activation}, " if self.activation != "none" else ""
@@ -142,9 +135,7 @@ class QuantizeProduct(LoweredModule):
         return {"backend": self.backend}
 
     def forward(self, x: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-        if self._cache is None:
-            self._cache = {"q": self.qparams("output")}
-        return quantize_product_uint8(x, gains, *self._cache["q"])
+        return run_op("quantize_product", x, gains, self.output_scale, self.output_zero_point)
 
     def extra_repr(self) -> str:
         return (f"bits=8, scale={summarize(self.output_scale)}, zp={int(self.output_zero_point)}, "
@@ -170,9 +161,7 @@ class Dequantize(LoweredModule):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         _check_uint8(q, "Dequantize")
-        if self._cache is None:
-            self._cache = {"q": self.qparams("input")}
-        return dequantize_uint8(q, *self._cache["q"])
+        return run_op("dequantize", q, self.input_scale, self.input_zero_point)
 
     def extra_repr(self) -> str:
         return (f"bits=8, scale={summarize(self.input_scale)}, zp={int(self.input_zero_point)}, "
@@ -236,24 +225,11 @@ class QuantLinear(LoweredModule):
         _check_uint8(x, "QuantLinear")
         if x.shape[-1] != self.in_features:
             raise InputError(f"QuantLinear expects {self.in_features} input features, got {x.shape[-1]}")
-        cache = self._cache if self._cache is not None else self._init_cache()
-        return cache["run"](x)
-
-    def _init_cache(self) -> dict[Any, Any]:
-        xs, xzp = self.qparams("input")
-        os_, ozp = self.qparams("output") if self.output == "uint8" else (None, 0)
-        cache: dict[Any, Any] = {}
-        if self.kernel_support():
-            kernel = QLinearKernel(self.weight, self.weight_scale, self.bias, post_op=self.post_op,
-                                   post_op_args=self.post_op_args, output_scale=os_,
-                                   output_zero_point=ozp)
-            cache["run"] = lambda x: kernel(x, xs, xzp)
-        else:  # the arithmetic the kernel is held to, with portable ops (int_math)
-            cache["run"] = lambda x: requantize_uint8(apply_post_op(
-                rescale(accumulate(F.linear, x.to(torch.int16) - xzp, self.weight), xs, self.weight_scale,
-                        self.bias, -1), self.post_op, self.post_op_args), os_, ozp)
-        self._cache = cache
-        return cache
+        uint8_out = self.output == "uint8"
+        return run_op("qlinear", x, self.weight, self.weight_scale, self.bias, self.input_scale,
+                      self.input_zero_point, self.output_scale if uint8_out else None,
+                      self.output_zero_point if uint8_out else None, self.post_op, self.post_op_args,
+                      self.use_kernels)
 
     def extra_repr(self) -> str:
         out = (f"out=({summarize(self.output_scale)}, {int(self.output_zero_point)})"
@@ -264,16 +240,8 @@ class QuantLinear(LoweredModule):
                 f"backend={self.backend}")
 
 
-def _count_conv_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, int]:
-    return macs.count_conv(gm, node, gm.get_submodule(str(node.target)).weight.shape)
-
-
 def _count_linear_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, int]:
     return macs.count_linear(gm, node, gm.get_submodule(str(node.target)).in_features)
 
 
-for _conv in (QuantConv1d, QuantConv2d, QuantConv3d):
-    macs.register_module(_conv, _count_conv_macs)
 macs.register_module(QuantLinear, _count_linear_macs)
-macs.register_module(DynamicQuantLinear, _count_linear_macs)
-macs.register_module(WeightOnlyLinear, _count_linear_macs)

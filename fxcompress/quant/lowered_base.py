@@ -1,18 +1,19 @@
-"""The base class of the lowered integer modules: plain-tensor state, rebuildable kernel cache.
+"""The base class of the lowered integer modules: plain-tensor state, operators of the library.
 
-oneDNN's prepacked weights are opaque tensors: they cannot be deep-copied, pickled,
-``torch.save``-d or put in safetensors. A lowered module therefore keeps only plain
-tensors as state (int8/uint8 weights, float32 scales and biases, int32 zero points as in
-:mod:`fxcompress.quant.qparams`) and holds everything derived from them (packed weights,
-Python scalars, dequantized reference weights) in ``self._cache``, a plain attribute that is
+A lowered module keeps only plain tensors as state (int8/uint8 weights, float32 scales and
+biases, int32 zero points as in :mod:`fxcompress.quant.qparams`) and computes with one
+operator of fxcompress's operator library (:mod:`fxcompress.oplib`): eagerly it calls the
+operator's implementation directly (the dispatcher's Python round trip costs about as
+much as a small op), under ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` the
+registered ``torch.ops.fxcompress.*`` operator (:func:`run_op`). Its ``forward`` holds no
+data-dependent Python, so compilers see the operator call with the module's tensors.
 
-* never in ``state_dict()``;
-* dropped by ``load_state_dict``, ``.to()``/``.float()``/any ``_apply``, ``copy.copy``,
-  ``copy.deepcopy`` and pickling;
-* rebuilt lazily on the next call.
-
-Edit state tensors in place only through ``load_state_dict``, or call
-:meth:`LoweredModule.reset_cache` afterwards.
+Everything derived from the state (oneDNN's prepacked weights, which are opaque tensors
+that cannot be deep-copied, pickled, ``torch.save``-d, put in safetensors or exported;
+dequantized reference weights) lives in the library's cache (:mod:`fxcompress.oplib.cache`),
+keyed by the weight tensor and the version counters of the tensors it was derived from:
+never in ``state_dict()``, never carried by a copy, rebuilt on the next call after
+``load_state_dict``, ``.to()`` or any in-place edit of the state.
 
 Every subclass declares the ``"lowered"`` stage role (``fxc_role``, read by
 :mod:`fxcompress.verify`) and is registered with :mod:`fxcompress.artifact` when its class
@@ -27,17 +28,25 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+import fxcompress.oplib
 from fxcompress.artifact.modules import assign_state, register_module
 from fxcompress.errors import ArtifactError, ConfigError, LoweringError
 
-__all__ = ["BACKENDS", "LoweredModule", "as_pair", "check_qparams", "quantize_weight_int8", "summarize"]
+__all__ = ["BACKENDS", "LoweredModule", "as_pair", "check_qparams", "quantize_weight_int8", "run_op", "summarize"]
 
 #: ``x86``: oneDNN/aten integer kernels where their preconditions hold, reference elsewhere.
 #: ``reference``: portable torch ops only (dequantize, float compute, requantize).
 BACKENDS = ("x86", "reference")
-# Per-input-shape cache entries kept at most (each may hold a packed weight copy);
-# string keys (scalars, reference weights) are not counted.
-_MAX_SHAPES = 8
+_IMPLEMENTATIONS = {name: getattr(fxcompress.oplib.impl, name) for name in fxcompress.oplib.library.SCHEMAS}
+
+
+def run_op(name: str, *args: Any) -> Any:
+    """Operator ``name`` of the library on ``args``: the registered ``torch.ops.fxcompress``
+    operator while a compiler or tracer records the call (``torch.compile``, ``torch.export``,
+    ``torch.jit.trace``), its implementation itself otherwise (the same computation)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return getattr(torch.ops.fxcompress, name)(*args)
+    return _IMPLEMENTATIONS[name](*args)
 
 
 def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -81,7 +90,7 @@ class LoweredModule(nn.Module):
 
     Guarantees: ``state_dict()`` holds plain tensors only; ``type(m)(**m.config())``
     followed by ``load_state_dict(m.state_dict())`` rebuilds an equal module; copies and
-    loads never carry a stale or opaque kernel cache.
+    loads never use a stale or opaque kernel cache.
     """
 
     #: The verifier's stage role: a graph holding one of these is a lowered graph.
@@ -96,7 +105,6 @@ class LoweredModule(nn.Module):
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
-        self._cache: dict[Any, Any] | None = None
 
     def config(self) -> dict[str, Any]:
         """The constructor keyword arguments (JSON-serialisable) that rebuild this module."""
@@ -124,9 +132,15 @@ class LoweredModule(nn.Module):
                                 f"for the tensors stored under them")
         return module
 
+    @property
+    def use_kernels(self) -> bool:
+        """Whether the operators may take the integer kernels (``backend="x86"``)."""
+        return self.backend == "x86"
+
     def reset_cache(self) -> None:
-        """Forget packed weights and derived scalars; the next call rebuilds them."""
-        self._cache = None
+        """Forget this module's packed weights; the next call rebuilds them. Edits through
+        ``load_state_dict`` or in place (outside inference mode) are seen without it."""
+        fxcompress.oplib.forget(*self.buffers(recurse=False))
 
     def register_qparams(self, prefix: str) -> None:
         """Register ``{prefix}_scale`` (float32, 0-d) and ``{prefix}_zero_point`` (int32, 0-d)."""
@@ -139,31 +153,7 @@ class LoweredModule(nn.Module):
         check_qparams(scale, zero_point, f"{type(self).__name__} {prefix}")
         getattr(self, f"{prefix}_scale").fill_(scale)
         getattr(self, f"{prefix}_zero_point").fill_(zero_point)
-        self._cache = None
 
     def qparams(self, prefix: str) -> tuple[float, int]:
         """A registered qparam pair as Python scalars."""
         return (float(getattr(self, f"{prefix}_scale")), int(getattr(self, f"{prefix}_zero_point")))
-
-    @staticmethod
-    def remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
-        """Store a per-shape cache entry, evicting the oldest beyond a few shapes; returns ``value``."""
-        shapes = [k for k in cache if not isinstance(k, str)]
-        if len(shapes) >= _MAX_SHAPES:
-            del cache[shapes[0]]
-        cache[key] = value
-        return value
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> LoweredModule:
-        self._cache = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Drops the opaque oneDNN tensors so copy/deepcopy/pickle work; rebuilt lazily.
-        state = self.__dict__.copy()
-        state["_cache"] = None
-        return state

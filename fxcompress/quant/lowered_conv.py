@@ -12,27 +12,21 @@ residual add (oneDNN's ``sum``). Outputs are channels-last (2-D, 3-D) or oneDNN'
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
-from fxcompress.quant.int_math import accumulate, add_dequantized, rescale
-from fxcompress.quant.kernels import (
-    CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, QConvKernel, Support, int8_weight_support, supports_qconv,
-)
-from fxcompress.quant.lowered_base import LoweredModule, quantize_weight_int8, summarize
-from fxcompress.quant.uint8 import apply_post_op, requantize_uint8
+from fxcompress.quant.kernels import CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, Support, int8_weight_support, supports_qconv
+from fxcompress.quant.lowered_base import LoweredModule, quantize_weight_int8, run_op, summarize
 
 __all__ = ["PADDING_MODES", "QuantConvNd", "QuantConv1d", "QuantConv2d", "QuantConv3d", "conv_padding"]
 
 #: How a conv pads its input (``nn.Conv*d.padding_mode``).
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _REFERENCE_ONLY = Support(False, "backend='reference' was requested")
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
 def _as_tuple(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:
@@ -182,7 +176,6 @@ class QuantConvNd(LoweredModule):
                               f"got mode {self.padding_mode!r} and {tuple(pad)}")
         mine = self.pre_padding or (0,) * len(pad)
         self.pre_padding = tuple(a + int(b) for a, b in zip(mine, pad))
-        self.reset_cache()
 
     def padded_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         """The shape the kernel sees: ``input_shape`` after the ``pre_padding``."""
@@ -206,57 +199,20 @@ class QuantConvNd(LoweredModule):
                              f"(quantized upstream), got {x.dim()}-D {x.dtype}; put a Quantize module in front")
         if residual is not None and not self.residual:
             raise InputError(f"this {type(self).__name__} has no fused residual; build it with residual=True")
-        cache = self._cache if self._cache is not None else self._init_cache()
-        if self.pre_padding:
-            x = self._pad(x, cache["in"][1])
-        run = cache.get(x.shape[1:])
-        if run is None:
-            run = self._select(cache, x.shape)
-        return run(x, residual)
-
-    def _pad(self, x: torch.Tensor, zero_point: int) -> torch.Tensor:
-        if self.padding_mode == "zeros":
-            return F.pad(x, self.pre_padding, mode="constant", value=zero_point)  # the code of 0.0
-        return F.pad(x, self.pre_padding, mode=self.padding_mode)
-
-    def _init_cache(self) -> dict[Any, Any]:
-        out = self.qparams("output") if self.output == "uint8" else (None, 0)
-        res = self.qparams("residual") if self.output == "uint8" and self.residual else (None, 0)
-        self._cache = {"in": self.qparams("input"), "out": out, "res": res}
-        return self._cache
-
-    def _select(self, cache: dict[Any, Any], shape: torch.Size) -> Callable[..., torch.Tensor]:
-        """The computation for a (padded) input of ``shape``: the kernel where it runs, else the reference."""
-        (xs, xzp), (os_, ozp), (rs, rzp) = cache["in"], cache["out"], cache["res"]
-        run: Callable[..., torch.Tensor]
-        # The padding is already applied: the kernel sees the padded shape.
-        geometry = supports_qconv(self.weight.shape, shape, stride=self.stride, padding=self.padding,
-                                  dilation=self.dilation, groups=self.groups, post_op=self.post_op,
-                                  residual=self.residual)
-        if self.backend == "x86" and geometry and int8_weight_support(self.weight):
-            kernel = QConvKernel(
-                self.weight, self.weight_scale, self.bias, input_shape=shape, input_scale=xs,
-                input_zero_point=xzp, stride=self.stride, padding=self.padding,
-                dilation=self.dilation, groups=self.groups, post_op=self.post_op,
-                post_op_args=self.post_op_args, output_scale=os_, output_zero_point=ozp,
-                residual_scale=(rs if os_ is not None else 1.0) if self.residual else None,
-                residual_zero_point=rzp)
-            run = self._fused_add(kernel, shape) if self.residual else (lambda x, r: kernel(x))
-        else:
-            run = self._reference
-        return self.remember(cache, shape[1:], run)
-
-    def _fused_add(self, kernel: QConvKernel, shape: torch.Size) -> Callable[[torch.Tensor, torch.Tensor | None],
-                                                                              torch.Tensor]:
-        dtype = torch.uint8 if self.output == "uint8" else torch.float32
-        out_shape = self._out_shape(shape)
-
-        def run(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-            r = self._check_residual(x, r, dtype, out_shape)
-            if not (self.consume_residual and r.is_contiguous(memory_format=torch.channels_last)):
-                r = r.clone(memory_format=torch.channels_last)  # the kernel writes into it
-            return kernel.add_(x, r)
-        return run
+        uint8_out = self.output == "uint8"
+        head = (x, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
+                self.output_scale if uint8_out else None, self.output_zero_point if uint8_out else None)
+        tail = (self.stride, self.padding, self.dilation, self.groups, self.pre_padding, self.padding_mode,
+                self.post_op, self.post_op_args, self.use_kernels)
+        if not self.residual:
+            return run_op("qconv", *head, *tail)
+        r = self._check_residual(x, residual, torch.uint8 if uint8_out else torch.float32,
+                                 self._out_shape(self.padded_shape(x.shape)))
+        if not (self.consume_residual and r.is_contiguous(memory_format=torch.channels_last)):
+            r = r.clone(memory_format=torch.channels_last)  # the operator writes into it
+        run_op("qconv_add_", *head, r, self.residual_scale if uint8_out else None,
+               self.residual_zero_point if uint8_out else None, *tail)
+        return r
 
     def _out_shape(self, shape: Sequence[int]) -> torch.Size:
         """``(C_out, *spatial)`` of the output for a padded input of ``shape``."""
@@ -273,23 +229,6 @@ class QuantConvNd(LoweredModule):
             raise InputError(f"the conv's residual must be {dtype} of shape "
                              f"{(x.shape[0], *out_shape)}, got {r.dtype} {tuple(r.shape)}")
         return r
-
-    def _reference(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """The arithmetic the kernel is held to, with portable ops (:mod:`..int_math`)."""
-        cache = self._cache if self._cache is not None else self._init_cache()
-        (xs, xzp), (os_, ozp), (rs, rzp) = cache["in"], cache["out"], cache["res"]
-        conv = _CONV[self.spatial_dims]
-        acc = accumulate(lambda a, w: conv(a, w, None, self.stride, self.padding, self.dilation, self.groups),
-                         x.to(torch.int16) - xzp, self.weight)
-        y = rescale(acc, xs, self.weight_scale, self.bias, 1)
-        if self.residual:
-            dtype = torch.uint8 if self.output == "uint8" else torch.float32
-            r = self._check_residual(x, residual, dtype, self._out_shape(x.shape))
-            y = add_dequantized(y, r, rs, rzp) if rs is not None else y + r
-        y = apply_post_op(y, self.post_op, self.post_op_args)
-        if self.spatial_dims in _FORMATS:
-            y = y.contiguous(memory_format=_FORMATS[self.spatial_dims])
-        return requantize_uint8(y, os_, ozp)
 
     def extra_repr(self) -> str:
         out = (f"out=({summarize(self.output_scale)}, {int(self.output_zero_point)})"
@@ -330,3 +269,12 @@ class QuantConv3d(QuantConvNd):
     """Static int8 3-D conv (see :class:`QuantConvNd`)."""
 
     spatial_dims = 3
+
+
+def _count_conv_macs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> dict[str, int]:
+    return macs.count_conv(gm, node, gm.get_submodule(str(node.target)).weight.shape)
+
+
+# Registered here, next to the classes: whichever pass creates them, their MACs count.
+for _conv in (QuantConv1d, QuantConv2d, QuantConv3d):
+    macs.register_module(_conv, _count_conv_macs)

@@ -10,25 +10,20 @@ and multiplied in fp32 or bf16.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import (
-    QLinearKernel, Support, int4pack_mm, int4pack_scales_and_zeros, int4pack_weight,
-    int8_weight_support, int8pack_mm, int_mm, onednn_int8_support, supports_int4pack_mm,
-    supports_int8pack_mm, supports_qlinear,
+    Support, int8_weight_support, onednn_int8_support, supports_int4pack_mm, supports_int8pack_mm, supports_qlinear,
 )
 from fxcompress.quant.isa import int8_arithmetic
-from fxcompress.quant.lowered_base import LoweredModule, summarize
+from fxcompress.quant.lowered_base import LoweredModule, run_op, summarize
 from fxcompress.quant.qparams import pack_int, unpack_int
-from fxcompress.quant.uint8 import (
-    choose_qparams_uint8, dequantize_uint8, quantize_per_token_int8, quantize_uint8,
-)
+from fxcompress.oplib.impl import WEIGHT_ONLY_KERNEL_MAX_ROWS
 
 __all__ = ["GRANULARITIES", "DEFAULT_GRANULARITY", "DynamicQuantLinear", "WeightOnlyLinear"]
 
@@ -37,10 +32,8 @@ GRANULARITIES = ("per_token", "per_tensor")
 #: per token on vit_b_16 and a BERT-style encoder, at the same output cosine (>= 0.999).
 DEFAULT_GRANULARITY = "per_tensor"
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Above this many rows the weight-only kernels lose to a bf16 matmul with the cached
-# dequantized weight (768x3072 and 3072x768 layers, 1 thread: the int4/int8 kernels are
-# ~2x faster at 1-4 rows, ~1.4x slower at 16).
-_KERNEL_MAX_ROWS = 8
+# Above this many rows the weight-only kernels lose to a bf16 matmul (fxcompress.oplib.impl).
+_KERNEL_MAX_ROWS = WEIGHT_ONLY_KERNEL_MAX_ROWS
 _REFERENCE_ONLY = Support(False, "backend='reference' was requested")
 
 
@@ -117,42 +110,8 @@ class DynamicQuantLinear(LoweredModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_float(x, self.in_features, "DynamicQuantLinear")
-        if x.numel() == 0:  # an empty batch has no range to quantize with: its output is empty too
-            return x.new_empty((*x.shape[:-1], self.out_features))
-        cache = self._cache if self._cache is not None else self._init_cache()
-        return cache["run"](x)
-
-    def _init_cache(self) -> dict[str, Any]:
-        fast = bool(self.kernel_support())
-        w_scale, bias, n = self.weight_scale, self.bias, self.out_features
-        if fast and self.granularity == "per_tensor":
-            kernel = QLinearKernel(self.weight, w_scale, bias)
-
-            def run(x: torch.Tensor) -> torch.Tensor:
-                scale, zp = choose_qparams_uint8(x)
-                return kernel(quantize_uint8(x, scale, zp), scale, zp).to(x.dtype)
-        elif fast:
-            w_t = self.weight.t()  # (K, N) view: _int_mm takes it without a copy
-
-            def run(x: torch.Tensor) -> torch.Tensor:
-                q, s = quantize_per_token_int8(x.reshape(-1, self.in_features).float())
-                y = int_mm(q, w_t).to(torch.float32).mul_(s).mul_(w_scale)
-                if bias is not None:
-                    y.add_(bias)
-                return y.view(*x.shape[:-1], n).to(x.dtype)
-        else:
-            w = self.weight.float() * w_scale[:, None]
-
-            def run(x: torch.Tensor) -> torch.Tensor:
-                if self.granularity == "per_tensor":
-                    scale, zp = choose_qparams_uint8(x)
-                    xq = dequantize_uint8(quantize_uint8(x, scale, zp), scale, zp)
-                else:
-                    q, s = quantize_per_token_int8(x.reshape(-1, self.in_features).float())
-                    xq = (q.float() * s).view(*x.shape[:-1], self.in_features)
-                return F.linear(xq, w, bias).to(x.dtype)
-        self._cache = {"run": run}
-        return self._cache
+        return run_op("dynamic_linear", x, self.weight, self.weight_scale, self.bias, self.granularity,
+                      self.use_kernels)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=8, "
@@ -265,45 +224,8 @@ class WeightOnlyLinear(LoweredModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_float(x, self.in_features, "WeightOnlyLinear")
-        x2 = x.reshape(-1, self.in_features)
-        cache = self._cache if self._cache is not None else self._init_cache()
-        rows = x2.shape[0]
-        few_rows = rows <= _KERNEL_MAX_ROWS  # the kernel decision depends only on this
-        run = cache.get(few_rows)
-        if run is None:
-            run = cache[few_rows] = self._kernel() if self.kernel_support(rows) else self._reference
-        y = run(x2).to(x.dtype)
-        if self.bias is not None:
-            y = y.add_(self.bias) if y.dtype == torch.float32 else y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def _init_cache(self) -> dict[Any, Any]:
-        self._cache = {}
-        return self._cache
-
-    def _kernel(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        cache = self._cache if self._cache is not None else self._init_cache()
-        if "kernel" not in cache:
-            if self.bits == 4:
-                codes = unpack_int(self.weight, 4, (self.out_features, self.in_features), signed=False)
-                packed, group = int4pack_weight(codes), self.group_size
-                sz = int4pack_scales_and_zeros(self.scale, self.zero_point)
-                cache["kernel"] = lambda x: int4pack_mm(x.to(torch.bfloat16), packed, group, sz)
-            else:
-                w, s = self.weight, self.scale[:, 0].to(torch.bfloat16)
-                cache["kernel"] = lambda x: int8pack_mm(x.to(torch.bfloat16), w, s)
-        return cache["kernel"]
-
-    def _reference(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = _COMPUTE_DTYPES[self.compute_dtype]
-        if not self.cache_dequantized:  # the packed codes stay the only weight copy in memory
-            return F.linear(x.to(dtype), self.dequantized_weight(dtype))
-        cache = self._cache if self._cache is not None else self._init_cache()
-        w = cache.get("w")
-        if w is None:
-            # Unpacking a 768x3072 int4 weight costs ~20x its bf16 matmul at one row.
-            w = cache["w"] = self.dequantized_weight(dtype)
-        return F.linear(x.to(dtype), w)
+        return run_op("weight_only_linear", x, self.weight, self.scale, self.zero_point, self.bias, self.bits,
+                      self.in_features, self.compute_dtype, self.cache_dequantized, self.use_kernels)
 
     def extra_repr(self) -> str:
         zp = "" if self.zero_point is None else ", zero_point=uint8"

@@ -1,4 +1,5 @@
-"""uint8 ops between int8 convs: max pool, adaptive average pool, residual add.
+"""uint8 pools between int8 convs: max pool and adaptive average pool (the residual add is
+:mod:`.lowered_add`).
 
 They keep activations uint8 (channels-last) so consecutive int8 ops never round-trip
 through float. Why these implementations (torch 2.14.1, 1 thread, see
@@ -6,26 +7,23 @@ benchmarks/kernels.py): aten's uint8 ``max_pool2d`` raises on channels-last inpu
 is ~180x slower than ATen's ``quantized::max_pool2d`` on NCHW; aten has no uint8
 average pool and uint8 ``+`` wraps around; ``onednn::qadd`` reads its uint8 inputs as
 int8 on its vectorised path (wrong for values > 127), so it is not used. Average pooling
-with equal windows and same-shape adds therefore run as oneDNN depthwise int8 convs with
-all-ones weights (exact integer sums, requantized inside the kernel; the add uses the
-fused ``sum``), other cases take the float reference.
+with equal windows therefore runs as a oneDNN depthwise int8 conv with all-ones weights
+(exact integer sums, requantized inside the kernel), other cases take the float reference.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.errors import InputError, LoweringError
-from fxcompress.quant.kernels import QConvKernel, Support, supports_qconv
-from fxcompress.quant.lowered_base import LoweredModule, as_pair, summarize
-from fxcompress.quant.int_math import add_dequantized, rescale
-from fxcompress.quant.uint8 import dequantize_uint8, max_pool2d_uint8, quantize_uint8, supports_uint8_max_pool2d
+from fxcompress.quant.kernels import Support, supports_qconv
+from fxcompress.quant.lowered_base import LoweredModule, as_pair, run_op, summarize
+from fxcompress.quant.uint8 import supports_uint8_max_pool2d
 
-__all__ = ["QuantMaxPool2d", "QuantAdaptiveAvgPool2d", "QuantAdd"]
+__all__ = ["QuantMaxPool2d", "QuantAdaptiveAvgPool2d"]
 
 _REFERENCE_ONLY = Support(False, "backend='reference' was requested")
 
@@ -69,8 +67,8 @@ class QuantMaxPool2d(LoweredModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_uint8_4d(x, "QuantMaxPool2d")
-        return max_pool2d_uint8(x, self.kernel_size, self.stride, self.padding, self.dilation,
-                                self.ceil_mode, use_kernel=self.backend == "x86")
+        return run_op("max_pool2d", x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
+                      self.use_kernels)
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
@@ -119,115 +117,10 @@ class QuantAdaptiveAvgPool2d(LoweredModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_uint8_4d(x, "QuantAdaptiveAvgPool2d")
-        cache = self._cache if self._cache is not None else self._init_cache()
-        run = cache.get(x.shape[1:])
-        if run is None:
-            run = self.remember(cache, x.shape[1:], self._select(cache, x.shape))
-        return run(x)
-
-    def _init_cache(self) -> dict[Any, Any]:
-        self._cache = {"in": self.qparams("input"), "out": self.qparams("output")}
-        return self._cache
-
-    def _select(self, cache: dict[Any, Any], shape: torch.Size) -> Callable[[torch.Tensor], torch.Tensor]:
-        (xs, xzp), (os_, ozp) = cache["in"], cache["out"]
-        window = self._window(shape)
-        if not self.kernel_support(shape):
-            if window is None:  # no kernel computes it: the float mean
-                return lambda x: quantize_uint8(
-                    F.adaptive_avg_pool2d(dequantize_uint8(x, xs, xzp), self.output_size), os_, ozp)
-            return lambda x: quantize_uint8(self._window_mean(x, window, xs, xzp), os_, ozp)
-        c, (kh, kw) = shape[1], window
-        # Weights 1 with scale 1/(kh*kw): the kernel sums exactly in int32, then scales.
-        return QConvKernel(torch.ones(c, 1, kh, kw, dtype=torch.int8), torch.full((c,), 1.0 / (kh * kw)),
-                           None, input_shape=shape, input_scale=xs, input_zero_point=xzp,
-                           stride=(kh, kw), padding=(0, 0), dilation=(1, 1), groups=c,
-                           output_scale=os_, output_zero_point=ozp)
-
-    @staticmethod
-    def _window_mean(x: torch.Tensor, window: tuple[int, int], xs: float, xzp: int) -> torch.Tensor:
-        """The kernel's arithmetic (int_math): exact window sums, then ``* xs * (1 / count)``."""
-        sums = F.avg_pool2d(x.to(torch.float64) - xzp, window, window, divisor_override=1)
-        inverse_count = torch.tensor(1.0 / (window[0] * window[1]), dtype=torch.float32)
-        return rescale(sums, xs, inverse_count, None, 1).contiguous(memory_format=torch.channels_last)
+        return run_op("adaptive_avg_pool2d", x, self.input_scale, self.input_zero_point, self.output_scale,
+                      self.output_zero_point, self.output_size, self.use_kernels)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, bits=8, in=({summarize(self.input_scale)}, "
                 f"{int(self.input_zero_point)}), out=({summarize(self.output_scale)}, "
                 f"{int(self.output_zero_point)}), backend={self.backend}")
-
-
-class QuantAdd(LoweredModule):
-    """``requant(deq(a) + deq(b))`` (optionally ReLU-ed) of two uint8 activations.
-
-    Same-shape 4-D inputs run as a oneDNN depthwise 1x1 int8 conv of ``a`` (weights 1)
-    with ``b`` fused as ``sum``; ``b`` is copied first because that kernel writes into it.
-    Other shapes (broadcasting, other ranks) take the float reference.
-    """
-
-    def __init__(self, *, relu: bool = False, backend: str = "x86") -> None:
-        super().__init__(backend)
-        self.relu = bool(relu)
-        self.register_qparams("input")
-        self.register_qparams("other")
-        self.register_qparams("output")
-
-    @classmethod
-    def from_qparams(cls, input_qparams: tuple[float, int], other_qparams: tuple[float, int],
-                     output_qparams: tuple[float, int], *, relu: bool = False,
-                     backend: str = "x86") -> QuantAdd:
-        """Build from ``(scale, zero_point)`` pairs of ``a``, ``b`` and the result."""
-        m = cls(relu=relu, backend=backend)
-        m.set_qparams("input", *input_qparams)
-        m.set_qparams("other", *other_qparams)
-        m.set_qparams("output", *output_qparams)
-        return m
-
-    def config(self) -> dict[str, Any]:
-        return {"relu": self.relu, "backend": self.backend}
-
-    def kernel_support(self, a_shape: Sequence[int], b_shape: Sequence[int]) -> Support:
-        """Whether the fused depthwise-conv kernel runs for these input shapes, or why not."""
-        if self.backend == "reference":
-            return _REFERENCE_ONLY
-        if tuple(a_shape) != tuple(b_shape) or len(a_shape) != 4:
-            return Support(False, f"only same-shape 4-D adds are fused, got {tuple(a_shape)} + {tuple(b_shape)}")
-        return supports_qconv((a_shape[1], 1, 1, 1), a_shape, stride=(1, 1), padding=(0, 0),
-                              dilation=(1, 1), groups=a_shape[1], post_op="relu" if self.relu else "none",
-                              residual=True)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if a.dtype != torch.uint8 or b.dtype != torch.uint8:
-            raise InputError(f"QuantAdd expects uint8 activations, got {a.dtype} and {b.dtype}")
-        cache = self._cache if self._cache is not None else self._init_cache()
-        key = (a.shape[1:], b.shape)
-        run = cache.get(key)
-        if run is None:
-            run = self.remember(cache, key, self._select(cache, a.shape, b.shape))
-        return run(a, b)
-
-    def _init_cache(self) -> dict[Any, Any]:
-        self._cache = {"q": (self.qparams("input"), self.qparams("other"), self.qparams("output"))}
-        return self._cache
-
-    def _select(self, cache: dict[Any, Any], a_shape: torch.Size,
-                b_shape: torch.Size) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        (sa, za), (sb, zb), (so, zo) = cache["q"]
-        if not self.kernel_support(a_shape, b_shape):
-            def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-                # The fused kernel's arithmetic (int_math): b is added with one rounding.
-                y = add_dequantized(dequantize_uint8(a, sa, za), b, sb, zb)
-                return quantize_uint8(y.relu_() if self.relu else y, so, zo)
-            return reference
-        c = a_shape[1]
-        kernel = QConvKernel(torch.ones(c, 1, 1, 1, dtype=torch.int8), torch.ones(c), None,
-                             input_shape=a_shape, input_scale=sa, input_zero_point=za, stride=(1, 1),
-                             padding=(0, 0), dilation=(1, 1), groups=c,
-                             post_op="relu" if self.relu else "none", output_scale=so,
-                             output_zero_point=zo, residual_scale=sb, residual_zero_point=zb)
-        return lambda a, b: kernel.add_(a, b.clone(memory_format=torch.channels_last))
-
-    def extra_repr(self) -> str:
-        return (f"relu={self.relu}, bits=8, a=({summarize(self.input_scale)}, {int(self.input_zero_point)}), "
-                f"b=({summarize(self.other_scale)}, {int(self.other_zero_point)}), "
-                f"out=({summarize(self.output_scale)}, {int(self.output_zero_point)}), backend={self.backend}")

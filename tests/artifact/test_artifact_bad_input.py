@@ -64,7 +64,7 @@ def test_unknown_format_version_lists_supported_ones(good: Path, tmp_path: Path)
     path = tmp_path / "v.fxc"
     path.write_bytes(good.read_bytes())
     forge(path, manifest=lambda m: m.update(format_version=99))
-    with pytest.raises(ArtifactError, match=r"format version 99.*versions \[1\]"):
+    with pytest.raises(ArtifactError, match=r"format version 99.*versions \[1, 2\]"):
         artifact.load(path)
 
 

@@ -30,6 +30,11 @@ NEVER_IN_A_GRAPH = {
     "fxcompress.examples.bert.BertStyleEncoder": "an example model",
     "fxcompress.examples.bert._SelfAttention": "a block of an example model",
     "fxcompress.examples.bert._Layer": "a block of an example model",
+    # ONNX twins: built inside export_onnx on a private copy, handed to torch's exporter, dropped.
+    **{f"fxcompress.onnx_forms.{name}": "an ONNX export twin, never in a returned graph" for name in (
+        "_QParams", "OnnxQuantize", "OnnxQuantizeProduct", "OnnxDequantize", "OnnxQuantConv", "OnnxQuantLinear",
+        "OnnxMaxPool", "OnnxAdaptiveAvgPool", "OnnxQuantAdd", "OnnxDynamicLinear", "OnnxWeightOnlyLinear",
+        "OnnxFoldedLayer")},
 }
 
 

@@ -175,10 +175,20 @@ def test_result_of_run_records_pipeline_report_source_and_parent(tmp_path: Path)
     loaded = artifact.load(tmp_path / "r1.fxc")
     assert loaded.meta["fxcompress_artifact"]["manifest_sha256"] == first_id
     second = fxcompress.run(loaded, ["eliminate_dead_nodes"], x)
-    artifact.save(second, tmp_path / "r2.fxc", manifest_extra={"note": "second step"})
+    second_id = artifact.save(second, tmp_path / "r2.fxc", manifest_extra={"note": "second step"})
     manifest = artifact.verify(tmp_path / "r2.fxc")
     assert manifest["parent"] == first_id and manifest["extra"] == {"note": "second step"}
     assert torch.equal(artifact.load(tmp_path / "r2.fxc")(x), second.model(x))
+    # Version 2: the lineage (each earlier step, oldest first), the passes run so far, the inputs.
+    (step,) = manifest["history"]
+    assert step["id"] == first_id and [p["name"] for p in step["pipeline"]] == ["fuse_conv_bn", "eliminate_dead_nodes"]
+    assert step["after"] == result.report.to_dict()["after"]
+    assert manifest["passes_run"] == ["fuse_conv_bn", "eliminate_dead_nodes", "eliminate_dead_nodes"]
+    assert manifest["inputs"] == [{"name": "x", "shape": list(x.shape), "dtype": "float32"}]
+    assert loaded.meta["fxcompress_history"] == ["fuse_conv_bn", "eliminate_dead_nodes"]
+    lineage = artifact.load(tmp_path / "r2.fxc").meta["fxcompress_artifact"]["history"]
+    assert [h["id"] for h in lineage] == [first_id, second_id]
+    assert lineage[1]["pipeline"] == manifest["pipeline"]
 
 
 @pytest.mark.parametrize("passes", [[], ["quantize_dynamic"], [("quantize_weights", {"group_size": 32})]],

@@ -1,0 +1,183 @@
+"""Deployment: lowered int8 models under torch.compile / torch.export, and as ONNX in onnxruntime.
+
+Side by side in one run, 1 thread, batch 1, 224 px, on this machine's CPU (named in the section):
+
+* **compile/export**: the lowered static-int8 model eagerly, under ``torch.compile`` (inductor),
+  and torchao 0.18 PT2E (``X86InductorQuantizer`` + ``torch.compile``, freezing) as the peer;
+  whether the compiled and the exported (saved, loaded) programs equal the eager model bit for bit.
+* **onnxruntime**: ``fxcompress.export_onnx`` of the same lowered models (QDQ), run by onnxruntime's
+  CPU provider: SQNR of its output against ours and top-1 agreement over ``--n`` real photo crops
+  (scikit-learn's ``load_sample_images``), and ORT int8 / ORT fp32 latency.
+
+Models: torchvision resnet18, mobilenet_v2, efficientnet_b0 with ``fxcompress.zoo``'s realistic
+random weights (coverage, speed), and the real pretrained EfficientNet-Lite0 (quality).
+Weights: 8-bit where this CPU's int8 kernels multiply exactly, the portable 7-bit spec on
+AVX2-only CPUs (where both oneDNN's and onnxruntime's u8s8 kernels saturate 16-bit pair sums).
+
+``python benchmarks/deploy.py [--models resnet18 mobilenet_v2 efficientnet_b0 efficientnet_lite0] [--n 256]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tb
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fxcompress  # noqa: E402
+from _common import markdown_table, weights_for_this_cpu, write_section  # noqa: E402
+from _photos import photo_crops  # noqa: E402
+from fxcompress import zoo  # noqa: E402
+
+MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "efficientnet_lite0"]
+
+
+def build(name: str) -> nn.Module:
+    if name == "efficientnet_lite0":
+        from ptq_recovery import efficientnet_lite0, modular_convs
+
+        return modular_convs(efficientnet_lite0())
+    return zoo.build(name).eval()
+
+
+def lowered(model: nn.Module, calibration: torch.Tensor, weights: object) -> nn.Module:
+    batches = list(calibration.split(8))
+    pipeline = fxcompress.recipes.int8_static(weights=weights, only_if_faster=False)
+    return fxcompress.run(model, pipeline, batches[0][:1], calibration_data=batches, tolerance=1e-3,
+                          progress=False).model
+
+
+def pt2e(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    import torch._inductor.config as inductor_config
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example = calibration[:1]
+    with torch.no_grad():
+        exported = torch.export.export(copy.deepcopy(model), (example,)).module()
+        prepared = prepare_pt2e(exported, xiq.X86InductorQuantizer().set_global(
+            xiq.get_default_x86_inductor_quantization_config()))
+        for image in calibration.split(1):
+            prepared(image)
+        converted = convert_pt2e(prepared)
+        inductor_config.freezing = True
+        compiled = torch.compile(converted)
+        compiled(example)
+        inductor_config.freezing = False
+    return compiled
+
+
+def best_median(calls: dict[str, object], rounds: int = 3) -> dict[str, float]:
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, call in calls.items():
+            best[name] = min(best[name], tb.Timer("f()", globals={"f": call}).blocked_autorange(min_run_time=0.5).median)
+    return best
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return (20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-30))).item()
+
+
+def measure(name: str, images: torch.Tensor, calibration: torch.Tensor, weights: object, workdir: Path) -> tuple:
+    model = build(name)
+    ours = lowered(model, calibration, weights)
+    x = images[:1]
+    with torch.inference_mode():
+        eager = ours(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours)
+    with torch.inference_mode():
+        same_compiled = torch.equal(compiled(x), eager)
+    # Exported on two images (a batch of one would specialise the batch dim), run on one.
+    program = torch.export.export(ours, (images[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, workdir / f"{name}.pt2")
+    same_export = torch.equal(torch.export.load(workdir / f"{name}.pt2").module()(x), eager)
+    calls = {"eager": lambda: ours(x), "compiled": lambda: compiled(x)}
+    peer_note = ""
+    if name != "efficientnet_lite0":
+        try:
+            peer = pt2e(model, calibration[:32])
+            calls["pt2e"] = lambda: peer(x)
+        except Exception as exc:  # the peer's failure is a result
+            peer_note = f"PT2E failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    with torch.inference_mode():
+        times = best_median(calls)
+    # onnxruntime
+    q_path = fxcompress.export_onnx(ours, workdir / f"{name}_int8.onnx", example_inputs=(images[:2],), overwrite=True)
+    f_path = fxcompress.export_onnx(model, workdir / f"{name}_fp32.onnx", example_inputs=(images[:2],),
+                                    overwrite=True)
+    q_sess, f_sess = ort_session(q_path), ort_session(f_path)
+    feed = q_sess.get_inputs()[0].name
+    refs, outs = [], []
+    with torch.inference_mode():
+        for batch in images.split(32):
+            refs.append(ours(batch))
+            outs.append(torch.from_numpy(q_sess.run(None, {feed: batch.numpy()})[0]))
+    ref, out = torch.cat(refs), torch.cat(outs)
+    x_np = x.numpy()
+    ort_times = best_median({"int8": lambda: q_sess.run(None, {feed: x_np}),
+                             "fp32": lambda: f_sess.run(None, {f_sess.get_inputs()[0].name: x_np})})
+    compile_row = [name, f"{times['eager'] * 1e3:.2f}", f"{times['compiled'] * 1e3:.2f}",
+                   f"{times['pt2e'] * 1e3:.2f}" if "pt2e" in times else (peer_note or "-"),
+                   f"{times['compiled'] / times['pt2e']:.2f}" if "pt2e" in times else "-",
+                   "yes" if same_compiled else "NO", "yes" if same_export else "NO"]
+    top1 = (ref.argmax(1) == out.argmax(1)).float().mean().item()
+    ratio = ort_times["int8"] / ort_times["fp32"]
+    ort_row = [name, f"{sqnr(ref, out):.2f}", f"{100 * top1:.2f}%", f"{ort_times['int8'] * 1e3:.2f}",
+               f"{ort_times['fp32'] * 1e3:.2f}", f"{ratio:.2f}"]
+    print(compile_row, ort_row, flush=True)
+    return compile_row, ort_row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--n", type=int, default=256, help="photo crops for SQNR and top-1 agreement")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    label, weights = weights_for_this_cpu()
+    images, calibration = photo_crops(args.n, 224, seed=0), photo_crops(64, 224, seed=1)
+    start = time.time()
+    compile_rows, ort_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            c, o = measure(name, images, calibration, weights, Path(tmp))
+            compile_rows.append(c)
+            ort_rows.append(o)
+    body = (f"Weights: {label}. 1 thread, batch 1, 224 px; SQNR and top-1 over {args.n} photo crops "
+            f"(scikit-learn `load_sample_images`). Run took {time.time() - start:.0f} s.\n\n"
+            "### torch.compile and torch.export of lowered models\n\n"
+            + markdown_table(compile_rows, ["model", "lowered eager (ms)", "lowered compiled (ms)",
+                                            "torchao PT2E + inductor (ms)", "compiled / PT2E",
+                                            "compiled == eager", "exported == eager"])
+            + "\n\n### ONNX in onnxruntime (CPU provider)\n\n"
+            + markdown_table(ort_rows, ["model", "SQNR ORT vs ours (dB)", "top-1 agreement", "ORT int8 (ms)",
+                                        "ORT fp32 (ms)", "ORT int8 / fp32"])
+            + "\n\nTargets (issue 15): compiled lowered efficientnet_b0 <= PT2E; SQNR >= 35 dB and top-1 >= 99%; "
+              "resnet18 ORT int8 / fp32 <= 0.5. On an AVX2-only CPU (no VNNI) onnxruntime's u8s8 kernels "
+              "widen through saturating 16-bit pairs, as oneDNN's do, hence the 7-bit weights here.")
+    print(body)
+    write_section("deploy", "Deployment: torch.compile, torch.export, onnxruntime", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""``export_onnx``: a model at any stage (float, pruned, folded, lowered) as an ONNX file.
+
+Float ops go through torch's own exporter (``torch.onnx.export(..., dynamo=True)``); each
+lowered module is first swapped, in a copy, for its ONNX twin (:mod:`fxcompress.onnx_forms`):
+static int8 becomes the QDQ format onnxruntime runs on its int8 kernels, dynamic int8
+``DynamicQuantizeLinear`` + ``MatMulInteger``, weight-only int4/int8 ``MatMulNBits``.
+Needs the ``onnx`` extra (``pip install 'fxcompress[onnx]'``).
+
+Guarantees: the caller's model is never changed; every check (a module with no ONNX form,
+an opset too old, a file already there) runs before anything is written; the file is
+written under a temporary name, passes ``onnx.checker`` (full check, shapes included) and
+has exactly the requested opset before it takes its final name, so a failure leaves no file.
+The batch dimension (dim 0 of every tensor input) stays symbolic unless
+``dynamic_batch=False``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from fxcompress.errors import ExportError
+
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "example_inputs_of"]
+
+#: torch's ONNX exporter writes opset 18 and later (per-channel QDQ itself needs 13).
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+
+
+def _model_of(result_or_model: Any) -> nn.Module:
+    model = getattr(result_or_model, "model", result_or_model)
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"export_onnx needs an fxcompress Result or a torch nn.Module, got "
+                          f"{type(result_or_model).__name__}")
+    return model
+
+
+def example_inputs_of(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...] | None:
+    """Inputs shaped like the ones the model was compressed with (an artifact's recorded
+    inputs, else the graph's shape metadata), with batch size ``batch``; None when unknown."""
+    specs = (getattr(model, "meta", {}).get("fxcompress_artifact") or {}).get("inputs")
+    if not specs and isinstance(model, torch.fx.GraphModule):
+        specs = []
+        for node in model.graph.nodes:
+            meta = node.meta.get("tensor_meta") if node.op == "placeholder" else None
+            if node.op == "placeholder":
+                if meta is None or not hasattr(meta, "shape"):
+                    return None
+                specs.append({"shape": list(meta.shape), "dtype": str(meta.dtype).removeprefix("torch.")})
+    if not specs:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for spec in specs:
+        shape, dtype = [batch, *spec["shape"][1:]], getattr(torch, spec["dtype"])
+        out.append(torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point
+                   else torch.zeros(shape, dtype=dtype))
+    return tuple(out)
+
+
+def _check_opset(opset: int) -> None:
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ExportError(f"opset {opset!r} is too old: per-channel QuantizeLinear/DequantizeLinear (int8 weights "
+                          f"per output channel) need opset 13, and torch's ONNX exporter writes opset "
+                          f"{MIN_OPSET} and later; use opset={MIN_OPSET} or newer")
+
+
+def _twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every lowered module replaced by its ONNX form; raises
+    :class:`ExportError` naming the first module that has none (and the nearest form that does)."""
+    from fxcompress.onnx_forms import NO_FORM, onnx_form
+
+    twin = copy.deepcopy(model)
+    replacements = {}
+    for path, module in twin.named_modules():
+        if any(path.startswith(done + ".") for done in replacements):
+            continue  # inside a module already replaced
+        form = onnx_form(module)
+        if isinstance(form, str):
+            raise ExportError(f"module {path!r} ({type(module).__name__}) has no ONNX mapping: {form}; nothing "
+                              f"was written")
+        if form is not NO_FORM:
+            replacements[path] = form
+    for path, form in replacements.items():
+        twin.set_submodule(path, form)
+    if isinstance(twin, torch.fx.GraphModule):
+        twin.recompile()
+    return twin.eval()
+
+
+def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+                example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None, dynamic_batch: bool = True,
+                overwrite: bool = False) -> Path:
+    """Write ``result_or_model`` (a :class:`fxcompress.Result` or an ``nn.Module``) to ``path`` as ONNX.
+
+    ``example_inputs`` default to the shapes the model was compressed with (recorded in its
+    artifact or graph); give them for a model that has none. Returns the path written.
+    Raises :class:`~fxcompress.errors.ExportError` (nothing written) for a module with no ONNX
+    mapping, an opset below :data:`MIN_OPSET`, an existing ``path`` without ``overwrite``, or a
+    failure of torch's exporter or of ``onnx.checker``.
+    """
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
+    except ImportError as exc:
+        raise ExportError(f"export_onnx needs the onnx extra: pip install 'fxcompress[onnx]' ({exc})") from exc
+    _check_opset(opset)
+    model = _model_of(result_or_model)
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    if example_inputs is None:
+        example_inputs = example_inputs_of(model)
+        if example_inputs is None:
+            raise ExportError("export_onnx cannot tell the model's input shapes (no artifact record or shape "
+                              "metadata): pass example_inputs=")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    twin = _twin(model)
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(twin, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+                                            verbose=False, optimize=True)
+            program.save(tmp)
+        except Exception as exc:
+            hint = (" (with dynamic_batch=False the batch size is fixed to the example's)" if dynamic_batch else "")
+            raise ExportError(f"torch's ONNX exporter failed on {type(model).__name__}{hint}: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        proto = onnx.load(tmp, load_external_data=False)
+        written = {o.domain or "": o.version for o in proto.opset_import}.get("", None)
+        if written != opset:
+            raise ExportError(f"torch's exporter wrote opset {written}, not the requested {opset}: "
+                              f"use opset={written}")
+        try:
+            onnx.checker.check_model(tmp, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"the exported model fails onnx.checker: {exc}") from exc
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
