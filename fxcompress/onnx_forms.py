@@ -280,10 +280,12 @@ class OnnxFoldedLayer(nn.Module):
     def __init__(self, m: FoldedLayer) -> None:
         super().__init__()
         self.module = copy.deepcopy(m.module)
+        self.op = m.op
         self.register_buffer("weight", m.dequantized_weight().detach().clone())
+        self.register_buffer("bias", None if m.bias is None else m.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return weighted_forward(self.module, x, self.weight, getattr(self.module, "bias", None))
+        return weighted_forward(self.module, self.op, x, self.weight, self.bias)
 
 
 def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
