@@ -30,18 +30,18 @@ SEMANTICS = ("fxcompress.ops", "fxcompress.capture", "fxcompress.raising")
 
 # (module, enclosing function or class) -> why its type test against an nn class is not a
 # decision about what a node means.  Every entry says why.
-_ISSUE_15 = ("a lowered module's constructor checks the float module it is built from; "
-             "still to ask ops.describe_module instead (issue 12, left open)")
+_ARGUMENT_CHECK = ("a lowered module's constructor validating the type of the float module it is given "
+                   "(an API argument check with its own LoweringError, not a reading of a graph node)")
 ALLOWED: dict[tuple[str, str], str] = {
     ("fxcompress.examples.bert", "BertStyleEncoder.__init__"):
         "a model definition initialising its own layers (BERT's init), not reading a graph",
     # The lowered modules' constructors check the float module they are built from.
-    ("fxcompress.quant.lowered", "QuantLinear.from_float"): _ISSUE_15,
-    ("fxcompress.quant.lowered_attention", "QuantMultiheadAttention.from_float"): _ISSUE_15,
-    ("fxcompress.quant.lowered_conv", "QuantConvNd.from_float"): _ISSUE_15,
-    ("fxcompress.quant.lowered_linear", "DynamicQuantLinear.from_float"): _ISSUE_15,
-    ("fxcompress.quant.lowered_linear", "WeightOnlyLinear.from_float"): _ISSUE_15,
-    ("fxcompress.quant.lowered_pool", "QuantMaxPool2d.from_float"): _ISSUE_15,
+    ("fxcompress.quant.lowered", "QuantLinear.from_float"): _ARGUMENT_CHECK,
+    ("fxcompress.quant.lowered_attention", "QuantMultiheadAttention.from_float"): _ARGUMENT_CHECK,
+    ("fxcompress.quant.lowered_conv", "QuantConvNd.from_float"): _ARGUMENT_CHECK,
+    ("fxcompress.quant.lowered_linear", "DynamicQuantLinear.from_float"): _ARGUMENT_CHECK,
+    ("fxcompress.quant.lowered_linear", "WeightOnlyLinear.from_float"): _ARGUMENT_CHECK,
+    ("fxcompress.quant.lowered_pool", "QuantMaxPool2d.from_float"): _ARGUMENT_CHECK,
 }
 
 # nn names that say "a module" or "a tensor", not what a module computes.
