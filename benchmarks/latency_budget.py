@@ -21,33 +21,22 @@ import tempfile
 import time
 
 import torch
-import torch.utils.benchmark as tb
 
 import fxcompress
 from _common import markdown_table, weights_for_this_cpu, write_section
 from vs_torch_ao import prepare, sqnr_db
+from vs_torch_ao_latency import best_medians
 
 MODELS = ["resnet18", "mobilenet_v2"]
 BUDGETS = (0.9, 0.75, 0.6)
 ROUNDS = 3
 
 
-def best_medians(models: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, float]:
-    """Seconds per call of each model, interleaved rounds, each keeping its best median."""
-    best = {k: float("inf") for k in models}
-    with torch.inference_mode():
-        for _ in range(ROUNDS):
-            for name, m in models.items():
-                t = tb.Timer("m(x)", globals={"m": m, "x": x}, num_threads=1).blocked_autorange(min_run_time=0.5)
-                best[name] = min(best[name], t.median)
-    return best
-
-
 def measure(name: str, budgets: tuple[float, ...]) -> list[list]:
     setup = prepare(name)
     x = setup.calibration[0][:1]
     folded = fxcompress.run(setup.model, ["fuse_conv_bn"], x, progress=False).model
-    float_seconds = best_medians({"fp32": folded}, x)["fp32"]
+    float_seconds = best_medians({"fp32": folded}, x, ROUNDS)["fp32"]
     rows, built = [], {"fp32": folded}
     for fraction in budgets:
         start = time.perf_counter()
@@ -65,7 +54,7 @@ def measure(name: str, budgets: tuple[float, ...]) -> list[list]:
                      f"{sqnr_db(setup.reference, setup.outputs(result.model)):.1f}", len(stats["trials"]),
                      f"{seconds:.0f}"])
         print(rows[-1], flush=True)
-    times = best_medians(built, x)
+    times = best_medians(built, x, ROUNDS)
     for row, fraction in zip(rows, budgets):
         row[5] = f"{times[f'{fraction:g}'] / times['fp32']:.2f} ({times[f'{fraction:g}'] * 1e3:.1f} vs " \
                  f"{times['fp32'] * 1e3:.1f} ms)"

@@ -16,7 +16,6 @@ import argparse
 import copy
 
 import torch
-import torch.utils.benchmark as tb
 
 import fxcompress
 from _common import markdown_table, weights_for_this_cpu, write_section
@@ -24,6 +23,7 @@ from fxcompress import recipes
 from fxcompress.errors import InputError
 from fxcompress.quant.lowered import Quantize
 from vs_torch_ao import prepare
+from vs_torch_ao_latency import best_medians
 
 ROUNDS = 3
 
@@ -34,16 +34,6 @@ def unguarded(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(m, Quantize):
             m.guard = ""
     return copied
-
-
-def best(models: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, float]:
-    out = {k: float("inf") for k in models}
-    with torch.inference_mode():
-        for _ in range(ROUNDS):
-            for k, m in models.items():
-                t = tb.Timer("m(x)", globals={"m": m, "x": x}, num_threads=1).blocked_autorange(min_run_time=0.5)
-                out[k] = min(out[k], t.median)
-    return out
 
 
 def main() -> None:
@@ -66,7 +56,7 @@ def main() -> None:
                 fires = "no"
             except InputError:
                 fires = "yes"
-            times = best({"guarded": lowered, "unguarded": unguarded(lowered)}, x)
+            times = best_medians({"guarded": lowered, "unguarded": unguarded(lowered)}, x, ROUNDS)
             rows.append([name, batch, guards, fires, f"{times['guarded'] * 1e3:.2f}", f"{times['unguarded'] * 1e3:.2f}",
                          f"{times['guarded'] / times['unguarded']:.3f}"])
             print(rows[-1], flush=True)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils.benchmark as tb
 from torch import fx
 
 from fxcompress.api import _private_copy
@@ -25,6 +24,7 @@ from fxcompress.verify import role_of
 from fxcompress.budget import BITS, LatencyTable, Sensitivity, evaluate_metric, sensitivity
 from fxcompress.budget.candidates import kernel_weight_spec, weight_spec
 from fxcompress.quant.kernels import onednn_int8_support
+from fxcompress.quant.lowering.timing import median_seconds
 
 __all__ = ["MixedPrecision"]
 
@@ -259,10 +259,7 @@ def _lowered_seconds(trial: fx.GraphModule, ctx: PassContext) -> float:
             get_pass("lower")(backend="x86", only_if_faster=True)(lowered, ctx)
         lowered.recompile()
     args, kwargs = ctx.example_inputs()
-    with torch.no_grad():
-        timer = tb.Timer("m(*a, **k)", globals={"m": lowered, "a": args, "k": kwargs},
-                         num_threads=torch.get_num_threads())
-        return timer.blocked_autorange(min_run_time=0.3).median
+    return median_seconds(lambda: lowered(*args, **kwargs), min_run_time=0.3)
 
 
 def _noise(sens: Sensitivity, path: str, precision: str) -> float:

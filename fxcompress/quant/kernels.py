@@ -8,48 +8,5 @@ and users import them. Under fxcompress, a precondition that does not hold raise
 :mod:`fxcompress.quant`).
 """
 
-from fxcompress.oplib.kernels import (
-    Support,
-    CONV_POST_OPS,
-    CONV_POST_OPS_BY_DIMS,
-    LINEAR_POST_OPS,
-    POST_OPS,
-    INT4_GROUP_SIZES,
-    onednn_int8_support,
-    int8_weight_support,
-    supports_qconv,
-    supports_qlinear,
-    conv_output_size,
-    supports_int8pack_mm,
-    supports_int4pack_mm,
-    QConvKernel,
-    QLinearKernel,
-    int_mm,
-    int8pack_mm,
-    int4pack_weight,
-    int4pack_scales_and_zeros,
-    int4pack_mm,
-)
-
-__all__ = [
-    "Support",
-    "CONV_POST_OPS",
-    "CONV_POST_OPS_BY_DIMS",
-    "LINEAR_POST_OPS",
-    "POST_OPS",
-    "INT4_GROUP_SIZES",
-    "onednn_int8_support",
-    "int8_weight_support",
-    "supports_qconv",
-    "supports_qlinear",
-    "conv_output_size",
-    "supports_int8pack_mm",
-    "supports_int4pack_mm",
-    "QConvKernel",
-    "QLinearKernel",
-    "int_mm",
-    "int8pack_mm",
-    "int4pack_weight",
-    "int4pack_scales_and_zeros",
-    "int4pack_mm",
-]
+from fxcompress.oplib.kernels import *  # noqa: F401,F403  (the library's names, re-exported)
+from fxcompress.oplib.kernels import __all__  # noqa: F401
