@@ -279,7 +279,8 @@ def _latency(models: list[nn.Module], x: torch.Tensor) -> list[float]:
 def lower(wb: Workbench) -> Row:
     calibration, held_out = wb.calibration()
     _, weights = weights_for_this_cpu()  # the weights this CPU's int8 kernels take (7-bit on AVX2)
-    recipe = recipes.int8_static(weights=weights)
+    # keep_float: where the whole int8 model is slower here, lower returns its float version.
+    recipe = recipes.int8_static(weights=weights, if_slower="keep_float")
     fold, rest = recipe[:len(QUANT)], recipe[len(QUANT):]  # split after fold_fake_quant, to score lowering
     start = time.perf_counter()
     folded = run_full(wb, fold, calibration_data=calibration).model
@@ -298,7 +299,10 @@ def lower(wb: Workbench) -> Row:
                 "int8_ms": int8_s * 1e3, "sqnr": agreement(expected, got).sqnr_db,
                 "fidelity": agreement(reference, got).sqnr_db, "contract": contract.holds,
                 "differing": list(contract.differing_codes()), "choices": stats.get("choices", {}),
-                "finite": bool(torch.isfinite(got).all())}
+                "finite": bool(torch.isfinite(got).all()), "checked_whole_model": True,
+                "kept_float": stats.get("kept_float")}
+    if row["kept_float"]:  # the int8 model was discarded: show what it had
+        row["int8_nodes"] = row["kept_float"]["discarded"]["int8_nodes"]
     if not contract.holds:
         row.setdefault("errors", []).append(f"per-op contract broken: {contract.summary()}")
     if not row["finite"]:
@@ -483,10 +487,21 @@ def _cells(section: str, r: Row) -> list[Any]:
                     if "contract" in r else "-")
         kept = r.get("choices", {}).get("float", "-") if "choices" in r else "-"
         return [get("int8_nodes", str), get("float_nodes", str), kept, get("fallbacks", str),
-                get("size", "{:.3f}".format), latency, get("sqnr", _db), contract, get("fidelity", _db)]
+                _outcome(r), get("size", "{:.3f}".format), latency, get("sqnr", _db), contract,
+                get("fidelity", _db)]
     models = r.get("models", {})
     return [f"{models[k]['bytes'] / 2**20:.1f} MiB, equal" if k in models else "-"
             for k in ("fused", "pruned", "lowered")]
+
+
+def _outcome(r: Row) -> str:
+    """What ``lower(if_slower="keep_float")`` returned: int8, or float with the int8 model's speed."""
+    if not r.get("checked_whole_model"):
+        return "int8 (no whole-model check)"
+    kept = r.get("kept_float")
+    if not kept:
+        return "int8"
+    return f"float (int8 was {kept['lowered_ms'] / kept['float_ms']:.2f}x)"
 
 
 HEADERS = {
@@ -494,7 +509,7 @@ HEADERS = {
     "prune": [f"{k} @{r}" for r in PRUNE_RATIOS for k in ("params", "MACs")]
     + [f"frozen units @{max(PRUNE_RATIOS)}", "most frozen, besides the output"],
     "quant": ["int8 layers", "kept float", "SQNR dB", "state ratio", "finite"],
-    "lower": ["int8 nodes", "float layers", "kept float (faster)", "ref. fallbacks", "size ratio",
+    "lower": ["int8 nodes", "float layers", "kept float (faster)", "ref. fallbacks", "model returned", "size ratio",
               "latency ratio (float → int8)", "SQNR dB", "per-op contract (codes differing)", "vs folded dB"],
     "artifact": ["fused", "pruned @0.5", "lowered int8"],
 }
@@ -513,11 +528,14 @@ INTRO = {
              "the folded model against float on a held-out batch of 2 (seed 100); state ratio: state "
              "bytes after / before. Exact passes are checked at the foundation's tolerance. Inputs are "
              "N(0, 1) noise and weights random, so SQNR is lower than on trained models with real images.",
-    "lower": "`recipes.int8_static(weights=...)` (fuse, observe, calibrate, fold, `lower` with its measured "
-             "choices, dead-node elimination) with the weights this CPU's int8 kernels take (8-bit where they "
+    "lower": "`recipes.int8_static(weights=..., if_slower=\"keep_float\")` (fuse, observe, calibrate, fold, "
+             "`lower` with its measured per-layer choices and its whole-model check, dead-node elimination) with the weights this CPU's int8 kernels take (8-bit where they "
              "multiply exactly, 7-bit `portable_weight_spec` on AVX2), `check=\"full\"`, calibration as above. "
              "int8 nodes / float layers (quantized layers not int8; of those, kept float because float was "
-             "faster here) / reference fallbacks from the `lower` stats; size ratio: state bytes int8 / float "
+             "faster here) / reference fallbacks from the `lower` stats; model returned: int8, or the float "
+             "model where the whole int8 model was slower than it here (with that ratio; the int8 counts are "
+             "then those discarded; rows marked \"no whole-model check\" were measured before the check "
+             "existed); size ratio: state bytes int8 / float "
              "(the float model's state includes GoogLeNet's and Inception's auxiliary heads, which the "
              "eval forward never reaches and dead-node elimination drops); "
              "latency ratio: int8 / the float eager model, 1 thread, batch 1, median of "

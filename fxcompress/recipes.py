@@ -77,6 +77,7 @@ def int8_static(
     num_batches: int | None = None,
     backend: str | None = None,
     only_if_faster: bool = True,
+    if_slower: str = "warn",
     scope: Sequence[str] = (),
     skip: Sequence[str] = (),
 ) -> list[Entry]:
@@ -88,10 +89,12 @@ def int8_static(
     with a histogram observer: what the x86 kernels take).  ``scope`` limits
     quantization to the matching modules, ``skip`` keeps them float.
     ``only_if_faster`` (on by default) lets ``lower`` time each layer's ways to
-    run on this CPU and keep the fastest, so the result is never slower than
-    float layer by layer (x86 backend; see ``docs/lowering.md``).  Fusion comes
-    first so that the folded BatchNorm is    quantized as part of its conv, and dead-node elimination last because
-    lowering leaves the float weights behind.
+    run on this CPU and keep the fastest (x86 backend); ``if_slower="keep_float"``
+    makes ``lower`` also time the whole model and return its float version when
+    int8 is slower here, so the result is never slower than float (the default,
+    ``"warn"``, keeps int8 and warns; see ``docs/lowering.md``).  Fusion comes
+    first so that the folded BatchNorm is quantized as part of its conv, and
+    dead-node elimination last because lowering leaves the float weights behind.
     """
     observe = _where(_options(weights=weights, activations=activations), scope, skip)
     return [
@@ -100,7 +103,8 @@ def int8_static(
         _entry("calibrate", num_batches=num_batches),
         "fold_fake_quant",
         # The reference backend is portable by choice and never timed: no option to carry.
-        _entry("lower", backend=backend, only_if_faster=None if backend == "reference" else only_if_faster),
+        _entry("lower", backend=backend, only_if_faster=None if backend == "reference" else only_if_faster,
+               if_slower=None if if_slower == "warn" else if_slower),
         "eliminate_dead_nodes",
     ]
 

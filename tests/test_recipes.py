@@ -58,6 +58,8 @@ def test_int8_static_order_and_options() -> None:
     assert _options(entries, "calibrate") == {"num_batches": 4}
     assert _options(entries, "lower") == {"backend": "reference"}
     assert _options(entries, "insert_observers") == {"skip": ["fc"]}
+    assert _options(recipes.int8_static(if_slower="keep_float"), "lower") == {"only_if_faster": True,
+                                                                          "if_slower": "keep_float"}
     # Left out, options keep the passes' own defaults: plain names, no empty dicts.
     assert recipes.int8_static()[1:3] == ["insert_observers", "calibrate"]
 
