@@ -55,7 +55,9 @@ _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _q(scale: torch.Tensor | None, zero_point: torch.Tensor | None) -> tuple[float | None, int]:
-    return (None, 0) if scale is None else (float(scale), int(zero_point) if zero_point is not None else 0)
+    if scale is None:
+        return None, 0
+    return float(cache.scalar(scale)), int(cache.scalar(zero_point)) if zero_point is not None else 0
 
 
 def quantize_layout(x: torch.Tensor) -> torch.memory_format:
@@ -71,21 +73,21 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, act
     if guard and x.is_floating_point() and not bool(torch.isfinite(x.sum())):
         fail("input", f"input {guard!r} holds NaN or Inf values: a lowered int8 model cannot represent them "
                       f"(the float model would return NaN or Inf); check or clean the input")
-    q = quantize_uint8(x, float(scale), int(zero_point), activation, activation_args)
+    q = quantize_uint8(x, *_q(scale, zero_point), activation, activation_args)
     return q.contiguous(memory_format=quantize_layout(x))
 
 
 def quantize_product(x: torch.Tensor, gains: torch.Tensor, scale: torch.Tensor,
                      zero_point: torch.Tensor) -> torch.Tensor:
     """``quantize_uint8(x * gains)`` (a squeeze-excitation gate), without the product in memory."""
-    q = quantize_product_uint8(x, gains, float(scale), int(zero_point))
+    q = quantize_product_uint8(x, gains, *_q(scale, zero_point))
     layout = quantize_layout(x) if q.shape == x.shape else torch.contiguous_format
     return q.contiguous(memory_format=layout)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """uint8 codes -> float32 ``(q - zero_point) * scale``, keeping the memory format."""
-    return dequantize_uint8(q, float(scale), int(zero_point))
+    return dequantize_uint8(q, *_q(scale, zero_point))
 
 
 def conv_output_layout(dims: int) -> str:
