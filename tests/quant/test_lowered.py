@@ -413,3 +413,18 @@ def test_conv_cache_is_per_shape_and_bounded() -> None:
         qx = U.quantize_uint8(digits_features(2, 16, size), 0.01, 0)
         assert_codes_close(m(qx), twin(qx))
     assert 0 < fxcompress.oplib.cache.entries(m.weight) <= fxcompress.oplib.cache.MAX_SHAPES
+
+
+def test_qparam_scalars_are_reread_after_an_in_place_change() -> None:
+    # The operators remember scale/zero-point scalars; load_state_dict (an in-place copy) must show.
+    q = Quantize.from_qparams(0.1, 3)
+    x = digits_features(2, 4, 6)
+    before = q(x)
+    with torch.no_grad():
+        q.output_scale.fill_(0.2)
+        q.output_zero_point.fill_(7)
+    assert torch.equal(q(x), U.quantize_uint8(x, 0.2, 7)) and not torch.equal(q(x), before)
+    assert fxcompress.oplib.cache.scalar(q.output_scale) == pytest.approx(0.2)
+    with torch.inference_mode():
+        frozen = torch.tensor(0.5)
+    assert fxcompress.oplib.cache.scalar(frozen) == 0.5  # no version counter: read every time
