@@ -47,7 +47,16 @@ _State = RuleState if TYPE_CHECKING else object
 
 
 class AttentionRule(_State):
-    """``multihead_attention`` (a mixin of the :class:`~fxcompress.prune.rules.Analyzer`)."""
+    """The rule for ``Kind.ATTENTION`` (a mixin of the :class:`~fxcompress.prune.rules.Analyzer`)."""
+
+    def attention(self, info: OpInfo) -> None:
+        """``Kind.ATTENTION``: an ``nn.MultiheadAttention`` prunes by heads; any other freezes."""
+        if info.op == "multihead_attention" and info.module is not None:
+            self.multihead_attention(info)
+            return
+        why = {"shifted_window_attention": "derives head_dim from its input width"}.get(
+            info.op, "mixes channels across heads")
+        self.unknown(info, f"{info.op} at node {info.node.name}: {why}")
 
     def multihead_attention(self, info: OpInfo) -> None:
         node, module, path = info.node, info.module, str(info.node.target)

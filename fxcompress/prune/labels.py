@@ -2,9 +2,9 @@
 
 A *label tensor* has a node's shape and holds, at every element, the atom of
 the channel it belongs to (``-1`` where there is none).  Ops that only move
-elements (reshape, view, flatten, permute, transpose, getitem, split, chunk)
-are executed on labels, and the dims along which the result varies are its
-channel dims: offsets, flattening, shuffles and head splits are mapped by
+elements (reshape, view, flatten, permute, transpose, getitem, split, chunk),
+and reductions over dims other than the channels, are executed on labels, and
+the dims along which the result varies are its channel dims: offsets, flattening, shuffles and head splits are mapped by
 torch itself.  :class:`LabelOps` is the part of the
 :class:`~fxcompress.prune.rules.Analyzer` that does this; it relies on the
 analyzer's state declared by :class:`~fxcompress.prune.types.RuleState`.
@@ -168,6 +168,21 @@ class LabelOps(_State):
                 return
             self.resized.append(node)  # piece sizes follow the channels kept in each piece
         self.label_op(info)
+
+    def reduction(self, info: OpInfo) -> None:
+        """A reduction over other dims than the channels: the labels' max says where they went."""
+        node = info.node
+        x = self.space(info.inputs[0])
+        ndim = len(meta_shape(info.inputs[0].meta["tensor_meta"]))
+        dim = info.params.get("dim")
+        dims = set(range(ndim)) if dim is None else {d % ndim for d in ((dim,) if isinstance(dim, int) else dim)}
+        if dims & set(x.dims):
+            self.unknown(info, f"{info.op} at node {node.name}: reduces over the channels")
+            return
+        keepdim = bool(info.params.get("keepdim", False))
+        labels = self._expand(x, info.inputs[0].meta["tensor_meta"])
+        out = torch.amax(labels, dim=tuple(sorted(dims)), keepdim=keepdim) if dims else labels
+        self.spaces[node] = self.from_labels(out, node)
 
     def _with_counted_dims(self, info: OpInfo, space: Space, shape: tuple[int, ...]) -> Space:
         """Add size-1 dims sized by a run-time channel count (``c // g`` when ``c == g``).

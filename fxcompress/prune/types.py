@@ -3,9 +3,10 @@
 
 The vocabulary (channel spaces, atoms, units, groups, frozen units) is explained in
 :mod:`fxcompress.prune.groups`, which builds a :class:`ChannelGraph`; this module holds
-only the types, so that every part of the analysis (the rules, the label-tensor and
-attention mixins, selection, slicing) imports them from here and the imports run one way:
-``groups -> rules -> labels, heads -> types``.
+only the types, so that every part of the analysis (the state, the rule mixins,
+selection, slicing) imports them from here and the imports run one way:
+``groups`` (the builder) ``-> rules`` (the analyzer and its dispatch table) ``->``
+``state``, ``weighted_rules``, ``flow_rules``, ``labels``, ``heads`` ``-> types``.
 """
 
 from __future__ import annotations
@@ -105,9 +106,10 @@ class ChannelGraph:
 
 
 class RuleState(Protocol):
-    """What the rule mixins (:class:`~fxcompress.prune.labels.LabelOps`,
+    """What the rule mixins (:class:`~fxcompress.prune.weighted_rules.WeightedRules`,
+    :class:`~fxcompress.prune.flow_rules.FlowRules`, :class:`~fxcompress.prune.labels.LabelOps`,
     :class:`~fxcompress.prune.heads.AttentionRule`) read and call on the analyzer they are
-    part of (:class:`~fxcompress.prune.rules.Analyzer`, which defines all of it)."""
+    part of; :class:`~fxcompress.prune.state.AnalysisState` defines all of it."""
 
     gm: fx.GraphModule
     in_scope: Callable[[fx.Node], bool]
@@ -122,6 +124,9 @@ class RuleState(Protocol):
     def record(self, owner: str, attr: str, dim: int, ids: torch.Tensor, role: str, node: fx.Node) -> None: ...
     def space(self, value: Any) -> Space: ...
     def unknown(self, info: OpInfo, reason: str) -> None: ...
+    def pass_through(self, info: OpInfo) -> None: ...
     def out_of_scope(self, node: fx.Node) -> str: ...
     def check_dims(self, x: Space, allowed: set[int], info: OpInfo) -> str | None: ...
     def empty_like(self, meta: Any) -> Any: ...
+    def param_ref(self, info: OpInfo, name: str) -> tuple[str, str] | None: ...
+    def param_tensor(self, ref: tuple[str, str]) -> torch.Tensor | None: ...
