@@ -13,7 +13,8 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.activations import ActivationObserver, preserves_qparams, quant_source
 from fxcompress.quant.layers import ObservedLayer, layer_support
 from fxcompress.quant.observers import make_observer
-from fxcompress.quant.placement import Chain, consumed_quantized, find_chains, is_cat, is_float_value
+from fxcompress.quant.fusion import FusedChain, is_float_value
+from fxcompress.quant.placement import consumed_quantized, find_chains, is_cat
 from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
 from fxcompress.rewrite import replace_modules
 from fxcompress.verify import role_of
@@ -169,7 +170,7 @@ class _Placer:
         self.roots: dict[fx.Node, fx.Node] = {}  # observed value -> its observer node
         self.last_placeholder = next((n for n in reversed(gm.graph.nodes) if n.op == "placeholder"), None)
 
-    def place(self, chains: dict[fx.Node, Chain]) -> int:
+    def place(self, chains: dict[fx.Node, FusedChain]) -> int:
         """Insert every observer; returns the number of observer nodes."""
         wanted = consumed_quantized(self.gm, chains)
         # Chain ends first: they are the integer outputs every later decision builds on.
