@@ -83,10 +83,10 @@ class Lower(Pass):
     approximate_post_ops: bool = True
 
     def __post_init__(self) -> None:
-        check_backend_option(self.name, self.backend)
+        check_backend_option(self.backend)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        backend = resolve_backend(self.backend, ctx, self.name)
+        backend = resolve_backend(self.backend, ctx)
         notes: list[str] = []
         if backend == "x86" and not (support := onednn_int8_support()):
             if self.strict:
