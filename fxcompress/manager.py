@@ -32,8 +32,9 @@ flag is kept only if the graph, its modules or its state visibly changed.
 
 Any failure raises :class:`PassError` naming the pass, the passes before it,
 and the reason; an fxcompress error the pass raises itself keeps its type and
-gains the same prefix.  Every check is linear in the number of nodes (plus
-one pass over the state for the finite-values invariant) and runs with the
+gains the same prefix (the pass never names itself: see :mod:`fxcompress.pass_base`).
+Every check is linear in the number of nodes (plus one pass over the state for
+the finite-values invariant) and runs with the
 cyclic garbage collector paused (:func:`~fxcompress.capture.gc_paused`), so
 verification time grows linearly with the graph.  The defaults are
 :func:`fxcompress.run`'s: ``check`` from :func:`check_level` (``$FXCOMPRESS_CHECK``, else
@@ -53,7 +54,9 @@ from torch import fx
 from . import boundary
 from .capture import gc_paused, propagate_shapes
 from .errors import ConfigError, FxCompressError, InputError, PassError
-from .pass_base import Pass, PassContext, PassResult, check_option_types, close_matches, module_path_of, path_matches
+from .pass_base import (
+    Pass, PassContext, PassResult, check_option_types, close_matches, module_path_of, name_the_pass, path_matches,
+)
 from .pass_effects import Fingerprints, align_new_modules
 from .registry import get_pass
 from .report import PassRow, Report, snapshot
@@ -332,7 +335,7 @@ class PassManager:
         try:
             result = step.pass_(gm, ctx)
         except FxCompressError as exc:
-            raise _with_prefix(exc, self._where(step, before)) from exc
+            raise name_the_pass(exc, self._where(step, before), step.pass_.name) from exc
         except Exception as exc:
             raise self._error(step, before, f"raised {type(exc).__name__}: {_first_line(exc)}") from exc
         finally:
@@ -417,14 +420,6 @@ class PassManager:
             if _meta_shapes(old) != _meta_shapes(new):
                 raise self._error(step, before, f"node {node.name!r} records {_meta_shapes(old)} but computes "
                                   f"{_meta_shapes(new)}: a rewrite left stale metadata")
-
-
-def _with_prefix(exc: FxCompressError, where: str) -> FxCompressError:
-    """The same error type (a CalibrationError stays one), its message prefixed with the pass."""
-    try:
-        return type(exc)(f"{where}: {exc}")
-    except TypeError:  # a subclass whose constructor takes more than a message
-        return PassError(f"{where} failed: {type(exc).__name__}: {exc}")
 
 
 def _meta_shapes(meta: Any) -> Any:

@@ -39,6 +39,13 @@ Class attributes a pass may set:
 ``float32_only``
     the pass computes for float32 models only; the manager refuses, before
     any work, floating parameters or example inputs of another dtype.
+
+Errors name the pass once, and the machinery does it, never the pass: a
+:class:`~fxcompress.errors.FxCompressError` from ``__post_init__`` gains
+``pass 'name': `` (:meth:`Pass.__init_subclass__` wraps it, so a pass built
+directly says it too), and one from ``__call__`` gains
+``pass 'name' (after ...): `` from the :class:`~fxcompress.manager.PassManager`
+(:func:`name_the_pass`).  A pass's own messages say what, where and what to do.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import inspect
 import types
 import typing
@@ -55,7 +63,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 import torch
 from torch import fx
 
-from .errors import ConfigError, PassError
+from .errors import ConfigError, FxCompressError, PassError
 from .verify import STAGES, stage_of
 
 __all__ = [
@@ -67,7 +75,36 @@ __all__ = [
     "check_option_types",
     "close_matches",
     "path_matches",
+    "name_the_pass",
 ]
+
+
+def name_the_pass(exc: FxCompressError, where: str, name: str) -> FxCompressError:
+    """``exc``'s type (a CalibrationError stays one) with its message prefixed by ``where``,
+    which names pass ``name``; a message that already starts with ``pass 'name': `` (its
+    options' check named it) loses that first, so the pass is named once."""
+    message = str(exc)
+    own = f"pass {name!r}: "
+    if message.startswith(own):
+        message = message[len(own):]
+    try:
+        return type(exc)(f"{where}: {message}")
+    except TypeError:  # a subclass whose constructor takes more than a message
+        return PassError(f"{where} failed: {type(exc).__name__}: {message}")
+
+
+def _naming_the_pass(post_init: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``post_init`` whose fxcompress errors name the pass (see the module docstring)."""
+    @functools.wraps(post_init)
+    def checked(self: "Pass") -> None:
+        try:
+            post_init(self)
+        except FxCompressError as exc:
+            if str(exc).startswith(f"pass {self.name!r}"):  # a parent's check, already named
+                raise
+            raise name_the_pass(exc, f"pass {self.name!r}", self.name).with_traceback(exc.__traceback__) from None
+    checked._fxc_names_the_pass = True  # type: ignore[attr-defined]
+    return checked
 
 
 @dataclass
@@ -97,6 +134,12 @@ class Pass:
     runs_before: ClassVar[tuple[str, ...]] = ()
     float32_only: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_fxc_names_the_pass", False):
+            cls.__post_init__ = _naming_the_pass(own)  # type: ignore[attr-defined]
+
     def __call__(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement __call__")
 
@@ -107,8 +150,7 @@ class Pass:
         stages = stages or self.stages
         stage = stage_of(gm)
         if stages is not None and STAGES.index(stage) > max(STAGES.index(s) for s in stages):
-            raise ConfigError(f"pass {self.name!r}: the graph is already {stage} (it holds quantization "
-                              f"modules); {remedy}")
+            raise ConfigError(f"the graph is already {stage} (it holds quantization modules); {remedy}")
 
     def needs_after(self, earlier: "Sequence[Pass]") -> tuple[str, ...]:
         """What the pass needs when ``earlier`` run before it in the pipeline (default: ``needs``)."""
@@ -242,7 +284,7 @@ def function_pass(
             if isinstance(out, PassResult):
                 return out
             if not isinstance(out, fx.GraphModule):
-                raise PassError(f"function pass {pass_name!r} must return a GraphModule or a PassResult, "
+                raise PassError("a function pass must return a GraphModule or a PassResult, "
                                 f"got {type(out).__name__}")
             return PassResult(out, str(out.graph) != before, {})
 

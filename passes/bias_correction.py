@@ -49,7 +49,7 @@ class BiasCorrection(Pass):
 
     def __post_init__(self) -> None:
         if self.num_batches is not None and (isinstance(self.num_batches, bool) or self.num_batches < 1):
-            raise ConfigError(f"pass {self.name!r}: num_batches must be a positive int or None, "
+            raise ConfigError(f"num_batches must be a positive int or None, "
                               f"got {self.num_batches!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -44,12 +44,12 @@ class Cast(Pass):
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
-            raise ConfigError(f"cast: dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stage = stage_of(gm)
         if stage in ("observed", "fake_quant"):
-            raise ConfigError(f"cast: the graph is at the {stage} stage; cast a float graph, or a lowered "
+            raise ConfigError(f"the graph is at the {stage} stage; cast a float graph, or a lowered "
                               f"one after fold_fake_quant + lower")
         target = _DTYPES[self.dtype]
         before = state_bytes(gm)

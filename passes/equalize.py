@@ -63,9 +63,9 @@ class Equalize(Pass):
 
     def __post_init__(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ConfigError(f"pass {self.name!r}: iterations must be a positive int, got {self.iterations!r}")
+            raise ConfigError(f"iterations must be a positive int, got {self.iterations!r}")
         if self.relu6 not in _RELU6_MODES:
-            raise ConfigError(f"pass {self.name!r}: relu6 must be one of {_RELU6_MODES}, got {self.relu6!r}")
+            raise ConfigError(f"relu6 must be one of {_RELU6_MODES}, got {self.relu6!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         self.check_stage(gm, "equalize the float model, before insert_observers", ("float",))

@@ -63,24 +63,20 @@ class Finetune(Pass):
         return ("calibration_data", "teacher") + (("loss_fn",) if self.distill_weight != 1.0 else ())
 
     def __post_init__(self) -> None:
-        where = f"pass {self.name!r}"
         if isinstance(self.steps, bool) or self.steps < 1:
-            raise ConfigError(f"{where}: steps must be a positive int, got {self.steps!r}")
+            raise ConfigError(f"steps must be a positive int, got {self.steps!r}")
         if not self.lr > 0:
-            raise ConfigError(f"{where}: lr must be positive, got {self.lr!r}")
+            raise ConfigError(f"lr must be positive, got {self.lr!r}")
         if self.optimizer not in _OPTIMIZERS:
-            raise ConfigError(f"{where}: optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
         if self.weight_decay < 0:
-            raise ConfigError(f"{where}: weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.freeze_observers_after is not None and self.freeze_observers_after < 0:
-            raise ConfigError(f"{where}: freeze_observers_after must be >= 0 or None, "
+            raise ConfigError(f"freeze_observers_after must be >= 0 or None, "
                               f"got {self.freeze_observers_after!r}")
         if self.distill is not None and self.distill not in DISTILL_LOSSES:
-            raise ConfigError(f"{where}: distill must be one of {DISTILL_LOSSES} or None, got {self.distill!r}")
-        try:
-            check_distill_options(self.distill or "kl", self.temperature, self.distill_weight, has_task=True)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from exc
+            raise ConfigError(f"distill must be one of {DISTILL_LOSSES} or None, got {self.distill!r}")
+        check_distill_options(self.distill or "kl", self.temperature, self.distill_weight, has_task=True)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         teacher = self._teacher(ctx)
@@ -89,7 +85,7 @@ class Finetune(Pass):
         if not labelled:
             data = _Inputs(data, ctx)
         if self.distill is not None and ctx.loss_fn is None and self.distill_weight != 1.0:
-            raise ConfigError(f"pass {self.name!r}: distill_weight={self.distill_weight} mixes in a task loss, "
+            raise ConfigError(f"distill_weight={self.distill_weight} mixes in a task loss, "
                               f"but fxcompress.run got no loss_fn")
         first = next(iter(data), None)
         before_state = [p.detach().clone() for p in gm.parameters()]
@@ -109,15 +105,15 @@ class Finetune(Pass):
     def _teacher(self, ctx: PassContext) -> torch.nn.Module | None:
         """The teacher when distilling; ConfigError for what is missing."""
         if ctx.calibration_data is None:
-            raise ConfigError(f"pass {self.name!r} needs training data: give calibration_data as a list or "
-                              f"DataLoader of batches to fxcompress.run")
+            raise ConfigError("needs training data: give calibration_data as a list or "
+                              "DataLoader of batches to fxcompress.run")
         if self.distill is None:
             if ctx.loss_fn is None:
-                raise ConfigError(f"pass {self.name!r} needs loss_fn(outputs, target) -> scalar tensor, "
-                                  f"given to fxcompress.run, or distill='kl'/'mse' with a teacher")
+                raise ConfigError("needs loss_fn(outputs, target) -> scalar tensor, "
+                                  "given to fxcompress.run, or distill='kl'/'mse' with a teacher")
             return None
         if ctx.teacher is None:
-            raise ConfigError(f"pass {self.name!r} with distill={self.distill!r} needs teacher=<model> given to "
+            raise ConfigError(f"distill={self.distill!r} needs teacher=<model> given to "
                               f"fxcompress.run (typically the uncompressed model)")
         return ctx.teacher
 

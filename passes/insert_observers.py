@@ -13,7 +13,8 @@ from fxcompress.pass_base import Pass, PassContext, PassResult
 from fxcompress.quant.activations import ActivationObserver, preserves_qparams, quant_source
 from fxcompress.quant.layers import ObservedLayer, layer_support
 from fxcompress.quant.observers import make_observer
-from fxcompress.quant.placement import Chain, consumed_quantized, find_chains, is_cat, is_float_value
+from fxcompress.quant.fusion import FusedChain, is_float_value
+from fxcompress.quant.placement import consumed_quantized, find_chains, is_cat
 from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
 from fxcompress.rewrite import replace_modules
 from fxcompress.verify import role_of
@@ -26,7 +27,7 @@ OP_KINDS: dict[str, Kind] = {"conv": Kind.CONV, "linear": Kind.LINEAR, "embeddin
 ACTIVATION_OBSERVERS = "fxc_act"
 
 
-def as_spec(value: QuantSpec | dict | None, option: str, pass_name: str) -> QuantSpec | None:
+def as_spec(value: QuantSpec | dict | None, option: str) -> QuantSpec | None:
     """A spec from a spec, its dict form (recipes) or None; ConfigError naming the option."""
     if value is None or isinstance(value, QuantSpec):
         return value
@@ -34,8 +35,8 @@ def as_spec(value: QuantSpec | dict | None, option: str, pass_name: str) -> Quan
         try:
             return QuantSpec.from_dict(value)
         except ConfigError as exc:
-            raise ConfigError(f"pass {pass_name!r}: option {option!r}: {exc}") from exc
-    raise ConfigError(f"pass {pass_name!r}: option {option!r} must be a QuantSpec, a dict or None, "
+            raise ConfigError(f"option {option!r}: {exc}") from exc
+    raise ConfigError(f"option {option!r} must be a QuantSpec, a dict or None, "
                       f"got {type(value).__name__}")
 
 
@@ -72,18 +73,18 @@ class InsertObservers(Pass):
     ops: tuple[str, ...] = ("conv", "linear")
 
     def __post_init__(self) -> None:
-        weights = as_spec(self.weights, "weights", self.name)
-        activations = as_spec(self.activations, "activations", self.name)
+        weights = as_spec(self.weights, "weights")
+        activations = as_spec(self.activations, "activations")
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "activations", activations)
         if weights is None and activations is None:
-            raise ConfigError(f"pass {self.name!r}: weights and activations are both None: nothing to quantize")
+            raise ConfigError("weights and activations are both None: nothing to quantize")
         if activations is not None and activations.granularity != "per_tensor":
-            raise ConfigError(f"pass {self.name!r}: activations must be quantized per_tensor (the int8 kernels "
+            raise ConfigError(f"activations must be quantized per_tensor (the int8 kernels "
                               f"take one activation scale), got granularity={activations.granularity!r}")
         unknown = [k for k in self.ops if k not in OP_KINDS]
         if unknown or not self.ops:
-            raise ConfigError(f"pass {self.name!r}: ops must be a non-empty subset of {tuple(OP_KINDS)}, "
+            raise ConfigError(f"ops must be a non-empty subset of {tuple(OP_KINDS)}, "
                               f"got {self.ops!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -169,7 +170,7 @@ class _Placer:
         self.roots: dict[fx.Node, fx.Node] = {}  # observed value -> its observer node
         self.last_placeholder = next((n for n in reversed(gm.graph.nodes) if n.op == "placeholder"), None)
 
-    def place(self, chains: dict[fx.Node, Chain]) -> int:
+    def place(self, chains: dict[fx.Node, FusedChain]) -> int:
         """Insert every observer; returns the number of observer nodes."""
         wanted = consumed_quantized(self.gm, chains)
         # Chain ends first: they are the integer outputs every later decision builds on.

@@ -96,16 +96,16 @@ class Lower(Pass):
     approximate_post_ops: bool = True
 
     def __post_init__(self) -> None:
-        check_backend_option(self.name, self.backend)
+        check_backend_option(self.backend)
         if self.if_slower not in IF_SLOWER:
-            raise ConfigError(f"lower: if_slower must be one of {', '.join(map(repr, IF_SLOWER))}, got "
+            raise ConfigError(f"if_slower must be one of {', '.join(map(repr, IF_SLOWER))}, got "
                               f"{self.if_slower!r}")
         if self.strict and self.if_slower == "keep_float":
-            raise ConfigError("lower: strict=True (every layer int8) and if_slower='keep_float' (float when "
+            raise ConfigError("strict=True (every layer int8) and if_slower='keep_float' (float when "
                               "faster) contradict each other; choose one")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        backend = resolve_backend(self.backend, ctx, self.name)
+        backend = resolve_backend(self.backend, ctx)
         notes: list[str] = []
         if backend == "x86" and not (support := onednn_int8_support()):
             if self.strict:

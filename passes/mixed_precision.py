@@ -84,34 +84,33 @@ class MixedPrecision(Pass):
     num_batches: int | None = None
 
     def __post_init__(self) -> None:
-        where = f"pass {self.name!r}"
         budgets = {"max_drop": self.max_drop, "max_bytes": self.max_bytes, "max_latency": self.max_latency}
         if sum(v is not None for v in budgets.values()) != 1:
-            raise ConfigError(f"{where}: give exactly one budget, max_drop (metric points), max_bytes (state "
-                              f"bytes) or max_latency (seconds per call); got "
+            raise ConfigError("give exactly one budget, max_drop (metric points), max_bytes (state "
+                              "bytes) or max_latency (seconds per call); got "
                               + ", ".join(f"{k}={v!r}" for k, v in budgets.items()))
         if self.max_drop is not None and not (isinstance(self.max_drop, (int, float)) and self.max_drop >= 0):
-            raise ConfigError(f"{where}: max_drop must be a number >= 0, got {self.max_drop!r}")
+            raise ConfigError(f"max_drop must be a number >= 0, got {self.max_drop!r}")
         if self.max_bytes is not None and (isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int)
                                            or self.max_bytes < 1):
-            raise ConfigError(f"{where}: max_bytes must be a positive int, got {self.max_bytes!r}")
+            raise ConfigError(f"max_bytes must be a positive int, got {self.max_bytes!r}")
         if self.max_latency is not None and (isinstance(self.max_latency, bool) or not isinstance(
                 self.max_latency, (int, float)) or not 0 < self.max_latency < math.inf):
-            raise ConfigError(f"{where}: max_latency must be a positive number of seconds, got {self.max_latency!r}")
+            raise ConfigError(f"max_latency must be a positive number of seconds, got {self.max_latency!r}")
         if self.max_latency is not None and "int8" not in self.choices:
-            raise ConfigError(f"{where}: max_latency needs 'int8' in choices (int4 codes run on the same int8 "
+            raise ConfigError(f"max_latency needs 'int8' in choices (int4 codes run on the same int8 "
                               f"kernels, so only float -> int8 changes the time), got {self.choices!r}")
         bad = [c for c in self.choices if c not in _CHOICES]
         if bad or not [c for c in self.choices if c != _FLOAT]:
-            raise ConfigError(f"{where}: choices must be taken from {_CHOICES} and include a quantized one, "
+            raise ConfigError(f"choices must be taken from {_CHOICES} and include a quantized one, "
                               f"got {self.choices!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.max_drop is not None and ctx.eval_fn is None:
-            raise ConfigError(f"pass {self.name!r}: max_drop is measured with eval_fn(model) -> metric; give "
-                              f"eval_fn to fxcompress.run, or use max_bytes")
+            raise ConfigError("max_drop is measured with eval_fn(model) -> metric; give "
+                              "eval_fn to fxcompress.run, or use max_bytes")
         if self.max_latency is not None and not (support := onednn_int8_support()):
-            raise ConfigError(f"pass {self.name!r}: max_latency times the model lowered for the x86 int8 kernels, "
+            raise ConfigError(f"max_latency times the model lowered for the x86 int8 kernels, "
                               f"which cannot run here ({support.reason}); use max_drop or max_bytes")
         timed = self.max_latency is not None
         quantized = ["int8"] if timed else [c for c in _CHOICES[1:] if c in self.choices]
@@ -123,7 +122,7 @@ class MixedPrecision(Pass):
         kept.update({p: "out of scope (scope/skip)" for p in sens.layers() if p not in layers})
         if _FLOAT not in self.choices and sens.kept_float:
             path, reason = next(iter(sens.kept_float.items()))
-            raise ConfigError(f"pass {self.name!r}: layer {path!r} can take none of the precisions {self.choices} "
+            raise ConfigError(f"layer {path!r} can take none of the precisions {self.choices} "
                               f"({reason}); add 'float' to choices or exclude it with skip")
         start = _FLOAT if _FLOAT in self.choices else quantized[0]
         per_layer = _float_seconds(gm, layers) if timed else None

@@ -20,7 +20,7 @@ __all__ = ["PruneChannels"]
 
 def _check_ratio(name: str, value: Any) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
-        raise ConfigError(f"prune_channels: {name} must be a number in [0, 1), got {value!r}")
+        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,19 +73,19 @@ class PruneChannels(Pass):
         if self.head_ratio is not None:
             _check_ratio("head_ratio", self.head_ratio)
         if not (isinstance(self.max_ratio, (int, float)) and 0 < self.max_ratio < 1):
-            raise ConfigError(f"prune_channels: max_ratio must be a number in (0, 1), got {self.max_ratio!r}")
+            raise ConfigError(f"max_ratio must be a number in (0, 1), got {self.max_ratio!r}")
         for key, name in (("round_to", self.round_to), ("min_channels", self.min_channels)):
             if not isinstance(name, int) or isinstance(name, bool) or name < 1:
-                raise ConfigError(f"prune_channels: {key} must be an int >= 1, got {name!r}")
+                raise ConfigError(f"{key} must be an int >= 1, got {name!r}")
         if not (callable(self.importance) or self.importance in CRITERIA):
-            raise ConfigError(f"prune_channels: importance must be one of {CRITERIA} or a function "
+            raise ConfigError(f"importance must be one of {CRITERIA} or a function "
                               f"fn(tensor, dim) -> scores, got {self.importance!r}")
         if not isinstance(self.layer_ratios, dict):
-            raise ConfigError(f"prune_channels: layer_ratios must map module patterns to ratios, "
+            raise ConfigError(f"layer_ratios must map module patterns to ratios, "
                               f"got {type(self.layer_ratios).__name__}")
         for pattern, r in self.layer_ratios.items():
             if not isinstance(pattern, str):
-                raise ConfigError(f"prune_channels: layer_ratios keys are module-name patterns, got {pattern!r}")
+                raise ConfigError(f"layer_ratios keys are module-name patterns, got {pattern!r}")
             _check_ratio(f"layer_ratios[{pattern!r}]", r)
 
     @property
@@ -101,7 +101,7 @@ class PruneChannels(Pass):
         cg = build_channel_graph(gm, ctx.in_scope)
         unused = unused_patterns(cg, self.layer_ratios)
         if unused:
-            raise ConfigError(f"prune_channels: layer_ratios patterns {unused} match no prunable layer "
+            raise ConfigError(f"layer_ratios patterns {unused} match no prunable layer "
                               f"(layers: {', '.join(m for g in cg.groups for m in g.modules[:1])})")
         frozen = _frozen_summary(cg)
         stats: dict[str, Any] = {"groups": len(cg.groups), "units": cg.n_units, "frozen": frozen}
@@ -123,7 +123,7 @@ class PruneChannels(Pass):
         try:
             propagate_shapes(gm, ctx.example_args, ctx.example_kwargs)  # tensor_meta is true again
         except InputError as exc:  # the inputs ran before the slicing: the pass is at fault, not they
-            raise PassError(f"prune_channels sliced a graph that no longer runs (a bug of the pruning "
+            raise PassError(f"the sliced graph no longer runs (a bug of the pruning "
                             f"analysis; please report it, and skip the layers involved meanwhile): {exc}") from exc
         return PassResult(gm, True, stats)
 

@@ -65,28 +65,27 @@ class PruneToBudget(Pass):
     distill: str = "kl"
 
     def __post_init__(self) -> None:
-        where = f"pass {self.name!r}"
         if self.target not in RESOURCES:
-            raise ConfigError(f"{where}: target must be one of {RESOURCES}, got {self.target!r}")
+            raise ConfigError(f"target must be one of {RESOURCES}, got {self.target!r}")
         if self.strategy not in _STRATEGIES:
-            raise ConfigError(f"{where}: strategy must be one of {_STRATEGIES}, got {self.strategy!r}")
+            raise ConfigError(f"strategy must be one of {_STRATEGIES}, got {self.strategy!r}")
         for name, value, low, high in (("keep", self.keep, 0.0, 1.0), ("step", self.step, 0.0, 1.0),
                                        ("max_ratio", self.max_ratio, 0.0, 1.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
-                raise ConfigError(f"{where}: {name} must be a number in ({low:g}, {high:g}), got {value!r}")
+                raise ConfigError(f"{name} must be a number in ({low:g}, {high:g}), got {value!r}")
         if self.importance not in CRITERIA or self.importance == "taylor":
-            raise ConfigError(f"{where}: importance must be one of l1, l2, bn_scale, random, "
+            raise ConfigError(f"importance must be one of l1, l2, bn_scale, random, "
                               f"got {self.importance!r}")
         if isinstance(self.finetune_steps, bool) or not isinstance(self.finetune_steps, int) \
                 or self.finetune_steps < 0:
-            raise ConfigError(f"{where}: finetune_steps must be an int >= 0, got {self.finetune_steps!r}")
+            raise ConfigError(f"finetune_steps must be an int >= 0, got {self.finetune_steps!r}")
         if self.distill not in DISTILL_LOSSES:
-            raise ConfigError(f"{where}: distill must be one of {DISTILL_LOSSES}, got {self.distill!r}")
+            raise ConfigError(f"distill must be one of {DISTILL_LOSSES}, got {self.distill!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stage = stage_of(gm)
         if stage != "float":
-            raise ConfigError(f"pass {self.name!r}: the graph is already {stage}; prune first, then quantize")
+            raise ConfigError(f"the graph is already {stage}; prune first, then quantize")
         args, kwargs = ctx.example_inputs()
         batches = input_batches(ctx.calibration_data, args, kwargs, self.num_batches) \
             if ctx.eval_fn is None or self.finetune_steps else []

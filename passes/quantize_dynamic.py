@@ -49,19 +49,19 @@ class QuantizeDynamic(Pass):
 
     def __post_init__(self) -> None:
         if self.bits != 8:
-            raise ConfigError(f"quantize_dynamic: bits={self.bits!r} is not supported: the dynamic kernels "
+            raise ConfigError(f"bits={self.bits!r} is not supported: the dynamic kernels "
                               f"are int8 only (bits=8); for 4/2-bit weights use quantize_weights")
         unknown = [op for op in self.ops if op not in _OPS]
         if unknown or not self.ops:
-            raise ConfigError(f"quantize_dynamic: ops {list(self.ops)} invalid; supported: {list(_OPS)} "
+            raise ConfigError(f"ops {list(self.ops)} invalid; supported: {list(_OPS)} "
                               f"(there is no dynamic int8 conv kernel: lower convs with 'lower')")
-        check_backend_option(self.name, self.backend)
+        check_backend_option(self.backend)
         if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"quantize_dynamic: granularity must be one of {GRANULARITIES}, "
+            raise ConfigError(f"granularity must be one of {GRANULARITIES}, "
                               f"got {self.granularity!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        backend = resolve_backend(self.backend, ctx, self.name)
+        backend = resolve_backend(self.backend, ctx)
 
         def linear(m: nn.Linear) -> DynamicQuantLinear:
             return DynamicQuantLinear.from_float(m, granularity=self.granularity, backend=backend)

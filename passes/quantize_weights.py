@@ -50,13 +50,13 @@ class QuantizeWeights(Pass):
 
     def __post_init__(self) -> None:
         if self.bits not in _BITS:
-            raise ConfigError(f"quantize_weights: bits={self.bits!r} is not supported; choose one of {_BITS}")
+            raise ConfigError(f"bits={self.bits!r} is not supported; choose one of {_BITS}")
         if self.group_size is not None and self.group_size < 1:
-            raise ConfigError(f"quantize_weights: group_size must be a positive int or None (one group "
+            raise ConfigError(f"group_size must be a positive int or None (one group "
                               f"per row), got {self.group_size!r}")
-        check_backend_option(self.name, self.backend)
+        check_backend_option(self.backend)
         if self.compute_dtype not in _COMPUTE_DTYPES:
-            raise ConfigError(f"quantize_weights: compute_dtype must be one of {_COMPUTE_DTYPES}, "
+            raise ConfigError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, "
                               f"got {self.compute_dtype!r}")
 
     def _options(self, backend: str) -> dict[str, Any]:
@@ -70,7 +70,7 @@ class QuantizeWeights(Pass):
         return None
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        options = self._options(resolve_backend(self.backend, ctx, self.name))
+        options = self._options(resolve_backend(self.backend, ctx))
         before = state_bytes(gm)
 
         def linear(m: nn.Linear) -> Built:

@@ -55,10 +55,10 @@ class SmoothQuant(Pass):
     def __post_init__(self) -> None:
         if not self.alphas or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1
                                       for a in self.alphas):
-            raise ConfigError(f"pass {self.name!r}: alphas must be a non-empty list of numbers in [0, 1], "
+            raise ConfigError(f"alphas must be a non-empty list of numbers in [0, 1], "
                               f"got {self.alphas!r}")
         if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
-            raise ConfigError(f"pass {self.name!r}: max_rows must be a positive int, got {self.max_rows!r}")
+            raise ConfigError(f"max_rows must be a positive int, got {self.max_rows!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         self.check_stage(gm, "smooth the float model, before insert_observers", ("float",))

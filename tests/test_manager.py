@@ -479,3 +479,46 @@ def test_a_second_lower_reports_no_modification():
     lowered = run(recipes.int8_static(backend="reference"), calibration_data=[X]).model
     row = run([("lower", {"backend": "reference"})], model=lowered).report.rows[0]
     assert row.modified is False
+
+
+@dataclass(frozen=True)
+class Checked(Pass):
+    """Checks its option the way every pass does: without naming itself."""
+
+    name = "tm_checked"
+    factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.factor <= 0:
+            raise ConfigError(f"factor must be positive, got {self.factor!r}")
+
+    def __call__(self, gm, ctx):
+        raise ConfigError(f"pass {self.name!r}: the graph is not what I take; give me another")
+
+
+@dataclass(frozen=True)
+class CheckedMore(Checked):
+    """A subclass whose check runs its parent's first."""
+
+    name = "tm_checked_more"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.factor > 10:
+            raise ConfigError(f"factor must be at most 10, got {self.factor!r}")
+
+
+def test_the_machinery_names_the_pass_once_and_passes_never_do():
+    # Options: named by Pass.__init_subclass__'s wrapper, built directly or through run().
+    with pytest.raises(ConfigError, match=r"^pass 'tm_checked': factor must be positive, got -1$"):
+        Checked(factor=-1)
+    with pytest.raises(ConfigError, match=r"^pass 'tm_checked': factor must be positive, got -1$"):
+        run([(Checked, {"factor": -1})])
+    for factor, why in ((-1, "positive"), (11, "at most 10")):
+        with pytest.raises(ConfigError, match=rf"^pass 'tm_checked_more': factor must be {why}, got {factor}$"):
+            CheckedMore(factor=factor)
+    # Running: the manager names it, with the passes before; a message that names the pass
+    # already is not named twice.
+    with pytest.raises(ConfigError) as info:
+        run(["tm_noop", Checked()])
+    assert str(info.value) == "pass 'tm_checked' (after tm_noop): the graph is not what I take; give me another"

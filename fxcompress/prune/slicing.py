@@ -46,7 +46,7 @@ def _kept_along(space: Space, removed: torch.Tensor) -> dict[int, torch.Tensor]:
             view[axis] = -1
             grid = grid & kept[d].reshape(view)
         if not torch.equal(grid, mask):
-            raise PassError("prune_channels: internal error, a multi-dim channel space would lose a "
+            raise PassError("internal error: a multi-dim channel space would lose a "
                             "non-rectangular set of positions; please report this model")
     return kept
 

@@ -3,7 +3,8 @@ that places and lowers them.
 
 This package's top level exports the tensor and module code (plain int8/uint8 storage,
 float32 scales and int32 zero points; nothing from the deprecated torch.ao quantization
-package and no quantized dtypes).  Graph code lives in named modules: where observers go
+package and no quantized dtypes).  Graph code lives in named modules: the x86 fusion
+patterns both placement and lowering match (:mod:`.fusion`), where observers go
 (:mod:`.placement`, :mod:`.activations`), the layer wrappers of each stage (:mod:`.layers`),
 and the lowering's graph matching and emission (:mod:`.lowering`); the lowered modules and
 kernels are :mod:`.lowered` and :mod:`.kernels`.  See ``docs/quantization.md``.

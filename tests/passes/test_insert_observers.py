@@ -80,6 +80,28 @@ def test_conv_residual_add_is_fused_and_its_other_operand_observed() -> None:
     assert list(_node(gm, "relu").users) == [observed["relu"]]
 
 
+class Residual1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv1d(1, 4, 3, padding=1), nn.Conv1d(4, 4, 3, padding=1), nn.Conv1d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.head(torch.relu(self.b(y) + y))
+
+
+def test_a_1d_conv_residual_add_is_not_fused() -> None:
+    # The 1-D int8 conv has no fused sum: the add runs in float after the kernel, so conv b's
+    # chain ends at b and the add is no quantization point; the relu after it is (head reads it).
+    x = torch.randn(4, 1, 16)
+    gm = fxcompress.trace(Residual1d().eval(), x)
+    b = _node(gm, "b")
+    chain = find_chains(gm, [describe(b, gm)])[b]
+    assert chain.end is b and chain.add is None and chain.residual is None
+    observed = _observer_nodes(_observed(Residual1d(), x=x).model)
+    assert "add" not in observed and "b" not in observed and "relu" in observed
+
+
 def test_qparams_preserving_ops_reuse_their_inputs_observer() -> None:
     gm = _observed(DigitsCNN()).model
     observed = _observer_nodes(gm)
@@ -106,9 +128,15 @@ def test_observer_goes_where_the_values_are_computed() -> None:
     (nn.Conv2d(1, 4, 3), nn.GELU(), False),  # oneDNN's conv has no GELU post-op
     (nn.Linear(8, 4), nn.GELU(), True),
     (nn.Linear(8, 4), nn.Tanh(), True),
-], ids=["conv-relu6", "conv-hardswish", "conv-silu", "conv-sigmoid", "conv-gelu", "linear-gelu", "linear-tanh"])
+    # the 1-D int8 conv fuses only ReLU, the 3-D one nothing: lowering's vocabulary, one table
+    (nn.Conv1d(1, 4, 3), nn.ReLU(), True),
+    (nn.Conv1d(1, 4, 3), nn.Hardswish(), False),
+    (nn.Conv3d(1, 4, 3), nn.ReLU(), False),
+], ids=["conv-relu6", "conv-hardswish", "conv-silu", "conv-sigmoid", "conv-gelu", "linear-gelu", "linear-tanh",
+        "conv1d-relu", "conv1d-hardswish", "conv3d-relu"])
 def test_post_ops_are_fused_when_x86_fuses_them(layer: nn.Module, act: nn.Module, fused: bool) -> None:
-    x = X if isinstance(layer, nn.Conv2d) else torch.randn(3, 8)
+    inputs = {nn.Conv1d: torch.randn(4, 1, 8), nn.Conv2d: X, nn.Conv3d: torch.randn(2, 1, 4, 4, 4)}
+    x = inputs.get(type(layer), torch.randn(3, 8))
     gm = fxcompress.trace(nn.Sequential(layer, act).eval(), x)
     op, activation = _node(gm, "_0"), _node(gm, "_1")
     chain = find_chains(gm, [describe(op, gm)])[op]

@@ -16,7 +16,7 @@ from fxcompress.quant.activations import grid_padding
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import LoweredModule
 from fxcompress.quant.lowering.build import QParams, float_twin, quant_conv, quant_linear
-from fxcompress.quant.lowering.chains import FusedChain
+from fxcompress.quant.fusion import FusedChain
 from fxcompress.quant.lowering.choice import Candidates
 from fxcompress.quant.lowering.state import LoweringState
 

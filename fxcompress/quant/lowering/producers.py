@@ -18,7 +18,7 @@ from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.quant.kernels import POST_OPS
 from fxcompress.quant.lowered import QuantAdaptiveAvgPool2d, QuantAdd, Quantize, QuantizeProduct
 from fxcompress.quant.lowering.build import STATS_KIND, QParams
-from fxcompress.quant.lowering.chains import post_op_of
+from fxcompress.quant.fusion import post_op_of
 from fxcompress.quant.lowering.state import LoweringState
 
 __all__ = ["UInt8Producers", "impure"]

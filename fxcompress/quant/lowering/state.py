@@ -19,7 +19,7 @@ from fxcompress.pass_base import PassContext
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import LoweredModule
 from fxcompress.quant.lowering.build import QParams
-from fxcompress.quant.lowering.chains import FusedChain
+from fxcompress.quant.fusion import FusedChain
 from fxcompress.quant.lowering.choice import Candidates, Choice
 
 __all__ = ["LoweringState", "LoweringStats", "Choose"]

@@ -22,7 +22,7 @@ Lowered activations are channels-last (what the kernels want), so ``x.view(...)`
 become ``x.reshape(...)`` (a view wherever one exists, a copy where channels-last needs it).
 
 Each quantized conv/linear becomes a lowered conv/:class:`QuantLinear` with its fused chain
-(:mod:`.chains`), emitted by :mod:`.emit_layer` in the way :mod:`.choice` picks; one the
+(:mod:`fxcompress.quant.fusion`), emitted by :mod:`.emit_layer` in the way :mod:`.choice` picks; one the
 kernels cannot take keeps its :class:`FoldedLayer` (integer storage, dequantize + float
 compute), with the reason recorded. The ops that compute a quantization's codes straight
 from their inputs are :mod:`.producers`.
@@ -37,14 +37,14 @@ from torch import fx, nn
 
 from fxcompress.ops import Kind, describe, tensor_shape
 from fxcompress.pass_base import PassContext
-from fxcompress.quant.activations import QDQ, grid_padding
+from fxcompress.quant.activations import QDQ, grid_padding, preserves_qparams
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import (
     Dequantize, QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd, QuantMaxPool2d, Quantize,
     QuantizeProduct,
 )
 from fxcompress.quant.lowering.build import STATS_KIND, QParams, layer_problem, uint8_qparams
-from fxcompress.quant.lowering.chains import FusedChain, match_chain
+from fxcompress.quant.fusion import FusedChain, match_chain
 from fxcompress.quant.lowering.emit_layer import LayerEmitter
 from fxcompress.quant.lowering.producers import UInt8Producers, impure
 from fxcompress.quant.lowering.state import Choose, LoweringStats
@@ -53,8 +53,6 @@ __all__ = ["LOWERED_CONTAINER", "StaticLowering"]
 
 #: The submodule holding the lowered modules that have no folded module to replace.
 LOWERED_CONTAINER = "fxc_lowered"
-# Ops that give uint8 codes of their (first) uint8 input unchanged in value.
-_CODE_KINDS = (Kind.RESHAPE, Kind.PERMUTE, Kind.GETITEM, Kind.SPLIT)
 # Modules whose output is a fresh tensor: a fused residual add may write into it.
 _FRESH = (Quantize, QuantizeProduct, Dequantize, QuantConvNd, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d)
 
@@ -112,17 +110,15 @@ class StaticLowering:
         if info.kind is Kind.CONCAT and info.op == "cat":
             inputs = [self.code_qparams(i) if isinstance(i, fx.Node) else None for i in info.inputs]
             return inputs[0] if inputs and None not in inputs and len(set(inputs)) == 1 else None
-        first = info.inputs[0] if info.inputs and isinstance(info.inputs[0], fx.Node) else None
+        # An op whose output holds values of its input carries the input's codes, computed on
+        # the codes; of the max pools only the 2-D one has a uint8 kernel here.
+        first = preserves_qparams(node, self.gm)
         if first is None:
             return None
-        if info.kind is Kind.IDENTITY and not info.params.get("training", False) or info.kind in _CODE_KINDS:
-            return self.code_qparams(first)
-        if info.kind is Kind.POOL and info.op == "max_pool2d" and not info.params.get("return_indices") \
-                and len(self.shape(first)) == 4:
-            return self.code_qparams(first)
-        if grid_padding(info):  # zeros are the zero point's code; copies are codes
-            return self.code_qparams(first)
-        return None
+        if info.kind is Kind.POOL and not grid_padding(info) \
+                and not (info.op == "max_pool2d" and len(self.shape(first)) == 4):
+            return None
+        return self.code_qparams(first)
 
     @staticmethod
     def shape(node: fx.Node) -> tuple[int, ...]:
@@ -163,11 +159,12 @@ class StaticLowering:
         if reason is not None:
             self.stats.float_nodes[node.name] = f"kept folded (dequantize + float compute): {reason}"
             return
-        chain = match_chain(info, self.gm, approximate=self.approximate_post_ops)
+        chain = match_chain(info, self.gm, through_noops=True, approximate=self.approximate_post_ops)
         if chain.residual is not None and (self.out_qparams(chain) is not None
                                           and not self.has_codes(chain.residual)
                                           or any(n in self.inside for n in chain.nodes)):
-            chain = match_chain(info, self.gm, allow_add=False, approximate=self.approximate_post_ops)
+            chain = match_chain(info, self.gm, through_noops=True, allow_add=False,
+                                approximate=self.approximate_post_ops)
         self.chains[node] = chain
         self.layers[node] = layer
         self.ends[chain.end] = node

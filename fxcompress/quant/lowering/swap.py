@@ -40,19 +40,19 @@ class SwapResult:
         return {"linear": self.linear, "attention": self.attention, "float_nodes": dict(self.float_nodes)}
 
 
-def check_backend_option(pass_name: str, option: str | None) -> None:
+def check_backend_option(option: str | None) -> None:
     """ConfigError (when the pass is built) for a ``backend`` option that names no backend."""
     if option is not None and option not in BACKENDS:
-        raise ConfigError(f"pass {pass_name!r}: backend must be one of {BACKENDS} or None (the run's "
+        raise ConfigError(f"backend must be one of {BACKENDS} or None (the run's "
                           f"backend), got {option!r}")
 
 
-def resolve_backend(option: str | None, ctx: PassContext, pass_name: str) -> str:
+def resolve_backend(option: str | None, ctx: PassContext) -> str:
     """The backend a lowering pass uses: its own option, else the run's (``ctx.backend``)."""
     backend = ctx.backend if option is None else option
     if backend not in BACKENDS:
         source = "option backend" if option is not None else "fxcompress.run(backend=...)"
-        raise ConfigError(f"pass {pass_name!r}: {source} is {backend!r}; lowered modules run on one of "
+        raise ConfigError(f"{source} is {backend!r}; lowered modules run on one of "
                           f"{BACKENDS} ('reference' runs anywhere)")
     return backend
 
