@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -77,24 +77,29 @@ def _read(path: Any, what: str) -> bytes:
         raise ConfigError(f"cannot read the {what} {str(path)!r}: {exc.strerror or exc}") from exc
 
 
+def _load_pem(key: Any, what: str, load: Callable[[bytes], Any], expected: type, fix: str) -> Any:
+    """The key of type ``expected`` read by ``load`` from the PEM file ``key`` (a path); a
+    ``ConfigError`` saying what is wrong and ``fix`` otherwise."""
+    if not isinstance(key, (str, os.PathLike)):
+        raise ConfigError(f"the {what} must be a PEM file path or an {expected.__name__}, "
+                          f"not {type(key).__qualname__}")
+    try:
+        loaded = load(_read(key, f"{what} file"))
+    except TypeError as exc:  # an encrypted private key
+        raise ConfigError(f"{what} file {str(key)!r} is encrypted; use an unencrypted key (generate_keypair)") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"{str(key)!r} is not a readable PEM {what} ({exc}); {fix}") from exc
+    if not isinstance(loaded, expected):
+        raise ConfigError(f"{what} file {str(key)!r} holds a {type(loaded).__name__}; artifacts use Ed25519")
+    return loaded
+
+
 def private_key(key: KeyArg) -> Ed25519PrivateKey:
     """The signing key from a PEM path or key object; ``ConfigError`` if it is not one."""
     if isinstance(key, Ed25519PrivateKey):
         return key
-    if not isinstance(key, (str, os.PathLike)):
-        raise ConfigError(f"key must be a PEM file path or an Ed25519PrivateKey, not {type(key).__qualname__}")
-    try:
-        loaded = serialization.load_pem_private_key(_read(key, "private key file"), password=None)
-    except TypeError as exc:
-        raise ConfigError(f"private key file {str(key)!r} is encrypted; use an unencrypted key (generate_keypair)") from exc
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(
-            f"{str(key)!r} is not a readable PEM private key ({exc}); create one with "
-            "fxcompress.artifact.generate_keypair or `fxcompress keygen`"
-        ) from exc
-    if not isinstance(loaded, Ed25519PrivateKey):
-        raise ConfigError(f"private key file {str(key)!r} holds a {type(loaded).__name__}; artifacts are signed with Ed25519")
-    return loaded
+    return _load_pem(key, "private key", lambda data: serialization.load_pem_private_key(data, password=None),
+                     Ed25519PrivateKey, "create one with fxcompress.artifact.generate_keypair or `fxcompress keygen`")
 
 
 def public_key(key: KeyArg) -> Ed25519PublicKey:
@@ -103,18 +108,8 @@ def public_key(key: KeyArg) -> Ed25519PublicKey:
         return key
     if isinstance(key, Ed25519PrivateKey):
         return key.public_key()
-    if not isinstance(key, (str, os.PathLike)):
-        raise ConfigError(f"public_key must be a PEM file path or an Ed25519PublicKey, not {type(key).__qualname__}")
-    try:
-        loaded = serialization.load_pem_public_key(_read(key, "public key file"))
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(
-            f"{str(key)!r} is not a readable PEM public key ({exc}); pass the public key file that "
-            "generate_keypair (or `fxcompress keygen`) wrote"
-        ) from exc
-    if not isinstance(loaded, Ed25519PublicKey):
-        raise ConfigError(f"public key file {str(key)!r} holds a {type(loaded).__name__}; artifacts use Ed25519")
-    return loaded
+    return _load_pem(key, "public key", serialization.load_pem_public_key, Ed25519PublicKey,
+                     "pass the public key file that generate_keypair (or `fxcompress keygen`) wrote")
 
 
 def raw(key: Ed25519PublicKey) -> bytes:

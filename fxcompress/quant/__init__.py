@@ -24,32 +24,15 @@ from fxcompress.quant.observers import (
     PerChannelMSEObserver,
     make_observer,
 )
-from fxcompress.quant.qparams import (
-    apply_per_qparam,
-    compute_qparams,
-    dequantize,
-    fake_quantize,
-    kernel_scale,
-    pack_int,
-    quantize,
-    reduction_view,
-    unpack_int,
-)
+from fxcompress.quant import qparams
+from fxcompress.quant.qparams import *  # noqa: F403  (the qparams arithmetic: its __all__ below)
 from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
 
 __all__ = [
     "QuantSpec",
     "default_weight_spec",
     "default_activation_spec",
-    "compute_qparams",
-    "kernel_scale",
-    "quantize",
-    "dequantize",
-    "fake_quantize",
-    "pack_int",
-    "unpack_int",
-    "reduction_view",
-    "apply_per_qparam",
+    *qparams.__all__,
     "Observer",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",

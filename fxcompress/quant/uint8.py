@@ -6,26 +6,7 @@ fxcompress computes; this module keeps the names where fxcompress code and users
 them.
 """
 
-from fxcompress.oplib.arith import (
-    quantize_uint8,
-    quantize_product_uint8,
-    dequantize_uint8,
-    requantize_uint8,
-    choose_qparams_uint8,
-    quantize_per_token_int8,
-    apply_post_op,
-    supports_uint8_max_pool2d,
-    max_pool2d_uint8,
-)
+from fxcompress.oplib import arith
+from fxcompress.oplib.arith import *  # noqa: F403  (every name of the arithmetic, importable from here)
 
-__all__ = [
-    "quantize_uint8",
-    "quantize_product_uint8",
-    "dequantize_uint8",
-    "requantize_uint8",
-    "choose_qparams_uint8",
-    "quantize_per_token_int8",
-    "apply_post_op",
-    "supports_uint8_max_pool2d",
-    "max_pool2d_uint8",
-]
+__all__ = list(arith.__all__)
