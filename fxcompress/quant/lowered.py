@@ -25,7 +25,7 @@ from torch import nn
 from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import LINEAR_POST_OPS, POST_OPS, Support, int8_weight_support, supports_qlinear
-from fxcompress.quant.lowered_base import LoweredModule, quantize_weight_int8, run_op, summarize
+from fxcompress.quant.lowered_base import LoweredModule, run_op, summarize
 from fxcompress.quant.lowered_conv import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvNd
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
 from fxcompress.quant.lowered_add import QuantAdd
@@ -199,14 +199,8 @@ class QuantLinear(LoweredModule):
         output = "float32" if output_scale is None else "uint8"
         m = cls(linear.in_features, linear.out_features, linear.bias is not None,
                 post_op=post_op, post_op_args=post_op_args, output=output, backend=backend)
-        q, scale = quantize_weight_int8(linear.weight, weight_scale)
-        m.weight.copy_(q)
-        m.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            m.bias.copy_(linear.bias.detach())
-        m.set_qparams("input", input_scale, input_zero_point)
-        if output == "uint8":
-            m.set_qparams("output", output_scale, output_zero_point)
+        m.load_float_layer(linear, weight_scale, (input_scale, input_zero_point),
+                           None if output_scale is None else (output_scale, output_zero_point))
         return m
 
     def config(self) -> dict[str, Any]:

@@ -154,6 +154,20 @@ class LoweredModule(nn.Module):
         getattr(self, f"{prefix}_scale").fill_(scale)
         getattr(self, f"{prefix}_zero_point").fill_(zero_point)
 
+    def load_float_layer(self, layer: nn.Module, weight_scale: torch.Tensor, input_qparams: tuple,
+                         output_qparams: tuple | None) -> None:
+        """Fill this module from the float conv/linear ``layer``: its weight quantized to int8 by
+        ``weight_scale`` (one per output channel), its bias, and the uint8 input and (unless
+        None: a float32 output) output qparams."""
+        q, scale = quantize_weight_int8(layer.weight, weight_scale)
+        self.weight.copy_(q)
+        self.weight_scale.copy_(scale)
+        if layer.bias is not None:
+            self.bias.copy_(layer.bias.detach())
+        self.set_qparams("input", *input_qparams)
+        if output_qparams is not None:
+            self.set_qparams("output", *output_qparams)
+
     def qparams(self, prefix: str) -> tuple[float, int]:
         """A registered qparam pair as Python scalars."""
         return (float(getattr(self, f"{prefix}_scale")), int(getattr(self, f"{prefix}_zero_point")))

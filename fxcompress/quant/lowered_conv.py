@@ -20,7 +20,7 @@ from torch import nn
 from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, Support, int8_weight_support, supports_qconv
-from fxcompress.quant.lowered_base import LoweredModule, quantize_weight_int8, run_op, summarize
+from fxcompress.quant.lowered_base import LoweredModule, run_op, summarize
 
 __all__ = ["PADDING_MODES", "QuantConvNd", "QuantConv1d", "QuantConv2d", "QuantConv3d", "conv_padding"]
 
@@ -138,18 +138,12 @@ class QuantConvNd(LoweredModule):
                 conv.dilation, conv.groups, conv.bias is not None, padding_mode=conv.padding_mode,
                 pre_padding=pre_padding, post_op=post_op, post_op_args=post_op_args, output=output,
                 residual=residual, consume_residual=consume_residual, backend=backend)
-        q, scale = quantize_weight_int8(conv.weight, weight_scale)
-        m.weight.copy_(q)
-        m.weight_scale.copy_(scale)
-        if conv.bias is not None:
-            m.bias.copy_(conv.bias.detach())
-        m.set_qparams("input", input_scale, input_zero_point)
-        if output == "uint8":
-            m.set_qparams("output", output_scale, output_zero_point)
-            if residual:
-                if residual_scale is None:
-                    raise LoweringError(f"a uint8 {cls.__name__} with a residual needs residual_scale")
-                m.set_qparams("residual", residual_scale, residual_zero_point)
+        m.load_float_layer(conv, weight_scale, (input_scale, input_zero_point),
+                           None if output_scale is None else (output_scale, output_zero_point))
+        if output == "uint8" and residual:
+            if residual_scale is None:
+                raise LoweringError(f"a uint8 {cls.__name__} with a residual needs residual_scale")
+            m.set_qparams("residual", residual_scale, residual_zero_point)
         return m
 
     @property
