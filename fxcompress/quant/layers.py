@@ -108,10 +108,13 @@ def weighted_forward(module: nn.Module, op: str, x: torch.Tensor, weight: torch.
 
 class _FloatWeightLayer(nn.Module):
     """What the observed and fake-quantized wrappers share: the wrapped module's own
-    (float) ``weight`` and ``bias``, and the op it computes (``op``)."""
+    (float) ``weight`` and ``bias``, the op it computes (``op``), and the artifact codec of
+    the two children, the layer (``module``) and its weight quantizer (:attr:`_quantizer`)."""
 
     module: nn.Module
     op: str
+    #: The attribute holding the weight's observer or fake quantizer, and its type.
+    _quantizer: tuple[str, type]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -120,6 +123,18 @@ class _FloatWeightLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.module, "bias", None)
+
+    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
+    def _fxc_config(self) -> dict:
+        name = self._quantizer[0]
+        return {"module": describe_child("module", self.module), name: describe_child(name, getattr(self, name))}
+
+    @classmethod
+    def _stored_children(cls, config: dict, state: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module]:
+        """The stored layer and weight quantizer, checked against the config's keys."""
+        name, kind = cls._quantizer
+        codecs.expect_keys(config, ("module", name))
+        return _stored_layer(config, state), codecs.child(name, config[name], state, kind)
 
 
 class ObservedLayer(_FloatWeightLayer):
@@ -131,6 +146,7 @@ class ObservedLayer(_FloatWeightLayer):
     """
 
     fxc_role = "observer"
+    _quantizer = ("weight_observer", Observer)
 
     def __init__(self, module: nn.Module, observer: Observer) -> None:
         super().__init__()
@@ -155,16 +171,9 @@ class ObservedLayer(_FloatWeightLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
-    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
-    def _fxc_config(self) -> dict:
-        return {"module": describe_child("module", self.module),
-                "weight_observer": describe_child("weight_observer", self.weight_observer)}
-
     @classmethod
     def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "ObservedLayer":
-        codecs.expect_keys(config, ("module", "weight_observer"))
-        module = _stored_layer(config, state)
-        observer = codecs.child("weight_observer", config["weight_observer"], state, Observer)
+        module, observer = cls._stored_children(config, state)
         # The constructor observes the weight: give it a throwaway min/max observer (cheap),
         # whose qparams fix the shape the stored ones must have, then the stored observer.
         layer = cls(module, MinMaxObserver(observer.spec.replace(observer="minmax")))
@@ -182,6 +191,7 @@ class FakeQuantLayer(_FloatWeightLayer):
     """
 
     fxc_role = "fake_quant"
+    _quantizer = ("weight_fake_quant", FakeQuantize)
 
     def __init__(self, module: nn.Module, fake_quant: FakeQuantize) -> None:
         super().__init__()
@@ -210,16 +220,9 @@ class FakeQuantLayer(_FloatWeightLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return weighted_forward(self.module, self.op, x, self.weight_fake_quant(self.module.weight), self.bias)
 
-    # -- artifact codec (fxcompress.quant.codecs) -------------------------------------------------
-    def _fxc_config(self) -> dict:
-        return {"module": describe_child("module", self.module),
-                "weight_fake_quant": describe_child("weight_fake_quant", self.weight_fake_quant)}
-
     @classmethod
     def _fxc_from_config(cls, config: dict, state: dict[str, torch.Tensor]) -> "FakeQuantLayer":
-        codecs.expect_keys(config, ("module", "weight_fake_quant"))
-        module = _stored_layer(config, state)
-        fake_quant = codecs.child("weight_fake_quant", config["weight_fake_quant"], state, FakeQuantize)
+        module, fake_quant = cls._stored_children(config, state)
         shape = codecs.qparam_shape(fake_quant.spec, tuple(module.weight.shape))
         codecs.check_qparams(fake_quant.scale, fake_quant.zero_point, fake_quant.spec, "weight", shape=shape,
                              empty_ok=True)
