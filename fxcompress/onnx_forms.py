@@ -331,9 +331,17 @@ FORMS: dict[type, Callable[[nn.Module], nn.Module | str]] = {
 NO_FORM = object()
 
 
-def onnx_form(module: nn.Module) -> nn.Module | str | object:
+def onnx_form(module: nn.Module, form: str = "qdq") -> nn.Module | str | object:
     """The ONNX twin of a lowered module, :data:`NO_FORM` for a module that exports as it is
-    (float modules, :class:`QuantMultiheadAttention`), or a sentence saying why there is none."""
+    (float modules, :class:`QuantMultiheadAttention`), or a sentence saying why there is none.
+    ``form="integer"`` takes the twins of :mod:`fxcompress.onnx_integer` where there is one."""
+    if form == "integer":
+        from fxcompress.onnx_integer import INTEGER_FORMS
+
+        twin = next((t for cls, t in INTEGER_FORMS.items() if type(module) is cls or (
+            cls is QuantConvNd and isinstance(module, QuantConvNd))), None)
+        if twin is not None and not (isinstance(module, QuantConvNd) and module.padding_mode == "circular"):
+            return twin(module)
     if isinstance(module, QuantConvNd):
         return _conv(module)
     if type(module) in FORMS:
