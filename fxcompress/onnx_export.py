@@ -2,7 +2,9 @@
 
 Float ops go through torch's own exporter (``torch.onnx.export(..., dynamo=True)``); each
 lowered module is first swapped, in a copy, for its ONNX twin (:mod:`fxcompress.onnx_forms`):
-static int8 becomes the QDQ format onnxruntime runs on its int8 kernels, dynamic int8
+static int8 becomes the QDQ format onnxruntime runs on its int8 kernels (or, with
+``form="integer"``, ConvInteger/MatMulInteger and fxcompress's own rescale:
+:mod:`fxcompress.onnx_integer`), dynamic int8
 ``DynamicQuantizeLinear`` + ``MatMulInteger``, weight-only int4/int8 ``MatMulNBits``.
 Needs the ``onnx`` extra (``pip install 'fxcompress[onnx]'``).
 

@@ -17,7 +17,8 @@ translates. Dynamic int8 linears become ``DynamicQuantizeLinear`` + ``MatMulInte
 What differs from the lowered model, by construction (docs/deployment.md): QuantizeLinear
 divides by the scale where fxcompress multiplies by its float32 inverse, biases are rounded to
 the int32 grid, pools average in float; each moves a code now and then (measured: SQNR of
-onnxruntime vs fxcompress in benchmarks/deploy.py). The NaN/Inf input guard of
+onnxruntime vs fxcompress in benchmarks/deploy.py; :mod:`fxcompress.onnx_integer` is the
+form without these differences). The NaN/Inf input guard of
 :class:`~fxcompress.quant.lowered.Quantize` has no ONNX counterpart and is left out.
 
 :func:`onnx_form` maps a module to its twin, or returns a reason why it has none.

@@ -4,7 +4,8 @@ the same answers as fxcompress; bad input refused before anything is written.
 Real weights and data: the digits CNN/ResNet trained on scikit-learn's digits. onnxruntime's
 int8 kernels requantize with one combined scale (fxcompress multiplies step by step), so its
 codes differ by one now and then: outputs are held to SQNR and top-1 agreement, not bit for
-bit (benchmarks/deploy.py measures the zoo models). Static int8 uses the portable 7-bit
+bit (benchmarks/deploy.py measures the zoo models); form="integer" computes the reference
+lowering's arithmetic and is held to it exactly. Static int8 uses the portable 7-bit
 weights: on AVX2 CPUs onnxruntime's u8s8 kernels saturate 16-bit pair sums with 8-bit
 weights, as oneDNN's do (docs/deployment.md).
 """
