@@ -15,12 +15,14 @@ Weights: 8-bit where this CPU's int8 kernels multiply exactly, the portable 7-bi
 AVX2-only CPUs (where both oneDNN's and onnxruntime's u8s8 kernels saturate 16-bit pair sums).
 
 ``python benchmarks/deploy.py [--models resnet18 mobilenet_v2 efficientnet_b0 efficientnet_lite0] [--n 256]``
+(rows are kept in ``docs/benchmarks/deploy.json``; ``--models`` with no name re-renders them)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -35,18 +37,21 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fxcompress  # noqa: E402
-from _common import markdown_table, weights_for_this_cpu, write_section  # noqa: E402
+from _common import ROOT, markdown_table, weights_for_this_cpu, write_section  # noqa: E402
 from _photos import photo_crops  # noqa: E402
 from fxcompress import zoo  # noqa: E402
 
 MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "efficientnet_lite0"]
+#: Every measured row, by model: ``--models`` remeasures some and the section shows all
+#: (each row is measured side by side within its own run).
+ROWS = ROOT / "docs" / "benchmarks" / "deploy.json"
 
 
 def build(name: str) -> nn.Module:
     if name == "efficientnet_lite0":
-        from ptq_recovery import efficientnet_lite0, modular_convs
+        from ptq_recovery import efficientnet_lite0
 
-        return modular_convs(efficientnet_lite0())
+        return efficientnet_lite0()
     return zoo.build(name).eval()
 
 
@@ -195,22 +200,30 @@ def measure(name: str, images: torch.Tensor, calibration: torch.Tensor, weights:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--models", nargs="*", default=MODELS, choices=MODELS,
+                        help="models to (re)measure; none: render the section from the saved rows")
     parser.add_argument("--n", type=int, default=256, help="photo crops for SQNR and top-1 agreement")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     label, weights = weights_for_this_cpu()
     images, calibration = photo_crops(args.n, 224, seed=0), photo_crops(64, 224, seed=1)
-    start = time.time()
-    compile_rows, ort_rows = [], []
+    saved: dict[str, dict] = json.loads(ROWS.read_text()) if ROWS.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
+            start = time.time()
             c, o = measure(name, images, calibration, weights, Path(tmp))
-            compile_rows.append(c)
-            ort_rows.append(o)
-    body = (f"Weights: {label}. 1 thread, batch 1, 224 px; SQNR and top-1 over {args.n} photo crops "
-            f"(scikit-learn `load_sample_images`). Run took {time.time() - start:.0f} s.\n\n"
+            saved[name] = {"compile": c, "ort": o, "seconds": round(time.time() - start), "n": args.n}
+            ROWS.write_text(json.dumps(saved, indent=1) + "\n")
+    names = [name for name in MODELS if name in saved]
+    compile_rows = [saved[name]["compile"] for name in names]
+    ort_rows = [saved[name]["ort"] for name in names]
+    took = ", ".join(f"{name} {saved[name]['seconds']} s" if saved[name].get("seconds") else f"{name}: time not recorded"
+                     for name in names)
+    counts = sorted({saved[name]["n"] for name in names})
+    body = (f"Weights: {label}. 1 thread, batch 1, 224 px; SQNR and top-1 over {'/'.join(map(str, counts))} photo "
+            f"crops (scikit-learn `load_sample_images`). Each row measured in one run ({took}); rows kept in "
+            f"`docs/benchmarks/deploy.json` (`--models` remeasures some).\n\n"
             "### torch.compile and torch.export of lowered models\n\n"
             + markdown_table(compile_rows, ["model", "lowered eager (ms)", "lowered compiled (ms)",
                                             "torchao PT2E + inductor (ms)", "compiled / PT2E",
@@ -225,9 +238,10 @@ def main() -> None:
               "QLinearConv & co. and requantizes its own way: int32-rounded bias, one combined scale); "
               "*integer* is `form=\"integer\"` (ConvInteger/MatMulInteger + fxcompress's reference rescale: "
               "onnxruntime computes what `backend=\"reference\"` computes). *floor*: our own x86 lowering "
-              "against our reference lowering on the same photos; the integer form equals the reference, so "
-              "this is as close as any ONNX form can come to the x86 model (one-code differences per op "
-              "grow through deep random-weight networks). *ORT quantize_static*: onnxruntime's own static "
+              "against our reference lowering on the same photos; the integer form equals the reference (but for "
+              "onnxruntime's own Sigmoid in SiLU and squeeze-excitation gates, and float pools: "
+              "efficientnet_b0), so this is as close as an ONNX form can come to the x86 model (one-code "
+              "differences per op grow through deep random-weight networks). *ORT quantize_static*: onnxruntime's own static "
               "int8 (QDQ, u8s8 per channel, reduce_range) of the fp32 ONNX file, calibrated on 32 photos. "
               "On an AVX2-only CPU (no VNNI) onnxruntime's u8s8 kernels widen through saturating 16-bit "
               "pairs, as oneDNN's do, hence the 7-bit weights here.")
