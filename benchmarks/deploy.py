@@ -15,16 +15,19 @@ Weights: 8-bit where this CPU's int8 kernels multiply exactly, the portable 7-bi
 AVX2-only CPUs (where both oneDNN's and onnxruntime's u8s8 kernels saturate 16-bit pair sums).
 
 ``python benchmarks/deploy.py [--models resnet18 mobilenet_v2 efficientnet_b0 efficientnet_lite0] [--n 256]``
+(rows are kept in ``docs/benchmarks/deploy.json``; ``--models`` with no name re-renders them)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -34,24 +37,27 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fxcompress  # noqa: E402
-from _common import markdown_table, weights_for_this_cpu, write_section  # noqa: E402
+from _common import ROOT, markdown_table, weights_for_this_cpu, write_section  # noqa: E402
 from _photos import photo_crops  # noqa: E402
 from fxcompress import zoo  # noqa: E402
 
 MODELS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "efficientnet_lite0"]
+#: Every measured row, by model: ``--models`` remeasures some and the section shows all
+#: (each row is measured side by side within its own run).
+ROWS = ROOT / "docs" / "benchmarks" / "deploy.json"
 
 
 def build(name: str) -> nn.Module:
     if name == "efficientnet_lite0":
-        from ptq_recovery import efficientnet_lite0, modular_convs
+        from ptq_recovery import efficientnet_lite0
 
-        return modular_convs(efficientnet_lite0())
+        return efficientnet_lite0()
     return zoo.build(name).eval()
 
 
-def lowered(model: nn.Module, calibration: torch.Tensor, weights: object) -> nn.Module:
+def lowered(model: nn.Module, calibration: torch.Tensor, weights: object, backend: str | None = None) -> nn.Module:
     batches = list(calibration.split(8))
-    pipeline = fxcompress.recipes.int8_static(weights=weights, only_if_faster=False)
+    pipeline = fxcompress.recipes.int8_static(weights=weights, only_if_faster=False, backend=backend)
     return fxcompress.run(model, pipeline, batches[0][:1], calibration_data=batches, tolerance=1e-3,
                           progress=False).model
 
@@ -84,16 +90,59 @@ def best_median(calls: dict[str, object], rounds: int = 3) -> dict[str, float]:
     return best
 
 
-def ort_session(path: Path):
+def ort_session(path: Path, optimized: Path | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
+    if optimized is not None:  # what onnxruntime made of the graph: which groups became int8 kernels
+        options.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return (20 * torch.log10(ref.norm() / (ref - out).norm().clamp_min(1e-30))).item()
+
+
+def agreement(ref: torch.Tensor, out: torch.Tensor) -> str:
+    return f"{sqnr(ref, out):.1f} / {100 * (ref.argmax(1) == out.argmax(1)).float().mean().item():.1f}%"
+
+
+def ort_outputs(session, images: torch.Tensor) -> torch.Tensor:
+    feed = session.get_inputs()[0].name
+    return torch.cat([torch.from_numpy(session.run(None, {feed: b.numpy()})[0]) for b in images.split(32)])
+
+
+def ort_peer(fp32_path: Path, calibration: torch.Tensor, workdir: Path, name: str) -> Path:
+    """onnxruntime's own static int8 of the fp32 ONNX file (QDQ, uint8 activations, int8 weights
+    per channel, 7-bit ``reduce_range`` as onnxruntime recommends for AVX2): the peer row."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    feed = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{feed: b.numpy()} for b in calibration.split(1)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre, out = workdir / f"{name}_fp32_pre.onnx", workdir / f"{name}_ort_int8.onnx"
+    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+    return out
+
+
+def int8_convs(optimized: Path) -> str:
+    """``fused/all`` convs that onnxruntime runs as QLinearConv (the rest: float Conv between DQ and Q)."""
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    fused = ops["QLinearConv"]
+    return f"{fused}/{fused + ops['Conv'] + ops['FusedConv'] + ops['NchwcConv']}"
 
 
 def measure(name: str, images: torch.Tensor, calibration: torch.Tensor, weights: object, workdir: Path) -> tuple:
@@ -119,62 +168,83 @@ def measure(name: str, images: torch.Tensor, calibration: torch.Tensor, weights:
         except Exception as exc:  # the peer's failure is a result
             peer_note = f"PT2E failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     with torch.inference_mode():
-        times = best_median(calls)
-    # onnxruntime
-    q_path = fxcompress.export_onnx(ours, workdir / f"{name}_int8.onnx", example_inputs=(images[:2],), overwrite=True)
-    f_path = fxcompress.export_onnx(model, workdir / f"{name}_fp32.onnx", example_inputs=(images[:2],),
-                                    overwrite=True)
-    q_sess, f_sess = ort_session(q_path), ort_session(f_path)
-    feed = q_sess.get_inputs()[0].name
-    refs, outs = [], []
+        times = best_median(calls, rounds=5)  # alternating rounds: the machine is shared
+    # onnxruntime: our QDQ and integer forms, the fp32 model, and onnxruntime's own int8 of it
+    example = (images[:2],)
+    paths = {"qdq": fxcompress.export_onnx(ours, workdir / f"{name}_qdq.onnx", example_inputs=example, overwrite=True),
+             "integer": fxcompress.export_onnx(ours, workdir / f"{name}_integer.onnx", example_inputs=example,
+                                               overwrite=True, form="integer"),
+             "fp32": fxcompress.export_onnx(model, workdir / f"{name}_fp32.onnx", example_inputs=example,
+                                            overwrite=True)}
+    paths["ort"] = ort_peer(paths["fp32"], calibration[:32], workdir, name)
+    sessions = {k: ort_session(p, workdir / f"{name}_{k}_optimized.onnx") for k, p in paths.items()}
     with torch.inference_mode():
-        for batch in images.split(32):
-            refs.append(ours(batch))
-            outs.append(torch.from_numpy(q_sess.run(None, {feed: batch.numpy()})[0]))
-    ref, out = torch.cat(refs), torch.cat(outs)
+        ref = torch.cat([ours(b) for b in images.split(32)])
+        # The floor: our own x86 lowering against our reference lowering (one code per op apart).
+        reference = lowered(model, calibration, weights, backend="reference")
+        floor = torch.cat([reference(b) for b in images.split(32)])
+    outs = {k: ort_outputs(sessions[k], images) for k in ("qdq", "integer")}
     x_np = x.numpy()
-    ort_times = best_median({"int8": lambda: q_sess.run(None, {feed: x_np}),
-                             "fp32": lambda: f_sess.run(None, {f_sess.get_inputs()[0].name: x_np})})
+    ort_times = best_median({k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x_np})) for k, s in sessions.items()})
     compile_row = [name, f"{times['eager'] * 1e3:.2f}", f"{times['compiled'] * 1e3:.2f}",
                    f"{times['pt2e'] * 1e3:.2f}" if "pt2e" in times else (peer_note or "-"),
                    f"{times['compiled'] / times['pt2e']:.2f}" if "pt2e" in times else "-",
                    "yes" if same_compiled else "NO", "yes" if same_export else "NO"]
-    top1 = (ref.argmax(1) == out.argmax(1)).float().mean().item()
-    ratio = ort_times["int8"] / ort_times["fp32"]
-    ort_row = [name, f"{sqnr(ref, out):.2f}", f"{100 * top1:.2f}%", f"{ort_times['int8'] * 1e3:.2f}",
-               f"{ort_times['fp32'] * 1e3:.2f}", f"{ratio:.2f}"]
+    ratio = {k: f"{ort_times[k] / ort_times['fp32']:.2f}" for k in ("qdq", "integer", "ort")}
+    ort_row = [name, agreement(ref, outs["qdq"]), agreement(ref, outs["integer"]), agreement(ref, floor),
+               f"{ort_times['fp32'] * 1e3:.2f}", ratio["qdq"], ratio["integer"], ratio["ort"],
+               int8_convs(workdir / f"{name}_qdq_optimized.onnx"), int8_convs(workdir / f"{name}_ort_optimized.onnx")]
     print(compile_row, ort_row, flush=True)
     return compile_row, ort_row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--models", nargs="*", default=MODELS, choices=MODELS,
+                        help="models to (re)measure; none: render the section from the saved rows")
     parser.add_argument("--n", type=int, default=256, help="photo crops for SQNR and top-1 agreement")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     label, weights = weights_for_this_cpu()
     images, calibration = photo_crops(args.n, 224, seed=0), photo_crops(64, 224, seed=1)
-    start = time.time()
-    compile_rows, ort_rows = [], []
+    saved: dict[str, dict] = json.loads(ROWS.read_text()) if ROWS.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
+            start = time.time()
             c, o = measure(name, images, calibration, weights, Path(tmp))
-            compile_rows.append(c)
-            ort_rows.append(o)
-    body = (f"Weights: {label}. 1 thread, batch 1, 224 px; SQNR and top-1 over {args.n} photo crops "
-            f"(scikit-learn `load_sample_images`). Run took {time.time() - start:.0f} s.\n\n"
+            saved[name] = {"compile": c, "ort": o, "seconds": round(time.time() - start), "n": args.n}
+            ROWS.write_text(json.dumps(saved, indent=1) + "\n")
+    names = [name for name in MODELS if name in saved]
+    compile_rows = [saved[name]["compile"] for name in names]
+    ort_rows = [saved[name]["ort"] for name in names]
+    took = ", ".join(f"{name} {saved[name]['seconds']} s" if saved[name].get("seconds") else f"{name}: time not recorded"
+                     for name in names)
+    counts = sorted({saved[name]["n"] for name in names})
+    body = (f"Weights: {label}. 1 thread, batch 1, 224 px; SQNR and top-1 over {'/'.join(map(str, counts))} photo "
+            f"crops (scikit-learn `load_sample_images`). Each row measured in one run ({took}); rows kept in "
+            f"`docs/benchmarks/deploy.json` (`--models` remeasures some).\n\n"
             "### torch.compile and torch.export of lowered models\n\n"
             + markdown_table(compile_rows, ["model", "lowered eager (ms)", "lowered compiled (ms)",
                                             "torchao PT2E + inductor (ms)", "compiled / PT2E",
                                             "compiled == eager", "exported == eager"])
             + "\n\n### ONNX in onnxruntime (CPU provider)\n\n"
-            + markdown_table(ort_rows, ["model", "SQNR ORT vs ours (dB)", "top-1 agreement", "ORT int8 (ms)",
-                                        "ORT fp32 (ms)", "ORT int8 / fp32"])
+            + markdown_table(ort_rows, ["model", "QDQ: SQNR dB / top-1 vs ours", "integer: SQNR dB / top-1 vs ours",
+                                        "floor: ours x86 vs ours reference", "ORT fp32 (ms)", "QDQ int8 / fp32",
+                                        "integer int8 / fp32", "ORT quantize_static / fp32",
+                                        "QLinearConv / convs (QDQ)", "QLinearConv / convs (ORT's)"])
             + "\n\nTargets (issue 15): compiled lowered efficientnet_b0 <= PT2E; SQNR >= 35 dB and top-1 >= 99%; "
-              "resnet18 ORT int8 / fp32 <= 0.5. On an AVX2-only CPU (no VNNI) onnxruntime's u8s8 kernels "
-              "widen through saturating 16-bit pairs, as oneDNN's do, hence the 7-bit weights here.")
+              "resnet18 ORT int8 / fp32 <= 0.5. *QDQ* is `export_onnx`'s default form (onnxruntime fuses it into "
+              "QLinearConv & co. and requantizes its own way: int32-rounded bias, one combined scale); "
+              "*integer* is `form=\"integer\"` (ConvInteger/MatMulInteger + fxcompress's reference rescale: "
+              "onnxruntime computes what `backend=\"reference\"` computes). *floor*: our own x86 lowering "
+              "against our reference lowering on the same photos; the integer form equals the reference (but for "
+              "onnxruntime's own Sigmoid in SiLU and squeeze-excitation gates, and float pools: "
+              "efficientnet_b0), so this is as close as an ONNX form can come to the x86 model (one-code "
+              "differences per op grow through deep random-weight networks). *ORT quantize_static*: onnxruntime's own static "
+              "int8 (QDQ, u8s8 per channel, reduce_range) of the fp32 ONNX file, calibrated on 32 photos. "
+              "On an AVX2-only CPU (no VNNI) onnxruntime's u8s8 kernels widen through saturating 16-bit "
+              "pairs, as oneDNN's do, hence the 7-bit weights here.")
     print(body)
     write_section("deploy", "Deployment: torch.compile, torch.export, onnxruntime", body)
 

@@ -10,7 +10,7 @@
     :func:`fxcompress.bench.compare` of two artifacts on inputs from ``--data``: a ``.pt``
     file holding a tensor (rows along dim 0, loaded with ``weights_only=True``) or ``.npy``;
     ``digits`` is scikit-learn's digits test split (for models on the digits).
-``export-onnx ARTIFACT OUT.onnx [--opset N] [--public-key FILE] [--overwrite] [--static-batch]``
+``export-onnx ARTIFACT OUT.onnx [--opset N] [--public-key FILE] [--overwrite] [--static-batch] [--form qdq|integer]``
     :func:`fxcompress.export_onnx` of a loaded artifact; with ``--public-key`` the artifact
     must carry a valid signature by that key (an unsigned one is refused), checked before
     anything is written.
@@ -53,6 +53,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--public-key", metavar="FILE", help="refuse the artifact unless signed by this key")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.onnx")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size instead of keeping it dynamic")
+    p.add_argument("--form", choices=("qdq", "integer"), default="qdq",
+                   help="static int8 as QDQ (onnxruntime's fused int8 kernels, its own requantization) or as "
+                        "ConvInteger/MatMulInteger with fxcompress's arithmetic (exact, slower)")
     p.set_defaults(func=_cmd_export_onnx)
 
 
@@ -168,7 +171,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
     model = _load(args.path, args.public_key)
     written = export_onnx(model, out, opset=args.opset or DEFAULT_OPSET, dynamic_batch=not args.static_batch,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, form=args.form)
     print(f"wrote {written} (opset {args.opset or DEFAULT_OPSET}, "
-          f"{'static' if args.static_batch else 'dynamic'} batch)")
+          f"{'static' if args.static_batch else 'dynamic'} batch, {args.form} form)")
     return 0

@@ -2,7 +2,9 @@
 
 Float ops go through torch's own exporter (``torch.onnx.export(..., dynamo=True)``); each
 lowered module is first swapped, in a copy, for its ONNX twin (:mod:`fxcompress.onnx_forms`):
-static int8 becomes the QDQ format onnxruntime runs on its int8 kernels, dynamic int8
+static int8 becomes the QDQ format onnxruntime runs on its int8 kernels (or, with
+``form="integer"``, ConvInteger/MatMulInteger and fxcompress's own rescale:
+:mod:`fxcompress.onnx_integer`), dynamic int8
 ``DynamicQuantizeLinear`` + ``MatMulInteger``, weight-only int4/int8 ``MatMulNBits``.
 Needs the ``onnx`` extra (``pip install 'fxcompress[onnx]'``).
 
@@ -28,11 +30,16 @@ from torch import nn
 
 from fxcompress.errors import ExportError
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "example_inputs_of"]
+__all__ = ["DEFAULT_OPSET", "FORMS", "MIN_OPSET", "export_onnx", "example_inputs_of"]
 
 #: torch's ONNX exporter writes opset 18 and later (per-channel QDQ itself needs 13).
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
+#: How static int8 is written: ``qdq`` (QuantizeLinear/DequantizeLinear around float ops:
+#: onnxruntime fuses them into QLinearConv & co. and requantizes its own way) or
+#: ``integer`` (ConvInteger/MatMulInteger and fxcompress's reference rescale as float ops:
+#: onnxruntime computes what ``backend="reference"`` computes; see fxcompress.onnx_integer).
+FORMS = ("qdq", "integer")
 
 
 def _model_of(result_or_model: Any) -> nn.Module:
@@ -73,7 +80,7 @@ def _check_opset(opset: int) -> None:
                           f"{MIN_OPSET} and later; use opset={MIN_OPSET} or newer")
 
 
-def _twin(model: nn.Module) -> nn.Module:
+def _twin(model: nn.Module, form: str) -> nn.Module:
     """A copy of ``model`` with every lowered module replaced by its ONNX form; raises
     :class:`ExportError` naming the first module that has none (and the nearest form that does)."""
     from fxcompress.onnx_forms import NO_FORM, onnx_form
@@ -83,14 +90,14 @@ def _twin(model: nn.Module) -> nn.Module:
     for path, module in twin.named_modules():
         if any(path.startswith(done + ".") for done in replacements):
             continue  # inside a module already replaced
-        form = onnx_form(module)
-        if isinstance(form, str):
-            raise ExportError(f"module {path!r} ({type(module).__name__}) has no ONNX mapping: {form}; nothing "
-                              f"was written")
-        if form is not NO_FORM:
-            replacements[path] = form
-    for path, form in replacements.items():
-        twin.set_submodule(path, form)
+        twin_module = onnx_form(module, form)
+        if isinstance(twin_module, str):
+            raise ExportError(f"module {path!r} ({type(module).__name__}) has no ONNX mapping: {twin_module}; "
+                              f"nothing was written")
+        if twin_module is not NO_FORM:
+            replacements[path] = twin_module
+    for path, twin_module in replacements.items():
+        twin.set_submodule(path, twin_module)
     if isinstance(twin, torch.fx.GraphModule):
         twin.recompile()
     return twin.eval()
@@ -98,13 +105,17 @@ def _twin(model: nn.Module) -> nn.Module:
 
 def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None, dynamic_batch: bool = True,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, form: str = "qdq") -> Path:
     """Write ``result_or_model`` (a :class:`fxcompress.Result` or an ``nn.Module``) to ``path`` as ONNX.
 
     ``example_inputs`` default to the shapes the model was compressed with (recorded in its
-    artifact or graph); give them for a model that has none. Returns the path written.
+    artifact or graph); give them for a model that has none. ``form`` says how static int8
+    is written (:data:`FORMS`): ``"qdq"`` for onnxruntime's fused int8 kernels (its own
+    requantization: outputs close to ours), ``"integer"`` for fxcompress's arithmetic
+    (onnxruntime then computes what ``backend="reference"`` computes, slower). Returns the
+    path written.
     Raises :class:`~fxcompress.errors.ExportError` (nothing written) for a module with no ONNX
-    mapping, an opset below :data:`MIN_OPSET`, an existing ``path`` without ``overwrite``, or a
+    mapping, an opset below :data:`MIN_OPSET`, an unknown ``form``, an existing ``path`` without ``overwrite``, or a
     failure of torch's exporter or of ``onnx.checker``.
     """
     try:
@@ -113,6 +124,8 @@ def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = D
     except ImportError as exc:
         raise ExportError(f"export_onnx needs the onnx extra: pip install 'fxcompress[onnx]' ({exc})") from exc
     _check_opset(opset)
+    if form not in FORMS:
+        raise ExportError(f"unknown form {form!r}: use one of {', '.join(FORMS)}")
     model = _model_of(result_or_model)
     target = Path(path)
     if target.exists() and not overwrite:
@@ -123,7 +136,7 @@ def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = D
             raise ExportError("export_onnx cannot tell the model's input shapes (no artifact record or shape "
                               "metadata): pass example_inputs=")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    twin = _twin(model)
+    twin = _twin(model, form)
     dynamic = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")

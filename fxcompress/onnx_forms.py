@@ -17,7 +17,8 @@ translates. Dynamic int8 linears become ``DynamicQuantizeLinear`` + ``MatMulInte
 What differs from the lowered model, by construction (docs/deployment.md): QuantizeLinear
 divides by the scale where fxcompress multiplies by its float32 inverse, biases are rounded to
 the int32 grid, pools average in float; each moves a code now and then (measured: SQNR of
-onnxruntime vs fxcompress in benchmarks/deploy.py). The NaN/Inf input guard of
+onnxruntime vs fxcompress in benchmarks/deploy.py; :mod:`fxcompress.onnx_integer` is the
+form without these differences). The NaN/Inf input guard of
 :class:`~fxcompress.quant.lowered.Quantize` has no ONNX counterpart and is left out.
 
 :func:`onnx_form` maps a module to its twin, or returns a reason why it has none.
@@ -331,9 +332,17 @@ FORMS: dict[type, Callable[[nn.Module], nn.Module | str]] = {
 NO_FORM = object()
 
 
-def onnx_form(module: nn.Module) -> nn.Module | str | object:
+def onnx_form(module: nn.Module, form: str = "qdq") -> nn.Module | str | object:
     """The ONNX twin of a lowered module, :data:`NO_FORM` for a module that exports as it is
-    (float modules, :class:`QuantMultiheadAttention`), or a sentence saying why there is none."""
+    (float modules, :class:`QuantMultiheadAttention`), or a sentence saying why there is none.
+    ``form="integer"`` takes the twins of :mod:`fxcompress.onnx_integer` where there is one."""
+    if form == "integer":
+        from fxcompress.onnx_integer import INTEGER_FORMS
+
+        twin = next((t for cls, t in INTEGER_FORMS.items() if type(module) is cls or (
+            cls is QuantConvNd and isinstance(module, QuantConvNd))), None)
+        if twin is not None and not (isinstance(module, QuantConvNd) and module.padding_mode == "circular"):
+            return twin(module)
     if isinstance(module, QuantConvNd):
         return _conv(module)
     if type(module) in FORMS:

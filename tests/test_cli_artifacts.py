@@ -85,3 +85,6 @@ def test_export_onnx_command(artifacts, capsys) -> None:
     assert signed.is_file()
     assert main(["export-onnx", str(artifacts["step2"]), str(artifacts["root"] / "o.onnx"), "--opset", "11"]) == 2
     assert "opset 11 is too old" in capsys.readouterr().err
+    exact = artifacts["root"] / "integer.onnx"
+    assert main(["export-onnx", str(artifacts["step2"]), str(exact), "--form", "integer"]) == 0
+    assert exact.is_file() and "integer form" in capsys.readouterr().out

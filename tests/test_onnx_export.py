@@ -4,7 +4,8 @@ the same answers as fxcompress; bad input refused before anything is written.
 Real weights and data: the digits CNN/ResNet trained on scikit-learn's digits. onnxruntime's
 int8 kernels requantize with one combined scale (fxcompress multiplies step by step), so its
 codes differ by one now and then: outputs are held to SQNR and top-1 agreement, not bit for
-bit (benchmarks/deploy.py measures the zoo models). Static int8 uses the portable 7-bit
+bit (benchmarks/deploy.py measures the zoo models); form="integer" computes the reference
+lowering's arithmetic and is held to it exactly. Static int8 uses the portable 7-bit
 weights: on AVX2 CPUs onnxruntime's u8s8 kernels saturate 16-bit pair sums with 8-bit
 weights, as oneDNN's do (docs/deployment.md).
 """
@@ -190,3 +191,38 @@ def test_each_lowered_op_is_within_one_code_of_ours_teacher_forced(static_resnet
             assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, path
         else:  # float out: the int32-rounded bias moves it by up to half an accumulator step
             assert torch.allclose(theirs, out, rtol=1e-3, atol=1e-3 * out.abs().max().item()), path
+
+
+def test_integer_form_computes_the_reference_arithmetic(data, tmp_path: Path) -> None:
+    """form="integer": ConvInteger/MatMulInteger and the reference rescale as float ops, so
+    onnxruntime (all graph optimizations on) returns the reference lowering's codes exactly:
+    integer accumulation, then IEEE float32 steps in the same order (relu post-ops only).
+    8-bit weights: the u8u8 GEMM is exact on AVX2 too, where u8s8 pair sums saturate."""
+    batches = [(data.train_x[i:i + 32], data.train_y[i:i + 32]) for i in range(0, 128, 32)]
+    pipeline = fxcompress.recipes.int8_static(backend="reference")
+    result = fxcompress.run(digits.pretrained_digits_resnet(), pipeline, data.test_x[:4], calibration_data=batches,
+                            progress=False)
+    path = fxcompress.export_onnx(result, tmp_path / "i.onnx", form="integer")
+    ops = _ops(path)
+    assert ops["ConvInteger"] > 0 and ops["QuantizeLinear"] == 0 and ops["Round"] > 0
+    x = data.test_x
+    ours, theirs = result.model(x), _run(path, x)
+    # The only float ops after the last requantization are the head's (pool / linear): float round-off.
+    assert torch.allclose(theirs, ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())
+    assert torch.equal(ours.argmax(1), theirs.argmax(1))
+
+
+def test_integer_form_stays_within_the_x86_contract_of_ours(static_resnet, data, tmp_path: Path) -> None:
+    path = fxcompress.export_onnx(static_resnet, tmp_path / "i.onnx", form="integer")
+    x = data.test_x
+    ours, theirs = static_resnet.model(x), _run(path, x)
+    qdq = _run(fxcompress.export_onnx(static_resnet, tmp_path / "q.onnx"), x)
+    # ours (x86) is within one code per op of the reference, which the integer form computes.
+    assert _sqnr(ours, theirs) >= 35 and _sqnr(ours, theirs) >= _sqnr(ours, qdq)
+    assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.99
+
+
+def test_unknown_form_is_refused_before_anything_is_written(static_resnet, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"unknown form 'qlinear': use one of qdq, integer"):
+        fxcompress.export_onnx(static_resnet, tmp_path / "f.onnx", form="qlinear")
+    assert list(tmp_path.iterdir()) == []

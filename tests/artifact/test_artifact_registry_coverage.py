@@ -35,6 +35,9 @@ NEVER_IN_A_GRAPH = {
         "_QParams", "OnnxQuantize", "OnnxQuantizeProduct", "OnnxDequantize", "OnnxQuantConv", "OnnxQuantLinear",
         "OnnxMaxPool", "OnnxAdaptiveAvgPool", "OnnxQuantAdd", "OnnxDynamicLinear", "OnnxWeightOnlyLinear",
         "OnnxFoldedLayer")},
+    **{f"fxcompress.onnx_integer.{name}": "an ONNX export twin (integer form), never in a returned graph"
+       for name in ("_Requant", "_Rescale", "IntegerQuantConv", "IntegerQuantLinear", "IntegerQuantize",
+                    "IntegerQuantizeProduct", "IntegerAdaptiveAvgPool", "IntegerQuantAdd")},
 }
 
 
