@@ -49,7 +49,18 @@ def _constant(value: Any) -> bool:
 def _module_for(info: OpInfo, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module | None:
     """The torch module computing ``info``'s op with these parameters, or None."""
     p = info.params
-    if info.kind is Kind.LINEAR:
+    if info.kind is Kind.NORM:  # layer_norm only (the caller checks)
+        shape = tuple(p.get("normalized_shape") or ())
+        if tuple(weight.shape) != shape or (bias is not None and tuple(bias.shape) != shape):
+            return None
+        with torch.device("meta"):
+            module = nn.LayerNorm(shape, eps=float(p.get("eps", 1e-5)), bias=bias is not None)
+    elif info.kind is Kind.EMBEDDING:
+        if weight.dim() != 2 or bias is not None:
+            return None
+        with torch.device("meta"):
+            module = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=p.get("padding_idx"))
+    elif info.kind is Kind.LINEAR:
         if weight.dim() != 2:
             return None
         with torch.device("meta"):
@@ -95,22 +106,38 @@ def _free_name(parent: nn.Module, base: str) -> str:
     return name
 
 
-def raise_functional_layers(gm: fx.GraphModule) -> int:
+def _raisable(info: OpInfo, norms_and_embeddings: bool) -> bool:
+    if info.kind in (Kind.CONV, Kind.LINEAR):
+        return True
+    return norms_and_embeddings and (info.kind is Kind.EMBEDDING or info.op == "layer_norm")
+
+
+def _child_name(info: OpInfo, weight_attr: str) -> str:
+    """A raised module's name under an owner that keeps other state: ``in_proj`` for a weight named
+    ``in_proj_weight`` (``nn.MultiheadAttention``'s packed projection), else the op (``conv2d``)."""
+    return weight_attr[: -len("_weight")] if weight_attr.endswith("_weight") else info.op
+
+
+def raise_functional_layers(gm: fx.GraphModule, *, norms_and_embeddings: bool = False) -> int:
     """Rewrite functional conv / transposed conv / linear calls on graph parameters into
-    ``call_module`` nodes of the torch classes (see the module docstring); returns how many."""
+    ``call_module`` nodes of the torch classes (see the module docstring); returns how many.
+
+    ``norms_and_embeddings`` raises ``F.layer_norm`` and ``F.embedding`` on parameters too (into
+    ``nn.LayerNorm`` / ``nn.Embedding``): the ``torch.export`` front end asks for it, since an
+    exported graph has no modules left at all."""
     raised = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         info = describe(node, gm)
-        if info.kind not in (Kind.CONV, Kind.LINEAR) or not info.inputs or not isinstance(info.inputs[0], fx.Node):
+        if not _raisable(info, norms_and_embeddings) or not info.inputs or not isinstance(info.inputs[0], fx.Node):
             continue
         weight = _parameter(gm, info.weight_node)
         bias_node = info.params.get("bias")
         bias = _parameter(gm, bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             continue
-        others = {k: v for k, v in info.params.items() if k not in ("weight", "bias")}
+        others = {k: v for k, v in info.params.items() if k not in ("weight", "bias", "channel_dim")}
         if not all(_constant(v) for v in others.values()) or len(info.inputs) != 1:
             continue
         module = _module_for(info, weight, bias)
@@ -122,7 +149,8 @@ def raise_functional_layers(gm: fx.GraphModule) -> int:
             continue  # the owner is a called module (possibly the caller's): never edited
         replaces_owner = _owner_free(gm, owner, mine)
         parent = gm.get_submodule(owner)
-        path = owner if replaces_owner else ".".join(filter(None, (owner, _free_name(parent, info.op))))
+        weight_attr = str(info.weight_node.target).rpartition(".")[2]  # type: ignore[union-attr]
+        path = owner if replaces_owner else ".".join(filter(None, (owner, _free_name(parent, _child_name(info, weight_attr)))))
         module.train(parent.training)
         gm.set_submodule(path, module)
         with gm.graph.inserting_before(node):

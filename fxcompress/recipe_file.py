@@ -11,6 +11,7 @@ One table per argument of ``run()`` (the format is documented in ``docs/recipes.
 
     [run]
     check = "full"
+    frontend = "auto"                             # or "fx" / "export" (torch.export)
     loss_fn = "torch.nn.functional:cross_entropy" # any run() callable, by reference
 
     [calibration]
@@ -49,6 +50,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .capture_export import FRONTENDS
 from .errors import ConfigError
 from .pass_base import close_matches
 from .recipes import get_recipe
@@ -235,6 +237,7 @@ _INPUT_KEYS = ("shape", "dtype", "name", "low", "high")
 _RUN_TYPES: dict[str, type | tuple[type, ...]] = {
     "check": str, "seed": int, "backend": str, "tolerance": (int, float), "progress": bool,
     "leaf_modules": list, "concrete_args": dict, "autowrap": list, "loss_fn": str, "eval_fn": str,
+    "frontend": str,
 }
 _CAL_KEYS = ("source", "batches", "batch_size", "labels", "kwargs")
 _CAL_SOURCES = ("random", "digits")
@@ -282,6 +285,9 @@ def load_recipe(path: str | Path) -> RecipeSpec:
     _known(run_table, _RUN_TYPES, where, "[run]")
     for key, tp in _RUN_TYPES.items():
         _typed(run_table, key, tp, where, "run")
+    if "frontend" in run_table and run_table["frontend"] not in FRONTENDS:
+        raise ConfigError(f"{where}: run.frontend is {run_table['frontend']!r}; give one of {list(FRONTENDS)} "
+                          f"(\"auto\" tries symbolic tracing, then torch.export)")
     for key in ("loss_fn", "eval_fn"):
         if key in run_table:
             _reference(run_table[key], where, f"run.{key}")
