@@ -17,6 +17,9 @@ program into the graph :func:`fxcompress.trace` promises:
   ``torch.add``, ...) become that counterpart (:data:`_SAME_AS` and :data:`_AS_METHOD`), so
   :mod:`fxcompress.ops` describes them as it describes a symbolically traced graph; ATen
   operators without one stay as they are and describe as ``Kind.UNKNOWN`` (never guessed);
+* ``addmm(bias, x, weight)`` on one module's parameters (Hugging Face's ``Conv1D`` in GPT-2, a
+  linear with its weight stored ``(in, out)``) becomes ``F.linear`` on the transposed weight (a new
+  parameter in the old one's place; equal up to float round-off);
 * weighted ops on parameters become ``call_module`` nodes of real ``nn`` modules at the
   paths the parameters had (:func:`fxcompress.raising.raise_functional_layers`: linear, conv,
   layer norm, embedding), so ``scope`` and ``skip`` name modules as the user knows them;
@@ -101,6 +104,34 @@ def _embedding(node: fx.Node) -> tuple[tuple, dict] | None:
     return (indices, weight), ({"padding_idx": padding_idx} if padding_idx != -1 else {})
 
 
+def _parameter_at(gm: fx.GraphModule, node: Any) -> tuple[nn.Module, str, nn.Parameter] | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    owner, _, name = str(node.target).rpartition(".")
+    try:
+        module = gm.get_submodule(owner)
+    except AttributeError:
+        return None
+    value = getattr(module, name, None)
+    return (module, name, value) if isinstance(value, nn.Parameter) else None
+
+
+def _transposed_linear(gm: fx.GraphModule, node: fx.Node) -> tuple[tuple, dict] | None:
+    """``addmm(bias, x, weight)`` on the parameters of one module (Hugging Face's ``Conv1D``, GPT-2's
+    projections: a linear whose weight is stored ``(in, out)``) as ``F.linear`` arguments, the weight
+    stored transposed in its place, so it is raised to an ``nn.Linear`` like any other. The product
+    is the same up to float round-off (the GEMM reads the weight in the other order)."""
+    if node.kwargs or len(node.args) != 3:
+        return None
+    bias, x, weight = node.args
+    b, w = _parameter_at(gm, bias), _parameter_at(gm, weight)
+    if b is None or w is None or b[0] is not w[0] or w[2].dim() != 2 or len(weight.users) != 1:
+        return None
+    module, name, param = w
+    setattr(module, name, nn.Parameter(param.detach().t().contiguous(), requires_grad=param.requires_grad))
+    return (x, weight, bias), {}
+
+
 def _to_torch_dialect(gm: fx.GraphModule) -> None:
     """Drop export's guards and rewrite the ATen ops that have an exact torch counterpart."""
     graph = gm.graph
@@ -123,6 +154,8 @@ def _to_torch_dialect(gm: fx.GraphModule) -> None:
                 new = graph.call_function(F.layer_norm, tuple(node.args[:5]), {})
             elif node.target is aten.embedding.default and (new_args := _embedding(node)) is not None:
                 new = graph.call_function(F.embedding, *new_args)
+            elif node.target is aten.addmm.default and (new_args := _transposed_linear(gm, node)) is not None:
+                new = graph.call_function(F.linear, *new_args)
             else:
                 continue
         new.meta = {k: v for k, v in node.meta.items() if k in _KEPT_META}

@@ -5,7 +5,8 @@ on ``get_attr`` weights whenever a module computes its conv itself: a ``Conv2d``
 with its own ``forward`` (EfficientNet ports with TensorFlow "same" padding), weight
 standardisation, or plain functional code. The passes know layers as ``call_module`` nodes of
 the torch classes, so :func:`raise_functional_layers` rewrites each such op into a call of a
-real ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` holding the very same
+real ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` (and, for the
+``torch.export`` front end, ``nn.LayerNorm`` and ``nn.Embedding``) holding the very same
 ``Parameter`` objects. The module goes where the weights live: it replaces their owner when
 nothing else of the owner is used by the graph, else it becomes the owner's child named after
 the op (``_conv_stem.conv2d``), so ``scope``/``skip`` patterns naming the owner cover it.
@@ -15,7 +16,10 @@ tensors); only ops whose weight (and bias, if any) are graph ``Parameter`` attri
 whose other arguments are constants are raised; weights stay shared where they were and
 move into the raised module (no float copy is left behind for quantization to miss). A
 module the graph calls is never edited (under :func:`fxcompress.trace` it is the caller's
-own object): functional ops on its weights stay as they are.
+own object): functional ops on its weights stay as they are, except in an exported graph
+(``norms_and_embeddings``), where such a layer (a weight tied to another module's, as GPT-2's
+``lm_head`` to ``wte``) becomes a module of its own at the path export recorded for it, holding
+the same ``Parameter``.
 """
 
 from __future__ import annotations
@@ -118,6 +122,23 @@ def _child_name(info: OpInfo, weight_attr: str) -> str:
     return weight_attr[: -len("_weight")] if weight_attr.endswith("_weight") else info.op
 
 
+def _recorded_path(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The module path ``torch.export`` recorded for ``node`` (its innermost ``nn_module_stack`` entry)
+    when nothing in ``gm`` has that path yet: where a layer whose weight is tied to another module's
+    (GPT-2's ``lm_head`` reading ``wte.weight``) goes, sharing the parameter."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = str(list(stack.values())[-1][0])
+    owner, _, name = path.rpartition(".")
+    try:
+        if not path or hasattr(gm.get_submodule(owner), name):
+            return None
+    except AttributeError:
+        return None
+    return path
+
+
 def raise_functional_layers(gm: fx.GraphModule, *, norms_and_embeddings: bool = False) -> int:
     """Rewrite functional conv / transposed conv / linear calls on graph parameters into
     ``call_module`` nodes of the torch classes (see the module docstring); returns how many.
@@ -145,12 +166,21 @@ def raise_functional_layers(gm: fx.GraphModule, *, norms_and_embeddings: bool = 
             continue
         mine = {n for n in (info.weight_node, bias_node) if isinstance(n, fx.Node)}
         owner = str(info.weight_node.target).rpartition(".")[0]  # type: ignore[union-attr]
-        if any(n.op == "call_module" and str(n.target) == owner for n in gm.graph.nodes):
-            continue  # the owner is a called module (possibly the caller's): never edited
-        replaces_owner = _owner_free(gm, owner, mine)
         parent = gm.get_submodule(owner)
-        weight_attr = str(info.weight_node.target).rpartition(".")[2]  # type: ignore[union-attr]
-        path = owner if replaces_owner else ".".join(filter(None, (owner, _free_name(parent, _child_name(info, weight_attr)))))
+        called = any(n.op == "call_module" and str(n.target) == owner for n in gm.graph.nodes)
+        # A weight another op reads too (tied): in an exported graph each op gets its module at its own
+        # recorded path, all holding the one Parameter (the last reader takes the owner's place).
+        tied = called or (norms_and_embeddings and len(info.weight_node.users) > 1)  # type: ignore[union-attr]
+        if tied:  # the owner is a called module (possibly the caller's) or still read: never edited
+            path = _recorded_path(gm, node) if norms_and_embeddings else None
+            if path is None:
+                continue
+            replaces_owner = False
+        else:
+            replaces_owner = _owner_free(gm, owner, mine)
+            weight_attr = str(info.weight_node.target).rpartition(".")[2]  # type: ignore[union-attr]
+            path = owner if replaces_owner else ".".join(
+                filter(None, (owner, _free_name(parent, _child_name(info, weight_attr)))))
         module.train(parent.training)
         gm.set_submodule(path, module)
         with gm.graph.inserting_before(node):
@@ -163,7 +193,7 @@ def raise_functional_layers(gm: fx.GraphModule, *, norms_and_embeddings: bool = 
                 continue
             gm.graph.erase_node(attr)
             still_read = any(n.op == "get_attr" and n.target == attr.target for n in gm.graph.nodes)
-            if not replaces_owner and not still_read:  # the parameter now lives in the raised module
+            if not replaces_owner and not still_read and not tied:  # the parameter now lives in the raised module
                 delattr(parent, str(attr.target).rpartition(".")[2])
         raised += 1
     if raised:

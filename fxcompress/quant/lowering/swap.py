@@ -117,8 +117,11 @@ def swap_embeddings(gm: fx.GraphModule, ctx: PassContext, build: Callable[[nn.Em
         if module_rule(module) is not None or info.family is not Kind.EMBEDDING:
             continue
         if target not in done:
+            read = [str(n.target) for n in gm.graph.find_nodes(op="get_attr") if str(n.target).startswith(target + ".")]
             done[target] = (f"{info.not_plain.reason}: it is not what torch's class computes"
-                            if info.not_plain is not None else build(module))
+                            if info.not_plain is not None else
+                            f"the graph also reads its table directly ({read[0]}: a tied weight)" if read else
+                            build(module))
         built = done[target]
         if isinstance(built, str):
             result.float_nodes[node.name] = built
