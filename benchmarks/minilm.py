@@ -35,9 +35,14 @@ from torch import nn  # noqa: E402
 import fxcompress  # noqa: E402
 from _common import markdown_table, weights_for_this_cpu, write_section  # noqa: E402
 from fxcompress.report import state_bytes  # noqa: E402
+from vs_torch_ao_latency import native_bf16  # noqa: E402
 
 SENTENCES = Path(__file__).with_name("data") / "minilm_sentences.txt"
-TARGETS = {"dynamic int8": (0.995, 0.5, 0.30), "int4 weight-only": (0.98, None, 0.20), "static int8": (0.99, None, None)}
+DYNAMIC, KERNEL_DYNAMIC, INT4, STATIC = ("dynamic int8 (per token)", "dynamic int8 (per tensor{})",
+                                         "int4 weight-only", "static int8")
+# (cosine, latency / float, bytes / float) targets of issue 13; "static int8" latency: <= dynamic's.
+TARGETS = {DYNAMIC: (0.995, 0.5, 0.30), KERNEL_DYNAMIC: (0.995, 0.5, 0.30), INT4: (0.98, None, 0.20),
+           STATIC: (0.99, None, None)}
 
 
 def sentences() -> tuple[list[str], int]:
@@ -66,12 +71,18 @@ def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
-def nearest_agreement(ref: torch.Tensor, emb: torch.Tensor) -> float:
-    def nearest(e: torch.Tensor) -> torch.Tensor:
-        sim = e @ e.T
-        sim.fill_diagonal_(-2.0)
-        return sim.argmax(dim=1)
-    return (nearest(ref) == nearest(emb)).float().mean().item()
+def nearest(e: torch.Tensor) -> torch.Tensor:
+    """Each sentence's nearest other sentence (cosine)."""
+    sim = e @ e.T
+    sim.fill_diagonal_(-2.0)
+    return sim.argmax(dim=1)
+
+
+def nearest_agreement(ref: torch.Tensor, emb: torch.Tensor, first: int | None = None) -> float:
+    """The share of sentences (of the ``first`` ones, default all) whose nearest neighbour is the
+    same under ``emb`` as under ``ref``."""
+    same = nearest(ref) == nearest(emb)
+    return same[:first].float().mean().item()
 
 
 def best_medians(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:
@@ -100,25 +111,31 @@ def main() -> None:
     model, tokenizer = load_minilm()
     texts, n_pairs = sentences()
     batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
-    example = {k: v[:8] for k, v in batch.items()}  # captured on 8 sentences; runs on all
+    example = {k: v[:4] for k, v in batch.items()}  # captured on 4 sentences; runs on all (dynamic sizes)
     calibration = [{k: v[i:i + 8] for k, v in batch.items()} for i in range(0, len(texts), 8)
                    if len(texts) - i >= 8]
 
     torch.set_num_threads(2)
     start = time.perf_counter()
-    dyn_pipeline = ["quantize_dynamic", ("quantize_weights", {"bits": 8, "group_size": None})]
-    dynamic = fxcompress.run(model, dyn_pipeline, example, check="full", progress=False)
+    tables = ("quantize_weights", {"bits": 8, "group_size": None})  # the embeddings, weight-only int8
+    dynamic = fxcompress.run(model, [("quantize_dynamic", {"granularity": "per_token"}), tables], example,
+                             check="full", progress=False)
     capture_seconds = time.perf_counter() - start
 
     label, weights = weights_for_this_cpu()
+    seven = label.startswith("7-bit")  # 8-bit weights take the reference path on this CPU's kernels
+    kernel_name = KERNEL_DYNAMIC.format(", 7-bit weights" if seven else "")
+    compute = "bfloat16" if native_bf16() else "float32"  # bf16 is emulated (slow) elsewhere
+    int4 = [("quantize_weights", {"bits": 4, "group_size": 16, "embeddings": False, "compute_dtype": compute}),
+            ("quantize_weights", {"bits": 4, "group_size": 64, "compute_dtype": compute})]
     built = {
-        "dynamic int8": dynamic,
-        "int4 weight-only": fxcompress.run(model, [("quantize_weights", {"bits": 4, "group_size": 32})], example,
-                                           progress=False),
-        "static int8": fxcompress.run(model, [("insert_observers", {"weights": weights}), "calibrate",
-                                              "fold_fake_quant", ("lower", {"only_if_faster": False}),
-                                              "eliminate_dead_nodes"],
-                                      example, calibration_data=calibration, progress=False),
+        DYNAMIC: dynamic,
+        kernel_name: fxcompress.run(model, [("quantize_dynamic", {"bits": 7 if seven else 8}), tables], example,
+                                    progress=False),
+        INT4: fxcompress.run(model, int4, example, progress=False),
+        STATIC: fxcompress.run(model, [("insert_observers", {"weights": weights}), "calibrate", "fold_fake_quant",
+                                       ("lower", {"only_if_faster": False}), "eliminate_dead_nodes"],
+                               example, calibration_data=calibration, progress=False),
     }
     ours = {name: r.model for name, r in built.items()}
     peers: dict[str, nn.Module] = {}
@@ -141,15 +158,18 @@ def main() -> None:
     for name, m in {**ours, **peers}.items():
         emb = embed(m, batch)
         cos = F.cosine_similarity(emb.double(), reference.double(), dim=-1).mean().item()
-        nn_agree = nearest_agreement(reference, emb)
         size = state_bytes(m) / float_bytes if name in ours else saved_bytes(m) / float_saved
-        target = TARGETS.get(name, (None, None, None))
+        target = TARGETS.get(KERNEL_DYNAMIC if name == kernel_name else name, (None, None, None))
         latency = times[name] / times["float"]
-        rows.append([name, f"{cos:.4f}", f"{nn_agree:.1%}", f"{latency:.2f}x", f"{size:.3f}x",
+        rows.append([name, f"{cos:.4f}", f"{nearest_agreement(reference, emb):.1%}",
+                     f"{nearest_agreement(reference, emb, 2 * n_pairs):.1%}", f"{latency:.2f}x", f"{size:.3f}x",
                      " / ".join("-" if t is None else f"{t}" for t in target)])
-    rows.insert(0, ["float (fp32)", "1.0000", "100.0%", f"1.00x ({times['float'] * 1e3:.1f} ms)", "1.000x", ""])
-    headers = ["model", "cosine (mean)", "nearest-neighbour agreement", "latency / float (1 thread)",
-               "bytes / float", "targets: cosine / latency / bytes"]
+    rows.insert(0, ["float (fp32)", "1.0000", "100.0%", "100.0%", f"1.00x ({times['float'] * 1e3:.1f} ms)",
+                    "1.000x", ""])
+    partners = (nearest(reference)[:2 * n_pairs] == torch.arange(2 * n_pairs) ^ 1).float().mean().item()
+    headers = ["model", "cosine (mean)", "nearest-neighbour agreement (all)",
+               "nearest-neighbour agreement (paired sentences)", "latency / float (1 thread)", "bytes / float",
+               "targets: cosine / latency / bytes"]
     table = markdown_table(rows, headers)
     print(table)
     print(f"capture + dynamic int8 with check='full' (2 threads): {capture_seconds:.1f} s (target <= 15 s)")
@@ -161,7 +181,13 @@ captured with `frontend="auto"` on the first 8 sentences (it takes torch.export:
 BertModel) and run on all of them. Dynamic int8 is `quantize_dynamic` then `quantize_weights(bits=8)`
 (the embedding tables weight-only int8); static int8 uses {label} weights, calibrated on
 {len(calibration)} batches of 8 of the same sentences. Peers' bytes are `torch.save` sizes of their state
-dicts against the float model's.
+dicts against the float model's. Int4 is group 16 for the linears and group 64 for the embedding
+tables (compute in {compute}). The dynamic int8 rows: per token is the accurate one (per tensor
+collapses outlier tokens: measured cosine 0.9932 vs 0.9971 on the same sentences); {kernel_name}
+is the configuration this CPU's int8 kernels take{" (8-bit weights take the reference path on AVX2)" if seven else ""}.
+Nearest-neighbour agreement is given over all sentences and over the paired ones: the unrelated
+sentences' nearest neighbours are near ties (in the float model, {partners:.0%} of the paired
+sentences have their partner as nearest neighbour).
 
 {table}
 

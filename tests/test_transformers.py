@@ -217,3 +217,14 @@ def test_auto_trace_error_says_why_each_front_end_failed() -> None:
         fxcompress.trace(DataDependent(), torch.randn(2, 3))
     message = str(info.value)
     assert "either front end" in message and "Symbolic tracing:" in message and "torch.export" in message
+
+
+def test_artifacts_record_the_front_end(tmp_path) -> None:
+    model, make = encoder()
+    result = fxcompress.run(model, ["quantize_dynamic"], make(2, 8), progress=False)
+    path = str(tmp_path / "enc.fxc")
+    result.save(path)
+    loaded = load(path)
+    assert loaded.meta[FRONTEND_KEY]["frontend"] == "export"
+    assert "TransformerEncoder" in loaded.meta[FRONTEND_KEY]["why"]
+    assert result.report.notes[0].startswith("captured with the export front end")
