@@ -161,10 +161,10 @@ def main() -> None:
         size = state_bytes(m) / float_bytes if name in ours else saved_bytes(m) / float_saved
         target = TARGETS.get(KERNEL_DYNAMIC if name == kernel_name else name, (None, None, None))
         latency = times[name] / times["float"]
-        rows.append([name, f"{cos:.4f}", f"{nearest_agreement(reference, emb):.1%}",
+        rows.append([name, f"{cos:.5f}", f"{nearest_agreement(reference, emb):.1%}",
                      f"{nearest_agreement(reference, emb, 2 * n_pairs):.1%}", f"{latency:.2f}x", f"{size:.3f}x",
                      " / ".join("-" if t is None else f"{t}" for t in target)])
-    rows.insert(0, ["float (fp32)", "1.0000", "100.0%", "100.0%", f"1.00x ({times['float'] * 1e3:.1f} ms)",
+    rows.insert(0, ["float (fp32)", "1", "100.0%", "100.0%", f"1.00x ({times['float'] * 1e3:.1f} ms)",
                     "1.000x", ""])
     partners = (nearest(reference)[:2 * n_pairs] == torch.arange(2 * n_pairs) ^ 1).float().mean().item()
     headers = ["model", "cosine (mean)", "nearest-neighbour agreement (all)",

@@ -228,3 +228,92 @@ def test_artifacts_record_the_front_end(tmp_path) -> None:
     assert loaded.meta[FRONTEND_KEY]["frontend"] == "export"
     assert "TransformerEncoder" in loaded.meta[FRONTEND_KEY]["why"]
     assert result.report.notes[0].startswith("captured with the export front end")
+
+
+def test_prune_channels_prunes_the_mlp_of_an_exported_bert_and_reports_the_frozen_heads(tmp_path) -> None:
+    model, make = bert()
+    result = fxcompress.run(model, [("prune_channels", {"ratio": 0.3})], make(2, 8), check="full", progress=False)
+    stats = result.report.rows[0].stats
+    assert result.model.get_submodule("encoder.layer.0.intermediate.dense").out_features == 44  # 64 * 0.7
+    assert result.model.get_submodule("encoder.layer.0.output.dense").in_features == 44
+    assert any("scaled_dot_product_attention" in reason for reason in stats["frozen"])  # heads: not yet
+    path = str(tmp_path / "pruned.fxc")
+    result.save(path)
+    inputs = make(3, 5)
+    out, again = _call(result.model, inputs), _call(load(path), inputs)
+    _same_structure(out, _call(model, inputs))
+    assert torch.equal(out.last_hidden_state, again.last_hidden_state)
+
+
+WORDS = ("the cat sat on a mat dog ran in park sun is warm today we like to read books "
+         "rain falls city lights are bright at night").split()
+
+
+def _text_model_folder(folder) -> str:
+    """A small BertModel and a word-level BERT tokenizer saved as a Hugging Face folder (no download)."""
+    folder.mkdir()
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(str(folder))
+    model, _ = bert()
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_a_recipe_names_a_local_transformers_folder_and_sentences(tmp_path) -> None:
+    folder = _text_model_folder(tmp_path / "model")
+    recipe = tmp_path / "minilm.toml"
+    recipe.write_text(f'''
+[model]
+factory = "transformers:AutoModel.from_pretrained"
+kwargs = {{ pretrained_model_name_or_path = "{folder}", local_files_only = true }}
+
+[text]
+tokenizer = "{folder}"
+sentences = ["the cat sat on a mat", "a dog ran in the park", "the sun is warm today",
+             "we like to read books", "rain falls", "city lights are bright at night"]
+
+[run]
+check = "full"
+frontend = "auto"
+
+[calibration]
+source = "text"
+batch_size = 3
+
+[[passes]]
+name = "insert_observers"
+
+[[passes]]
+name = "calibrate"
+
+[[passes]]
+name = "fold_fake_quant"
+''')
+    from fxcompress.recipe_file import load_recipe
+
+    spec = load_recipe(recipe)
+    inputs = spec.example_inputs()
+    assert set(inputs) >= {"input_ids", "attention_mask"} and inputs["input_ids"].shape[0] == 6
+    assert [b["input_ids"].shape[0] for b in spec.calibration_data()] == [3, 3]
+    result = spec.run(progress=False)
+    assert result.report.notes[0].startswith("captured with the export front end")
+    assert type(result.model(**inputs)).__name__.startswith("BaseModelOutput")
+
+
+def test_text_table_errors_name_the_key(tmp_path) -> None:
+    from fxcompress.recipe_file import load_recipe
+
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('[model]\nfactory = "m:f"\n[text]\ntokenizer = "no/such/folder"\nsentences = ["a"]\n'
+                      '[[passes]]\nname = "quantize_dynamic"\n')
+    with pytest.raises(ConfigError, match="text.tokenizer must name an existing local folder"):
+        load_recipe(recipe)
+    recipe.write_text(f'[model]\nfactory = "m:f"\n[text]\ntokenizer = "{tmp_path}"\nsentences = []\n'
+                      '[[passes]]\nname = "quantize_dynamic"\n')
+    with pytest.raises(ConfigError, match="text.sentences"):
+        load_recipe(recipe)
+    recipe.write_text('[model]\nfactory = "m:f"\n[[inputs]]\nshape = [1]\n[run]\nfrontend = "dynamo"\n'
+                      '[[passes]]\nname = "quantize_dynamic"\n')
+    with pytest.raises(ConfigError, match="run.frontend"):
+        load_recipe(recipe)
