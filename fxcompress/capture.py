@@ -49,7 +49,8 @@ from .errors import ConfigError, InputError, TraceError
 from .pass_base import close_matches
 from .verify import role_of
 
-__all__ = ["trace", "FRONTENDS", "FRONTEND_KEY", "normalize_inputs", "propagate_shapes", "record_meta", "tensor_metadata", "gc_paused"]
+__all__ = ["trace", "FRONTENDS", "FRONTEND_KEY", "normalize_inputs", "propagate_shapes", "record_meta",
+           "tensor_metadata", "gc_paused"]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:

@@ -36,7 +36,8 @@ class QuantizeDynamic(Pass):
     more robust to rows of very different ranges). ``backend`` (default: the run's) ``x86`` or ``reference``.
     ``bits``: 8, or 7 (weights in [-63, 63], as ``fxcompress.quant.spec.portable_weight_spec``:
     they run on oneDNN's int8 kernels on every CPU, including AVX2 ones, where 8-bit weights
-    could overflow its 16-bit pair sums and take the reference path; linears only). Stats: ``linear`` and ``attention`` (modules replaced),
+    could overflow its 16-bit pair sums and take the reference path; linears only).
+    Stats: ``linear`` and ``attention`` (modules replaced),
     ``float_nodes`` (node -> why it stayed float: functional linears, unsupported
     attention options, subclasses, modules kept whole with linears inside), ``fallbacks`` (nodes on the reference path, with the
     kernel's reason).

@@ -32,7 +32,7 @@ class QuantizeWeights(Pass):
 
     Covers ``nn.Linear`` modules and the projections inside ``nn.MultiheadAttention``
     (replaced by a :class:`~fxcompress.quant.lowered_attention.QuantMultiheadAttention`), and,
-    with ``embeddings`` (the default), ``nn.Embedding`` tables (replaced by a
+    with ``embeddings=True``, ``nn.Embedding`` tables (replaced by a
     :class:`~fxcompress.quant.lowered_embedding.WeightOnlyEmbedding`: the rows a lookup gathers
     are dequantized; ``group_size`` applies along the embedding dimension). Run after
     ``quantize_dynamic``, it reaches what that pass left float: the embeddings.
@@ -53,7 +53,7 @@ class QuantizeWeights(Pass):
     compute_dtype: str = "bfloat16"
     cache_dequantized: bool = True
     backend: str | None = None
-    embeddings: bool = True
+    embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in _BITS:

@@ -137,8 +137,9 @@ def test_encoder_layers_inside_transformer_encoder_are_reached_by_quantize_dynam
 
 
 PIPELINES: dict[str, list] = {
-    "dynamic_int8": ["quantize_dynamic", ("quantize_weights", {"bits": 8, "group_size": None})],
-    "int4_weight_only": [("quantize_weights", {"bits": 4, "group_size": 16})],
+    "dynamic_int8": ["quantize_dynamic",
+                     ("quantize_weights", {"bits": 8, "group_size": None, "embeddings": True})],
+    "int4_weight_only": [("quantize_weights", {"bits": 4, "group_size": 16, "embeddings": True})],
     "static_int8": ["insert_observers", "calibrate", "fold_fake_quant", ("lower", {"only_if_faster": False}),
                     "eliminate_dead_nodes"],
 }
@@ -172,8 +173,8 @@ def test_compressed_models_keep_structure_save_load_identically_and_run_other_si
 
 def test_quantize_weights_stores_embedding_tables_packed_and_gathers_exactly() -> None:
     model, make = bert()
-    result = fxcompress.run(model, [("quantize_weights", {"bits": 4, "group_size": 16})], make(2, 8),
-                            check="full", progress=False)
+    pipeline = [("quantize_weights", {"bits": 4, "group_size": 16, "embeddings": True})]
+    result = fxcompress.run(model, pipeline, make(2, 8), check="full", progress=False)
     table = result.model.get_submodule("embeddings.word_embeddings")
     assert isinstance(table, WeightOnlyEmbedding) and table.weight.dtype == torch.uint8
     assert table.weight.shape == (128, 16)  # two 4-bit codes per byte
@@ -189,8 +190,8 @@ def test_gpt2_tied_embedding_and_head_each_get_their_module_and_conv1d_is_a_line
     wte, head = gm.get_submodule("transformer.wte"), gm.get_submodule("lm_head")
     assert isinstance(wte, nn.Embedding) and isinstance(head, nn.Linear) and wte.weight is head.weight
     assert isinstance(gm.get_submodule("transformer.h.0.attn.c_attn"), nn.Linear)  # HF Conv1D, raised
-    result = fxcompress.run(model, [("quantize_weights", {"bits": 8, "group_size": None})], make(2, 8),
-                            check="full", progress=False)
+    pipeline = [("quantize_weights", {"bits": 8, "group_size": None, "embeddings": True})]
+    result = fxcompress.run(model, pipeline, make(2, 8), check="full", progress=False)
     assert isinstance(result.model.get_submodule("transformer.wte"), WeightOnlyEmbedding)
     assert not result.report.rows[0].stats["float_nodes"]
 

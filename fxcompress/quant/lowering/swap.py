@@ -3,8 +3,9 @@
 :func:`swap_linears` walks the graph's ``call_module`` nodes and replaces every plain
 ``nn.Linear`` and every ``nn.MultiheadAttention`` (whose projections symbolic tracing
 never exposes) by the module a builder returns, or keeps it float with the builder's
-reason; :func:`swap_embeddings` does the same for ``nn.Embedding``. It never edits a module in place: replacements are new modules set at the same
-path, so the nodes, their metadata and every other reference stay as they were.
+reason; :func:`swap_embeddings` does the same for ``nn.Embedding``. It never edits a module
+in place: replacements are new modules set at the same path, so the nodes, their metadata
+and every other reference stay as they were.
 """
 
 from __future__ import annotations
