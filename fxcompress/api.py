@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from . import boundary
-from .capture import gc_paused, normalize_inputs, trace
+from .capture import FRONTEND_KEY, gc_paused, normalize_inputs, trace
 from .errors import ConfigError
 from .manager import CHECK_ENV, Check, PassManager, PipelineEntry
 from .pass_base import PassContext
@@ -86,6 +86,7 @@ def run(
     tolerance: float = 1e-3,
     backend: str = "x86",
     seed: int = 0,
+    frontend: str = "auto",
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     autowrap: Iterable[Callable] = (),
@@ -93,7 +94,9 @@ def run(
     """Compress ``model`` with ``passes`` and return a :class:`Result`.
 
     ``model`` is an ``nn.Module`` (captured with :func:`fxcompress.trace`,
-    using ``leaf_modules``/``concrete_args``/``autowrap``) or a ``GraphModule``.
+    using ``frontend`` and ``leaf_modules``/``concrete_args``/``autowrap``) or a
+    ``GraphModule``.  When ``torch.export`` captured it (or ``"auto"`` had a reason to
+    note), the report's first note says so, and why.
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of
     keyword inputs.  Pipeline entries are pass objects, pass names or classes,
     or ``(name, {options, "scope": [...], "skip": [...]})``.
@@ -128,11 +131,15 @@ def run(
                       progress=progress)
     manager.check_context(ctx, model)  # before copying and tracing: a pipeline that cannot run costs nothing
     source_hash = state_hash(model)
-    gm = trace(_private_copy(model), kwargs or args, leaf_modules=leaf_modules,
+    gm = trace(_private_copy(model), kwargs or args, frontend=frontend, leaf_modules=leaf_modules,
                concrete_args=concrete_args, autowrap=autowrap)
+    captured = gm.meta.get(FRONTEND_KEY)
     manager.validate(gm)  # before eval_fn, for the same reason
     metric_before = boundary.check_metric(eval_fn(gm), "before the pipeline") if eval_fn is not None else None
     gm, report = manager.run(gm, ctx)
+    if captured and (captured["frontend"] != "fx" or captured.get("why")):  # plain fx capture: nothing to say
+        why = f" ({captured['why']})" if captured.get("why") else ""
+        report.notes.insert(0, f"captured with the {captured['frontend']} front end{why}")
     if eval_fn is not None:
         after = boundary.check_metric(eval_fn(gm), "after the pipeline")
         report.metrics["task metric"] = {"before": metric_before, "after": after,

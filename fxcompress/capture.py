@@ -1,8 +1,9 @@
 """Capture: model -> ``GraphModule`` with shape/dtype metadata on every tensor node.
 
-Today the front end is ``torch.fx`` symbolic tracing.  A second front end
-(``torch.export``) can be added here alone: it must produce the same
-module-level dialect that :mod:`fxcompress.ops` describes.
+Two front ends, one dialect: ``torch.fx`` symbolic tracing (here) and
+``torch.export`` (:mod:`fxcompress.capture_export`), both producing the
+module-level graphs that :mod:`fxcompress.ops` describes; ``frontend="auto"``
+picks the first that captures the model whole.
 
 Guarantees of :func:`trace`:
 
@@ -43,11 +44,13 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .boundary import clone_inputs
+from .capture_export import FRONTEND_KEY, FRONTENDS, containers_kept_whole, export_capture
 from .errors import ConfigError, InputError, TraceError
 from .pass_base import close_matches
 from .verify import role_of
 
-__all__ = ["trace", "normalize_inputs", "propagate_shapes", "record_meta", "tensor_metadata", "gc_paused"]
+__all__ = ["trace", "FRONTENDS", "FRONTEND_KEY", "normalize_inputs", "propagate_shapes", "record_meta",
+           "tensor_metadata", "gc_paused"]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -173,6 +176,7 @@ def trace(
     model: nn.Module,
     example_inputs: Any,
     *,
+    frontend: str = "auto",
     leaf_modules: Iterable[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
     autowrap: Iterable[Callable | types.ModuleType] = (),
@@ -195,15 +199,69 @@ def trace(
     layers as modules.  A ``GraphModule`` is already captured: it is annotated in place
     and returned (capture options are then an error, not silently ignored).
 
+    ``frontend`` chooses how: ``"fx"`` is symbolic tracing (the options above are its own);
+    ``"export"`` is ``torch.export`` (non-strict), raised to the same module-level dialect
+    (:mod:`fxcompress.capture_export`: dynamic batch and sequence dimensions, keyword inputs
+    and the output structure kept); ``"auto"`` (the default) tries symbolic tracing and takes
+    ``torch.export`` when tracing fails or keeps a ``torch.nn`` container with layers inside
+    whole (``nn.TransformerEncoder``), unless fx options are given.  ``gm.meta[FRONTEND_KEY]``
+    says which front end captured the graph and why.
+
     Raises :class:`TraceError` naming the module path and source line where
-    tracing failed and the remedy to try, :class:`InputError` when the example
-    inputs do not fit the model, :class:`ConfigError` for malformed options.
+    tracing failed and the remedy to try (for ``"auto"``: why each front end
+    failed), :class:`InputError` when the example inputs do not fit the model,
+    :class:`ConfigError` for malformed options.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() takes an nn.Module, got {type(model).__name__}")
+    if frontend not in FRONTENDS:
+        raise ConfigError(f"frontend must be one of {list(FRONTENDS)}, got {frontend!r}")
     args, kwargs = normalize_inputs(example_inputs)
+    fx_options = bool(tuple(leaf_modules) or concrete_args or tuple(autowrap))
+    if frontend == "export" and fx_options:
+        raise ConfigError("leaf_modules, concrete_args and autowrap are symbolic tracing's options; "
+                          "frontend='export' takes none of them (use frontend='fx' or 'auto')")
     with gc_paused():
-        return _capture(model, args, kwargs, leaf_modules, concrete_args, autowrap)
+        if isinstance(model, fx.GraphModule) or frontend == "fx" or (frontend == "auto" and fx_options):
+            gm = _capture(model, args, kwargs, leaf_modules, concrete_args, autowrap)
+            return _mark(gm, "fx", None) if not isinstance(model, fx.GraphModule) else gm
+        if frontend == "export":
+            return _mark(_exported(model, args, kwargs), "export", None)
+        return _auto(model, args, kwargs)
+
+
+def _exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    with _buffers_restored(model):
+        gm = export_capture(model, args, kwargs)
+    propagate_shapes(gm, args, kwargs)
+    return gm
+
+
+def _mark(gm: fx.GraphModule, frontend: str, why: str | None) -> fx.GraphModule:
+    gm.meta[FRONTEND_KEY] = {"frontend": frontend, "why": why}
+    return gm
+
+
+def _auto(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """Symbolic tracing, else ``torch.export``: see :func:`trace`'s ``frontend``."""
+    try:
+        gm = _capture(model, args, kwargs, (), None, ())
+    except TraceError as fx_error:
+        try:
+            exported = _exported(model, args, kwargs)
+        except TraceError as export_error:
+            raise TraceError(f"cannot capture {type(model).__name__} with either front end. "
+                             f"Symbolic tracing: {fx_error} -- torch.export: {export_error}") from export_error
+        return _mark(exported, "export", f"symbolic tracing failed: {str(fx_error).split('. Remedies')[0]}")
+    whole = containers_kept_whole(gm)
+    if not whole:
+        return _mark(gm, "fx", None)
+    kept = ", ".join(f"{p!r} ({type(gm.get_submodule(p)).__name__})" for p in whole)
+    try:
+        exported = _exported(model, args, kwargs)
+    except TraceError as export_error:
+        return _mark(gm, "fx", f"symbolic tracing keeps {kept} whole; torch.export failed too: {export_error}")
+    return _mark(exported, "export", f"symbolic tracing keeps {kept} whole (their layers would be out of reach)")
 
 
 def _capture(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: Iterable[type | str],

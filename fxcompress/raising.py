@@ -5,7 +5,8 @@ on ``get_attr`` weights whenever a module computes its conv itself: a ``Conv2d``
 with its own ``forward`` (EfficientNet ports with TensorFlow "same" padding), weight
 standardisation, or plain functional code. The passes know layers as ``call_module`` nodes of
 the torch classes, so :func:`raise_functional_layers` rewrites each such op into a call of a
-real ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` holding the very same
+real ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` (and, for the
+``torch.export`` front end, ``nn.LayerNorm`` and ``nn.Embedding``) holding the very same
 ``Parameter`` objects. The module goes where the weights live: it replaces their owner when
 nothing else of the owner is used by the graph, else it becomes the owner's child named after
 the op (``_conv_stem.conv2d``), so ``scope``/``skip`` patterns naming the owner cover it.
@@ -15,7 +16,10 @@ tensors); only ops whose weight (and bias, if any) are graph ``Parameter`` attri
 whose other arguments are constants are raised; weights stay shared where they were and
 move into the raised module (no float copy is left behind for quantization to miss). A
 module the graph calls is never edited (under :func:`fxcompress.trace` it is the caller's
-own object): functional ops on its weights stay as they are.
+own object): functional ops on its weights stay as they are, except in an exported graph
+(``norms_and_embeddings``), where such a layer (a weight tied to another module's, as GPT-2's
+``lm_head`` to ``wte``) becomes a module of its own at the path export recorded for it, holding
+the same ``Parameter``.
 """
 
 from __future__ import annotations
@@ -49,7 +53,18 @@ def _constant(value: Any) -> bool:
 def _module_for(info: OpInfo, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module | None:
     """The torch module computing ``info``'s op with these parameters, or None."""
     p = info.params
-    if info.kind is Kind.LINEAR:
+    if info.kind is Kind.NORM:  # layer_norm only (the caller checks)
+        shape = tuple(p.get("normalized_shape") or ())
+        if tuple(weight.shape) != shape or (bias is not None and tuple(bias.shape) != shape):
+            return None
+        with torch.device("meta"):
+            module = nn.LayerNorm(shape, eps=float(p.get("eps", 1e-5)), bias=bias is not None)
+    elif info.kind is Kind.EMBEDDING:
+        if weight.dim() != 2 or bias is not None:
+            return None
+        with torch.device("meta"):
+            module = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=p.get("padding_idx"))
+    elif info.kind is Kind.LINEAR:
         if weight.dim() != 2:
             return None
         with torch.device("meta"):
@@ -95,22 +110,55 @@ def _free_name(parent: nn.Module, base: str) -> str:
     return name
 
 
-def raise_functional_layers(gm: fx.GraphModule) -> int:
+def _raisable(info: OpInfo, norms_and_embeddings: bool) -> bool:
+    if info.kind in (Kind.CONV, Kind.LINEAR):
+        return True
+    return norms_and_embeddings and (info.kind is Kind.EMBEDDING or info.op == "layer_norm")
+
+
+def _child_name(info: OpInfo, weight_attr: str) -> str:
+    """A raised module's name under an owner that keeps other state: ``in_proj`` for a weight named
+    ``in_proj_weight`` (``nn.MultiheadAttention``'s packed projection), else the op (``conv2d``)."""
+    return weight_attr[: -len("_weight")] if weight_attr.endswith("_weight") else info.op
+
+
+def _recorded_path(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The module path ``torch.export`` recorded for ``node`` (its innermost ``nn_module_stack`` entry)
+    when nothing in ``gm`` has that path yet: where a layer whose weight is tied to another module's
+    (GPT-2's ``lm_head`` reading ``wte.weight``) goes, sharing the parameter."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = str(list(stack.values())[-1][0])
+    owner, _, name = path.rpartition(".")
+    try:
+        if not path or hasattr(gm.get_submodule(owner), name):
+            return None
+    except AttributeError:
+        return None
+    return path
+
+
+def raise_functional_layers(gm: fx.GraphModule, *, norms_and_embeddings: bool = False) -> int:
     """Rewrite functional conv / transposed conv / linear calls on graph parameters into
-    ``call_module`` nodes of the torch classes (see the module docstring); returns how many."""
+    ``call_module`` nodes of the torch classes (see the module docstring); returns how many.
+
+    ``norms_and_embeddings`` raises ``F.layer_norm`` and ``F.embedding`` on parameters too (into
+    ``nn.LayerNorm`` / ``nn.Embedding``): the ``torch.export`` front end asks for it, since an
+    exported graph has no modules left at all."""
     raised = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         info = describe(node, gm)
-        if info.kind not in (Kind.CONV, Kind.LINEAR) or not info.inputs or not isinstance(info.inputs[0], fx.Node):
+        if not _raisable(info, norms_and_embeddings) or not info.inputs or not isinstance(info.inputs[0], fx.Node):
             continue
         weight = _parameter(gm, info.weight_node)
         bias_node = info.params.get("bias")
         bias = _parameter(gm, bias_node) if bias_node is not None else None
         if weight is None or (bias_node is not None and bias is None):
             continue
-        others = {k: v for k, v in info.params.items() if k not in ("weight", "bias")}
+        others = {k: v for k, v in info.params.items() if k not in ("weight", "bias", "channel_dim")}
         if not all(_constant(v) for v in others.values()) or len(info.inputs) != 1:
             continue
         module = _module_for(info, weight, bias)
@@ -118,11 +166,21 @@ def raise_functional_layers(gm: fx.GraphModule) -> int:
             continue
         mine = {n for n in (info.weight_node, bias_node) if isinstance(n, fx.Node)}
         owner = str(info.weight_node.target).rpartition(".")[0]  # type: ignore[union-attr]
-        if any(n.op == "call_module" and str(n.target) == owner for n in gm.graph.nodes):
-            continue  # the owner is a called module (possibly the caller's): never edited
-        replaces_owner = _owner_free(gm, owner, mine)
         parent = gm.get_submodule(owner)
-        path = owner if replaces_owner else ".".join(filter(None, (owner, _free_name(parent, info.op))))
+        called = any(n.op == "call_module" and str(n.target) == owner for n in gm.graph.nodes)
+        # A weight another op reads too (tied): in an exported graph each op gets its module at its own
+        # recorded path, all holding the one Parameter (the last reader takes the owner's place).
+        tied = called or (norms_and_embeddings and len(info.weight_node.users) > 1)  # type: ignore[union-attr]
+        if tied:  # the owner is a called module (possibly the caller's) or still read: never edited
+            path = _recorded_path(gm, node) if norms_and_embeddings else None
+            if path is None:
+                continue
+            replaces_owner = False
+        else:
+            replaces_owner = _owner_free(gm, owner, mine)
+            weight_attr = str(info.weight_node.target).rpartition(".")[2]  # type: ignore[union-attr]
+            path = owner if replaces_owner else ".".join(
+                filter(None, (owner, _free_name(parent, _child_name(info, weight_attr)))))
         module.train(parent.training)
         gm.set_submodule(path, module)
         with gm.graph.inserting_before(node):
@@ -135,7 +193,7 @@ def raise_functional_layers(gm: fx.GraphModule) -> int:
                 continue
             gm.graph.erase_node(attr)
             still_read = any(n.op == "get_attr" and n.target == attr.target for n in gm.graph.nodes)
-            if not replaces_owner and not still_read:  # the parameter now lives in the raised module
+            if not replaces_owner and not still_read and not tied:  # the parameter now lives in the raised module
                 delattr(parent, str(attr.target).rpartition(".")[2])
         raised += 1
     if raised:

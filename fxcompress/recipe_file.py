@@ -7,10 +7,12 @@ One table per argument of ``run()`` (the format is documented in ``docs/recipes.
     kwargs = { num_classes = 10 }
 
     [[inputs]]                                    # one table per positional input
-    shape = [1, 3, 224, 224]                      # (give `name` for keyword inputs)
+    shape = [1, 3, 224, 224]                      # (give `name` for keyword inputs;
+                                                  # a [text] table instead: fxcompress.recipe_text)
 
     [run]
     check = "full"
+    frontend = "auto"                             # or "fx" / "export" (torch.export)
     loss_fn = "torch.nn.functional:cross_entropy" # any run() callable, by reference
 
     [calibration]
@@ -49,8 +51,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .capture_export import FRONTENDS
 from .errors import ConfigError
 from .pass_base import close_matches
+from .recipe_text import TextSpec, parse_text
 from .recipes import get_recipe
 
 if sys.version_info >= (3, 11):
@@ -129,6 +133,7 @@ class RecipeSpec:
     passes: list[Entry] = field(default_factory=list)
     run_options: dict[str, Any] = field(default_factory=dict)
     calibration: CalibrationSpec | None = None
+    text: TextSpec | None = None  # a [text] table: tokenizer + sentences instead of [[inputs]]
 
     @property
     def seed(self) -> int:
@@ -162,7 +167,10 @@ class RecipeSpec:
         return model.eval() if self.eval_mode else model
 
     def example_inputs(self) -> tuple | dict:
-        """Seeded random example inputs: a dict when the inputs are named, else a tuple."""
+        """Seeded random example inputs: a dict when the inputs are named, else a tuple; with a
+        ``[text]`` table, its sentences tokenized (keyword inputs)."""
+        if self.text is not None:
+            return self.text.encode(self.path)
         gen = torch.Generator().manual_seed(self.seed)
         if self.inputs and self.inputs[0].name is not None:
             return {s.name: s.make(gen) for s in self.inputs}
@@ -187,6 +195,10 @@ class RecipeSpec:
                 raise ConfigError(f"{self.path}: calibration.source {cal.source!r} is not a function, so "
                                   f"calibration.kwargs cannot be given to it")
             return source
+        if cal.source == "text":
+            if self.text is None:
+                raise ConfigError(f"{self.path}: calibration.source 'text' needs a [text] table")
+            return self.text.batches(self.path, cal.batch_size, cal.batches)
         if cal.source == "digits":
             from .examples.digits import load_digits_data
 
@@ -196,6 +208,9 @@ class RecipeSpec:
             if cal.labels:
                 return [(data.train_x[a:b], data.train_y[a:b]) for a, b in spans]
             return [data.train_x[a:b] for a, b in spans]
+        if self.text is not None:
+            raise ConfigError(f"{self.path}: calibration.source 'random' draws [[inputs]] shapes; with a [text] "
+                              f"table use source = \"text\" (its sentences in batches)")
         gen = torch.Generator().manual_seed(self.seed + 1)
         batches = []
         for _ in range(cal.batches):
@@ -228,16 +243,17 @@ class RecipeSpec:
         return run(self.build_model(), self.passes, self.example_inputs(), **options)
 
 
-_TOP_KEYS = ("model", "inputs", "run", "calibration", "passes")
+_TOP_KEYS = ("model", "inputs", "text", "run", "calibration", "passes")
 _MODEL_KEYS = ("factory", "kwargs", "eval")
 _INPUT_KEYS = ("shape", "dtype", "name", "low", "high")
 # [run] keys and their TOML types (run() itself checks the values, e.g. the check level).
 _RUN_TYPES: dict[str, type | tuple[type, ...]] = {
     "check": str, "seed": int, "backend": str, "tolerance": (int, float), "progress": bool,
     "leaf_modules": list, "concrete_args": dict, "autowrap": list, "loss_fn": str, "eval_fn": str,
+    "frontend": str,
 }
 _CAL_KEYS = ("source", "batches", "batch_size", "labels", "kwargs")
-_CAL_SOURCES = ("random", "digits")
+_CAL_SOURCES = ("random", "digits", "text")
 
 
 def _read(path: str | Path, where: str) -> dict:
@@ -271,10 +287,13 @@ def load_recipe(path: str | Path) -> RecipeSpec:
     eval_mode = _typed(model, "eval", bool, where, "model", default=True)
 
     raw_inputs = data.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
+    text = parse_text(data["text"], where) if "text" in data else None
+    if text is not None and raw_inputs is not None:
+        raise ConfigError(f"{where}: give either [[inputs]] tables or a [text] table, not both")
+    if text is None and (not isinstance(raw_inputs, list) or not raw_inputs):
         raise ConfigError(f"{where}: needs at least one [[inputs]] table with a shape, "
-                          f"e.g. [[inputs]] shape = [1, 3, 224, 224]")
-    inputs = tuple(_input_spec(t, i, where) for i, t in enumerate(raw_inputs))
+                          f"e.g. [[inputs]] shape = [1, 3, 224, 224] (or a [text] table for a text model)")
+    inputs = tuple(_input_spec(t, i, where) for i, t in enumerate(raw_inputs or ()))
     if len({s.name is None for s in inputs}) > 1:
         raise ConfigError(f"{where}: give every [[inputs]] table a name (keyword inputs) or none (positional)")
 
@@ -282,6 +301,9 @@ def load_recipe(path: str | Path) -> RecipeSpec:
     _known(run_table, _RUN_TYPES, where, "[run]")
     for key, tp in _RUN_TYPES.items():
         _typed(run_table, key, tp, where, "run")
+    if "frontend" in run_table and run_table["frontend"] not in FRONTENDS:
+        raise ConfigError(f"{where}: run.frontend is {run_table['frontend']!r}; give one of {list(FRONTENDS)} "
+                          f"(\"auto\" tries symbolic tracing, then torch.export)")
     for key in ("loss_fn", "eval_fn"):
         if key in run_table:
             _reference(run_table[key], where, f"run.{key}")
@@ -295,7 +317,7 @@ def load_recipe(path: str | Path) -> RecipeSpec:
 
     calibration = _calibration(data, where)
     passes = _passes(data.get("passes"), where)
-    spec = RecipeSpec(where, factory, kwargs, eval_mode, inputs, passes, dict(run_table), calibration)
+    spec = RecipeSpec(where, factory, kwargs, eval_mode, inputs, passes, dict(run_table), calibration, text)
     from .manager import normalize_pipeline
 
     try:  # names, options and their types: fail now, not after building the model

@@ -34,7 +34,10 @@ class QuantizeDynamic(Pass):
     7-18% faster on vit_b_16 and the BERT-style encoder with the same cosine, see
     ``benchmarks/dynamic.py``) or ``per_token`` (symmetric int8 per row, ``torch._int_mm``;
     more robust to rows of very different ranges). ``backend`` (default: the run's) ``x86`` or ``reference``.
-    Only ``bits=8`` exists. Stats: ``linear`` and ``attention`` (modules replaced),
+    ``bits``: 8, or 7 (weights in [-63, 63], as ``fxcompress.quant.spec.portable_weight_spec``:
+    they run on oneDNN's int8 kernels on every CPU, including AVX2 ones, where 8-bit weights
+    could overflow its 16-bit pair sums and take the reference path; linears only).
+    Stats: ``linear`` and ``attention`` (modules replaced),
     ``float_nodes`` (node -> why it stayed float: functional linears, unsupported
     attention options, subclasses, modules kept whole with linears inside), ``fallbacks`` (nodes on the reference path, with the
     kernel's reason).
@@ -48,9 +51,10 @@ class QuantizeDynamic(Pass):
     backend: str | None = None
 
     def __post_init__(self) -> None:
-        if self.bits != 8:
-            raise ConfigError(f"bits={self.bits!r} is not supported: the dynamic kernels "
-                              f"are int8 only (bits=8); for 4/2-bit weights use quantize_weights")
+        if self.bits not in (8, 7):
+            raise ConfigError(f"bits={self.bits!r} is not supported: the dynamic kernels are int8 only "
+                              f"(bits=8, or 7 for weights every CPU's kernels take); for 4/2-bit weights "
+                              f"use quantize_weights")
         unknown = [op for op in self.ops if op not in _OPS]
         if unknown or not self.ops:
             raise ConfigError(f"ops {list(self.ops)} invalid; supported: {list(_OPS)} "
@@ -63,10 +67,15 @@ class QuantizeDynamic(Pass):
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         backend = resolve_backend(self.backend, ctx)
 
-        def linear(m: nn.Linear) -> DynamicQuantLinear:
-            return DynamicQuantLinear.from_float(m, granularity=self.granularity, backend=backend)
+        qmax = (1 << (self.bits - 1)) - 1
 
-        def attention(m: nn.MultiheadAttention) -> QuantMultiheadAttention:
+        def linear(m: nn.Linear) -> DynamicQuantLinear:
+            scale = m.weight.detach().float().abs().amax(dim=1).clamp_min(1e-12) / qmax
+            return DynamicQuantLinear.from_float(m, scale, granularity=self.granularity, backend=backend)
+
+        def attention(m: nn.MultiheadAttention) -> QuantMultiheadAttention | str:
+            if self.bits != 8:
+                return f"bits={self.bits} covers nn.Linear only; this attention stays float"
             return QuantMultiheadAttention.from_float(m, "dynamic", granularity=self.granularity,
                                                       backend=backend)
 
@@ -76,7 +85,7 @@ class QuantizeDynamic(Pass):
                      for name, m in swapped.replaced.items() if not (support := _support(m))]
         stats: dict[str, Any] = {**swapped.stats(), "fallbacks": fallbacks}
         notes = [f"{swapped.linear} linear and {swapped.attention} attention modules now dynamic int8 "
-                 f"({self.granularity}, backend {backend})"]
+                 f"({self.bits}-bit weights, {self.granularity}, backend {backend})"]
         if swapped.float_nodes:
             notes.append(f"{len(swapped.float_nodes)} linear nodes kept float (see float_nodes)")
         if fallbacks:

@@ -216,7 +216,7 @@ class Flagged(nn.Module):
 def test_concrete_args_fix_control_flow():
     model, x = Flagged(), torch.randn(2, 4)
     with pytest.raises(TraceError, match="concrete_args"):
-        fxcompress.trace(model, (x, True))
+        fxcompress.trace(model, (x, True), frontend="fx")
     gm = fxcompress.trace(model, x, concrete_args={"double": False})
     torch.testing.assert_close(gm(x), model(x, False))
     # The fixed argument keeps its name and takes the fixed value by default.
@@ -389,8 +389,19 @@ def test_tracing_a_forward_that_writes_a_buffer_leaves_it_unchanged_and_records_
 def test_a_forward_that_assigns_a_buffer_is_a_trace_error_leaving_it_unchanged() -> None:
     model = CountsCalls(in_place=False).eval()
     with pytest.raises(TraceError, match=r"assigns buffer 'calls' \(self.calls = ...\).*update it in place"):
-        fxcompress.trace(model, torch.randn(2, 4))
+        fxcompress.trace(model, torch.randn(2, 4), frontend="fx")
     assert model.calls.item() == 0
+
+
+def test_auto_captures_a_buffer_assignment_with_torch_export_which_records_the_write() -> None:
+    model, x = CountsCalls(in_place=False).eval(), torch.randn(2, 4)
+    gm = fxcompress.trace(model, x)
+    assert gm.meta[fxcompress.capture.FRONTEND_KEY]["frontend"] == "export"
+    assert "assigns buffer 'calls'" in gm.meta[fxcompress.capture.FRONTEND_KEY]["why"]
+    assert model.calls.item() == 0 and gm.calls.item() == 0
+    gm(x)
+    assert gm.calls.item() == 1
+    torch.testing.assert_close(gm(x), model.fc(x) * 2)
 
 
 def test_shape_propagation_never_writes_into_its_inputs() -> None:

@@ -3,7 +3,7 @@
 * The modules of ``fxcompress/`` and ``passes/`` import each other one way: no import
   cycle, counting imports inside functions and under ``TYPE_CHECKING`` (a cycle hidden
   in a lazy import is still two modules that each need the other).
-* Only :mod:`fxcompress.ops` (and the front ends, ``capture.py`` and ``raising.py``,
+* Only :mod:`fxcompress.ops` (and the front ends, ``capture.py``, ``capture_export.py`` and ``raising.py``,
   which make the graphs it describes) decides what a node means: no other module
   compares a node's ``target`` with a torch callable or an op name, looks a target up
   in a table of its own, reads a target's ``__name__``, or tests a module's type
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"fxcompress": ROOT / "fxcompress", "fxcompress.passes": ROOT / "passes"}
 
 # Modules allowed to match torch targets and classes: the semantics layer and the front ends.
-SEMANTICS = ("fxcompress.ops", "fxcompress.capture", "fxcompress.raising")
+# capture_export is the torch.export front end: it maps ATen operators to their torch forms.
+SEMANTICS = ("fxcompress.ops", "fxcompress.capture", "fxcompress.capture_export", "fxcompress.raising")
 
 # (module, enclosing function or class) -> why its type test against an nn class is not a
 # decision about what a node means.  Every entry says why.
@@ -42,6 +43,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("fxcompress.quant.lowered_linear", "DynamicQuantLinear.from_float"): _ARGUMENT_CHECK,
     ("fxcompress.quant.lowered_linear", "WeightOnlyLinear.from_float"): _ARGUMENT_CHECK,
     ("fxcompress.quant.lowered_pool", "QuantMaxPool2d.from_float"): _ARGUMENT_CHECK,
+    ("fxcompress.quant.lowered_embedding", "WeightOnlyEmbedding.from_float"): _ARGUMENT_CHECK,
 }
 
 # nn names that say "a module" or "a tensor", not what a module computes.

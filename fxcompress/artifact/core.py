@@ -44,6 +44,7 @@ MEMBERS = (GRAPH, MANIFEST, SIGNATURE, WEIGHTS)
 _MAGIC = b"fxcompress-artifact manifest-sha256:"
 _META_KEY = "fxcompress_artifact"  # gm.meta entry of a loaded model; survives deepcopy
 _HISTORY_KEY = "fxcompress_history"  # fxcompress.manager.HISTORY_KEY: the passes run on a graph
+_FRONTEND_KEY = "fxcompress_frontend"  # fxcompress.capture.FRONTEND_KEY: the front end that captured it
 _MANIFEST_KEYS_V1 = {"format", "format_version", "versions", "members", "model", "pipeline",
                      "source_state_sha256", "report", "parent", "extra", "signature"}
 # Version 2 adds the lineage (earlier steps, oldest first), the passes run so far (so a
@@ -176,7 +177,9 @@ def save(
         "members": {n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for n, b in members.items()},
         "model": {"class_name": doc["class_name"], "nodes": len(doc["nodes"]), "tensors": len(weights),
                   "parameters": sum(p.numel() for p in params.values()),
-                  "tensor_bytes": sum(t.numel() * t.element_size() for t in weights.values())},
+                  "tensor_bytes": sum(t.numel() * t.element_size() for t in weights.values()),
+                  # which front end captured the graph (fxcompress.capture.FRONTEND_KEY), and why
+                  "frontend": _jsonable(getattr(gm, "meta", {}).get(_FRONTEND_KEY))},
         "pipeline": pipeline,
         "source_state_sha256": source,
         "report": report,
@@ -447,4 +450,6 @@ def load(path: str | os.PathLike, *, public_key: signing.KeyArg | None = None) -
                           "inputs": manifest.get("inputs")}
     if manifest.get("passes_run"):  # so that `requires` holds when the pipeline continues
         gm.meta[_HISTORY_KEY] = list(manifest["passes_run"])
+    if isinstance(manifest.get("model"), dict) and manifest["model"].get("frontend"):
+        gm.meta[_FRONTEND_KEY] = dict(manifest["model"]["frontend"])
     return gm

@@ -41,7 +41,7 @@ from fxcompress.oplib.kernels import (
 
 __all__ = [
     "quantize", "quantize_product", "dequantize", "qconv", "qconv_add_", "qlinear", "max_pool2d",
-    "adaptive_avg_pool2d", "add", "dynamic_linear", "weight_only_linear", "conv_output_layout",
+    "adaptive_avg_pool2d", "add", "dynamic_linear", "weight_only_linear", "weight_only_embedding", "conv_output_layout",
     "WEIGHT_ONLY_KERNEL_MAX_ROWS",
 ]
 
@@ -370,3 +370,23 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if bias is not None:
         y = y.add_(bias) if y.dtype == torch.float32 else y + bias.to(y.dtype)
     return y.view(*x.shape[:-1], n)
+
+
+def weight_only_embedding(indices: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                          zero_point: torch.Tensor | None, bits: int, embedding_dim: int) -> torch.Tensor:
+    """Rows ``indices`` of a weight-only 8/4/2-bit table, dequantized to float32.
+
+    Only the gathered rows are unpacked and dequantized (per-group scales along
+    ``embedding_dim``, as :func:`weight_only_linear`'s along ``in_features``): the table
+    stays packed, so the memory a lookup touches is the rows it returns.
+    """
+    flat = indices.reshape(-1)
+    rows, groups = weight.index_select(0, flat), scale.shape[1]
+    g = embedding_dim // groups
+    if bits == 8:
+        codes = rows.to(torch.float32).view(-1, groups, g)
+    else:
+        codes = unpack_unsigned(rows, bits, (flat.numel(), embedding_dim)).to(torch.float32).view(-1, groups, g)
+        codes = codes.sub_(zero_point.index_select(0, flat).to(torch.float32)[..., None])
+    out = codes.mul_(scale.index_select(0, flat)[..., None])
+    return out.view(*indices.shape, embedding_dim)

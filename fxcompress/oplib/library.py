@@ -50,6 +50,8 @@ SCHEMAS: dict[str, str] = {
                       "bool use_kernels) -> Tensor",
     "weight_only_linear": "(Tensor x, Tensor weight, Tensor scale, Tensor? zero_point, Tensor? bias, int bits, "
                           "int in_features, str compute_dtype, bool cache_dequantized, bool use_kernels) -> Tensor",
+    "weight_only_embedding": "(Tensor indices, Tensor weight, Tensor scale, Tensor? zero_point, int bits, "
+                             "int embedding_dim) -> Tensor",
 }
 
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
@@ -154,3 +156,8 @@ def _dynamic_linear_fake(x, weight, weight_scale, bias, granularity, use_kernels
 def _weight_only_linear_fake(x, weight, scale, zero_point, bias, bits, in_features, compute_dtype,
                              cache_dequantized, use_kernels):
     return x.new_empty((*x.shape[:-1], scale.shape[0]))
+
+
+@_fake("weight_only_embedding")
+def _weight_only_embedding_fake(indices, weight, scale, zero_point, bits, embedding_dim):
+    return scale.new_empty((*indices.shape, embedding_dim))

@@ -11,6 +11,7 @@ import fxcompress
 from fxcompress import artifact, recipes
 from fxcompress.errors import ConfigError
 from fxcompress.quant.isa import int8_arithmetic
+from fxcompress.quant.kernels import onednn_int8_support
 from fxcompress.quant.lowered import DynamicQuantLinear
 from fxcompress.quant.lowered_attention import QuantMultiheadAttention
 from fxcompress.verify import stage_of
@@ -154,3 +155,14 @@ def test_an_empty_batch_runs_through_a_dynamic_linear(granularity: str) -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     gm = fxcompress.run(model, [("quantize_dynamic", {"granularity": granularity})], torch.randn(2, 8)).model
     assert gm(torch.randn(0, 8)).shape == (0, 4) and gm(torch.randn(3, 0, 8)).shape == (3, 0, 4)
+
+
+def test_seven_bit_weights_stay_within_63_and_take_the_kernels_where_eight_bit_ones_may_not() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 64)
+    result = fxcompress.run(model, [("quantize_dynamic", {"bits": 7})], x, check="full", progress=False)
+    layers = [m for m in result.model.modules() if isinstance(m, DynamicQuantLinear)]
+    assert len(layers) == 2 and all(int(m.weight.abs().max()) == 63 for m in layers)
+    assert not result.report.rows[0].stats["fallbacks"] or not onednn_int8_support()
+    torch.testing.assert_close(result.model(x), model(x), rtol=0.1, atol=0.05)

@@ -65,6 +65,7 @@ class StaticLowering:
         self.approximate_post_ops = approximate_post_ops
         self.old = gm.graph
         self.new = fx.Graph(owning_module=gm)
+        self.new.set_codegen(self.old._codegen)  # an exported graph's pytree calling convention
         self.floats: dict[fx.Node, fx.Node] = {}
         self.codes: dict[fx.Node, tuple[fx.Node, QParams]] = {}
         self.chains: dict[fx.Node, FusedChain] = {}  # op node -> its chain, for the ops lowered

@@ -3,8 +3,9 @@
 :func:`swap_linears` walks the graph's ``call_module`` nodes and replaces every plain
 ``nn.Linear`` and every ``nn.MultiheadAttention`` (whose projections symbolic tracing
 never exposes) by the module a builder returns, or keeps it float with the builder's
-reason. It never edits a module in place: replacements are new modules set at the same
-path, so the nodes, their metadata and every other reference stay as they were.
+reason; :func:`swap_embeddings` does the same for ``nn.Embedding``. It never edits a module
+in place: replacements are new modules set at the same path, so the nodes, their metadata
+and every other reference stay as they were.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fxcompress.pass_base import PassContext
 from fxcompress.quant.lowered_attention import attention_support
 from fxcompress.quant.lowered_base import BACKENDS, LoweredModule
 
-__all__ = ["Built", "SwapResult", "swap_linears", "check_backend_option", "resolve_backend"]
+__all__ = ["Built", "SwapResult", "swap_linears", "swap_embeddings", "check_backend_option", "resolve_backend"]
 
 #: A builder's answer: the replacement module, or the reason the original stays float.
 Built = Union[LoweredModule, str]
@@ -98,5 +99,36 @@ def swap_linears(gm: fx.GraphModule, ctx: PassContext, linear: Callable[[nn.Line
                 result.attention += 1
             else:
                 result.linear += 1
+        result.replaced[node.name] = built
+    return result
+
+
+def swap_embeddings(gm: fx.GraphModule, ctx: PassContext, build: Callable[[nn.Embedding], Built]) -> SwapResult:
+    """Replace in-scope plain ``nn.Embedding`` leaves by what ``build`` returns (counted in ``linear``:
+    a :class:`SwapResult` field shared with :func:`swap_linears`; the caller names it), or keep them
+    float with the builder's reason, as :func:`swap_linears` does for linears."""
+    result = SwapResult()
+    done: dict[str, Built] = {}
+    for node in gm.graph.find_nodes(op="call_module"):
+        if not ctx.in_scope(node):
+            continue
+        target = str(node.target)
+        module = gm.get_submodule(target)
+        info = describe_module(module)
+        if module_rule(module) is not None or info.family is not Kind.EMBEDDING:
+            continue
+        if target not in done:
+            read = [str(n.target) for n in gm.graph.find_nodes(op="get_attr") if str(n.target).startswith(target + ".")]
+            done[target] = (f"{info.not_plain.reason}: it is not what torch's class computes"
+                            if info.not_plain is not None else
+                            f"the graph also reads its table directly ({read[0]}: a tied weight)" if read else
+                            build(module))
+        built = done[target]
+        if isinstance(built, str):
+            result.float_nodes[node.name] = built
+            continue
+        if gm.get_submodule(target) is module:
+            gm.set_submodule(target, built)
+            result.linear += 1
         result.replaced[node.name] = built
     return result
