@@ -74,6 +74,7 @@ __all__ = [
     "module_path_of",
     "check_option_types",
     "close_matches",
+    "check_choice",
     "path_matches",
     "name_the_pass",
 ]
@@ -245,6 +246,14 @@ def close_matches(word: str, candidates: Iterable[str]) -> str:
     """A ' (did you mean ...?)' suffix for error messages, or ''."""
     found = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
     return f" (did you mean {', '.join(repr(f) for f in found)}?)" if found else ""
+
+
+def check_choice(option: str, value: Any, choices: Iterable[Any]) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of ``choices`` (a pass option's allowed values)."""
+    choices = tuple(choices)
+    if value not in choices:
+        near = close_matches(value, map(str, choices)) if isinstance(value, str) else ""
+        raise ConfigError(f"{option} must be one of {choices}, got {value!r}{near}")
 
 
 # -- function passes ---------------------------------------------------------------

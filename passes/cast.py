@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from fxcompress.capture import record_meta
 from fxcompress.errors import ConfigError
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.report import state_bytes
 from fxcompress.verify import role_of, stage_of
 
@@ -43,8 +43,7 @@ class Cast(Pass):
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        check_choice("dtype", self.dtype, tuple(_DTYPES))
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stage = stage_of(gm)

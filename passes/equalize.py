@@ -12,7 +12,7 @@ from torch import fx
 from fxcompress.capture import record_meta
 from fxcompress.errors import ConfigError
 from fxcompress.ops import Kind, OpInfo, describe
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 
 __all__ = ["Equalize"]
 
@@ -64,8 +64,7 @@ class Equalize(Pass):
     def __post_init__(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
             raise ConfigError(f"iterations must be a positive int, got {self.iterations!r}")
-        if self.relu6 not in _RELU6_MODES:
-            raise ConfigError(f"relu6 must be one of {_RELU6_MODES}, got {self.relu6!r}")
+        check_choice("relu6", self.relu6, _RELU6_MODES)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         self.check_stage(gm, "equalize the float model, before insert_observers", ("float",))

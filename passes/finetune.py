@@ -10,7 +10,7 @@ from torch import fx
 
 from fxcompress.distill import DISTILL_LOSSES, check_distill_options
 from fxcompress.errors import ConfigError
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.quant.calibration import batch_inputs
 from fxcompress.train import training_loss, call_with, finetune, split_batch
 
@@ -67,8 +67,7 @@ class Finetune(Pass):
             raise ConfigError(f"steps must be a positive int, got {self.steps!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
-        if self.optimizer not in _OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
+        check_choice("optimizer", self.optimizer, _OPTIMIZERS)
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.freeze_observers_after is not None and self.freeze_observers_after < 0:

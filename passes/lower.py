@@ -10,7 +10,7 @@ from torch import fx
 
 from fxcompress.capture import propagate_shapes
 from fxcompress.errors import ConfigError, LoweringError
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.quant.activations import QDQ
 from fxcompress.quant.isa import int8_arithmetic
 from fxcompress.quant.kernels import onednn_int8_support
@@ -97,9 +97,7 @@ class Lower(Pass):
 
     def __post_init__(self) -> None:
         check_backend_option(self.backend)
-        if self.if_slower not in IF_SLOWER:
-            raise ConfigError(f"if_slower must be one of {', '.join(map(repr, IF_SLOWER))}, got "
-                              f"{self.if_slower!r}")
+        check_choice("if_slower", self.if_slower, IF_SLOWER)
         if self.strict and self.if_slower == "keep_float":
             raise ConfigError("strict=True (every layer int8) and if_slower='keep_float' (float when "
                               "faster) contradict each other; choose one")

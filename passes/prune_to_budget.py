@@ -12,7 +12,7 @@ from fxcompress.budget.latency import RESOURCES, LatencyTable, resource
 from fxcompress.capture import propagate_shapes
 from fxcompress.distill import DISTILL_LOSSES
 from fxcompress.errors import ConfigError
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.prune import build_channel_graph, unit_scores
 from fxcompress.prune.importance import CRITERIA
 from fxcompress.budget import OutputSQNR, evaluate_metric
@@ -65,10 +65,8 @@ class PruneToBudget(Pass):
     distill: str = "kl"
 
     def __post_init__(self) -> None:
-        if self.target not in RESOURCES:
-            raise ConfigError(f"target must be one of {RESOURCES}, got {self.target!r}")
-        if self.strategy not in _STRATEGIES:
-            raise ConfigError(f"strategy must be one of {_STRATEGIES}, got {self.strategy!r}")
+        check_choice("target", self.target, RESOURCES)
+        check_choice("strategy", self.strategy, _STRATEGIES)
         for name, value, low, high in (("keep", self.keep, 0.0, 1.0), ("step", self.step, 0.0, 1.0),
                                        ("max_ratio", self.max_ratio, 0.0, 1.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:

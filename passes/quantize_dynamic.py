@@ -8,7 +8,7 @@ from typing import Any
 from torch import fx, nn
 
 from fxcompress.errors import ConfigError
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.quant.kept_whole import float_leaves
 from fxcompress.quant.lowered_attention import QuantMultiheadAttention
 from fxcompress.quant.lowered_base import LoweredModule
@@ -60,9 +60,7 @@ class QuantizeDynamic(Pass):
             raise ConfigError(f"ops {list(self.ops)} invalid; supported: {list(_OPS)} "
                               f"(there is no dynamic int8 conv kernel: lower convs with 'lower')")
         check_backend_option(self.backend)
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"granularity must be one of {GRANULARITIES}, "
-                              f"got {self.granularity!r}")
+        check_choice("granularity", self.granularity, GRANULARITIES)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         backend = resolve_backend(self.backend, ctx)

@@ -9,7 +9,7 @@ from torch import fx, nn
 
 from fxcompress.errors import ConfigError
 from fxcompress.ops import tensor_shape
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.quant.kept_whole import float_leaves
 from fxcompress.quant.lowered_attention import QuantMultiheadAttention
 from fxcompress.quant.lowered_linear import WeightOnlyLinear
@@ -62,9 +62,7 @@ class QuantizeWeights(Pass):
             raise ConfigError(f"group_size must be a positive int or None (one group "
                               f"per row), got {self.group_size!r}")
         check_backend_option(self.backend)
-        if self.compute_dtype not in _COMPUTE_DTYPES:
-            raise ConfigError(f"compute_dtype must be one of {_COMPUTE_DTYPES}, "
-                              f"got {self.compute_dtype!r}")
+        check_choice("compute_dtype", self.compute_dtype, _COMPUTE_DTYPES)
 
     def _options(self, backend: str) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "compute_dtype": self.compute_dtype,
