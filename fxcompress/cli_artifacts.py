@@ -32,31 +32,41 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``inspect``, ``compare`` and ``export-onnx`` to the command's subparsers."""
     p = sub.add_parser("inspect", help="show an artifact's manifest, pipeline, report, signature and history")
     p.add_argument("path", metavar="ARTIFACT")
-    p.add_argument("--public-key", metavar="FILE", help="also require a valid signature by this key")
-    p.add_argument("--json", action="store_true", help="print the manifest and history as JSON")
+    _signed_by(p, "also require a valid signature by this key")
+    _json_flag(p, "print the manifest and history as JSON")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("compare", help="compare two artifacts: size, MACs, latency, output agreement")
-    p.add_argument("original", metavar="ORIGINAL")
-    p.add_argument("compressed", metavar="COMPRESSED")
+    for name in ("original", "compressed"):
+        p.add_argument(name, metavar=name.upper())
     p.add_argument("--data", required=True, metavar="FILE|digits",
                    help="inputs: a .pt tensor or .npy array (rows along dim 0), or 'digits'")
     p.add_argument("--threads", default="1", help="comma-separated thread counts to time (default 1)")
     p.add_argument("--compiled", action="store_true", help="also time both models under torch.compile")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _json_flag(p, "machine-readable output")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("export-onnx", help="write an artifact's model as ONNX (static int8 as QDQ)")
     p.add_argument("path", metavar="ARTIFACT")
     p.add_argument("out", metavar="OUT.onnx")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: fxcompress.onnx_export's)")
-    p.add_argument("--public-key", metavar="FILE", help="refuse the artifact unless signed by this key")
+    _signed_by(p, "refuse the artifact unless signed by this key")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.onnx")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size instead of keeping it dynamic")
     p.add_argument("--form", choices=("qdq", "integer"), default="qdq",
                    help="static int8 as QDQ (onnxruntime's fused int8 kernels, its own requantization) or as "
                         "ConvInteger/MatMulInteger with fxcompress's arithmetic (exact, slower)")
     p.set_defaults(func=_cmd_export_onnx)
+
+
+def _signed_by(p: argparse.ArgumentParser, help: str) -> None:
+    """The ``--public-key FILE`` option the artifact commands share."""
+    p.add_argument("--public-key", metavar="FILE", help=help)
+
+
+def _json_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """The ``--json`` option the artifact commands share."""
+    p.add_argument("--json", action="store_true", help=help)
 
 
 def _load(path: str, public_key: str | None = None) -> Any:

@@ -84,13 +84,14 @@ def _twin(model: nn.Module, form: str) -> nn.Module:
     """A copy of ``model`` with every lowered module replaced by its ONNX form; raises
     :class:`ExportError` naming the first module that has none (and the nearest form that does)."""
     from fxcompress.onnx_forms import NO_FORM, onnx_form
+    from fxcompress.onnx_integer import integer_form
 
     twin = copy.deepcopy(model)
     replacements = {}
     for path, module in twin.named_modules():
         if any(path.startswith(done + ".") for done in replacements):
             continue  # inside a module already replaced
-        twin_module = onnx_form(module, form)
+        twin_module = (integer_form(module) if form == "integer" else None) or onnx_form(module)
         if isinstance(twin_module, str):
             raise ExportError(f"module {path!r} ({type(module).__name__}) has no ONNX mapping: {twin_module}; "
                               f"nothing was written")

@@ -77,6 +77,10 @@ class _QParams(nn.Module):
             self.register_buffer(f"{p}_scale", getattr(module, f"{p}_scale").detach().clone())
             self.register_buffer(f"{p}_zero_point", _u8(getattr(module, f"{p}_zero_point")))
 
+    def quantize(self, y: torch.Tensor, prefix: str) -> torch.Tensor:
+        """``QuantizeLinear`` of ``y`` with the ``prefix`` qparams."""
+        return _quantize(y, getattr(self, f"{prefix}_scale"), getattr(self, f"{prefix}_zero_point"))
+
     def take_weight(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     input_scale: torch.Tensor) -> None:
         """int8 weight with per-channel scales; bias as int32 codes at ``input_scale * weight_scale``."""
@@ -100,23 +104,26 @@ class _QParams(nn.Module):
 
 
 class OnnxQuantize(_QParams):
+    """The activation, then :meth:`quantize` (the integer form's twin overrides only that)."""
+
     def __init__(self, m: Quantize) -> None:
         super().__init__()
         self.take(m, "output")
         self.activation, self.activation_args = m.activation, m.activation_args
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = apply_post_op(x.float(), self.activation, self.activation_args)
-        return _quantize(y, self.output_scale, self.output_zero_point)
+        return self.quantize(apply_post_op(x.float(), self.activation, self.activation_args), "output")
 
 
 class OnnxQuantizeProduct(_QParams):
+    """The gate's product, then :meth:`quantize` (the integer form's twin overrides only that)."""
+
     def __init__(self, m: QuantizeProduct) -> None:
         super().__init__()
         self.take(m, "output")
 
     def forward(self, x: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-        return _quantize(x * gains, self.output_scale, self.output_zero_point)
+        return self.quantize(x * gains, "output")
 
 
 class OnnxDequantize(_QParams):
@@ -332,17 +339,11 @@ FORMS: dict[type, Callable[[nn.Module], nn.Module | str]] = {
 NO_FORM = object()
 
 
-def onnx_form(module: nn.Module, form: str = "qdq") -> nn.Module | str | object:
-    """The ONNX twin of a lowered module, :data:`NO_FORM` for a module that exports as it is
+def onnx_form(module: nn.Module) -> nn.Module | str | object:
+    """The QDQ twin of a lowered module, :data:`NO_FORM` for a module that exports as it is
     (float modules, :class:`QuantMultiheadAttention`), or a sentence saying why there is none.
-    ``form="integer"`` takes the twins of :mod:`fxcompress.onnx_integer` where there is one."""
-    if form == "integer":
-        from fxcompress.onnx_integer import INTEGER_FORMS
-
-        twin = next((t for cls, t in INTEGER_FORMS.items() if type(module) is cls or (
-            cls is QuantConvNd and isinstance(module, QuantConvNd))), None)
-        if twin is not None and not (isinstance(module, QuantConvNd) and module.padding_mode == "circular"):
-            return twin(module)
+    (The integer form's twins, :func:`fxcompress.onnx_integer.integer_form`, come first where
+    that form is asked for.)"""
     if isinstance(module, QuantConvNd):
         return _conv(module)
     if type(module) in FORMS:

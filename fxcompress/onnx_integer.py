@@ -28,16 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.oplib.arith import apply_post_op
-from fxcompress.quant.lowered import (
-    QuantAdaptiveAvgPool2d,
-    QuantAdd,
-    QuantConvNd,
-    Quantize,
-    QuantizeProduct,
-    QuantLinear,
-)
+from fxcompress.onnx_forms import OnnxAdaptiveAvgPool, OnnxQuantAdd, OnnxQuantize, OnnxQuantizeProduct
+from fxcompress.quant.lowered import QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd
+from fxcompress.quant.lowered import Quantize, QuantizeProduct, QuantLinear
 
-__all__ = ["INTEGER_FORMS"]
+__all__ = ["INTEGER_FORMS", "integer_form"]
 
 _symbolic = torch.onnx.ops.symbolic
 
@@ -148,34 +143,18 @@ class IntegerQuantLinear(_Rescale):
         return self.quantize(y, "output") if self.uint8_out else y
 
 
-class IntegerQuantize(_Requant):
-    def __init__(self, m: Quantize) -> None:
-        super().__init__()
-        self.take(m, "output")
-        self.activation, self.activation_args = m.activation, m.activation_args
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantize(apply_post_op(x.float(), self.activation, self.activation_args), "output")
+class IntegerQuantize(_Requant, OnnxQuantize):
+    """:class:`~fxcompress.onnx_forms.OnnxQuantize` with the reference's quantization."""
 
 
-class IntegerQuantizeProduct(_Requant):
-    def __init__(self, m: QuantizeProduct) -> None:
-        super().__init__()
-        self.take(m, "output")
-
-    def forward(self, x: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-        return self.quantize(x * gains, "output")
+class IntegerQuantizeProduct(_Requant, OnnxQuantizeProduct):
+    """:class:`~fxcompress.onnx_forms.OnnxQuantizeProduct` with the reference's quantization."""
 
 
-class IntegerAdaptiveAvgPool(_Requant):
+class IntegerAdaptiveAvgPool(_Requant, OnnxAdaptiveAvgPool):
     """Equal windows: exact integer window sums (a float32 sum of codes stays exact below
     2**24, an average times the window size would not), then
     ``* input_scale * (1 / count)`` as the pooling kernel; other sizes the float mean."""
-
-    def __init__(self, m: QuantAdaptiveAvgPool2d) -> None:
-        super().__init__()
-        self.take(m, "input", "output")
-        self.output_size = list(m.output_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (oh, ow), (h, w) = self.output_size, x.shape[2:]
@@ -192,11 +171,8 @@ class IntegerAdaptiveAvgPool(_Requant):
         return self.quantize(sums * self.input_scale * inverse_count, "output")
 
 
-class IntegerQuantAdd(_Requant):
-    def __init__(self, m: QuantAdd) -> None:
-        super().__init__()
-        self.take(m, "input", "other", "output")
-        self.relu = m.relu
+class IntegerQuantAdd(_Requant, OnnxQuantAdd):
+    """:class:`~fxcompress.onnx_forms.OnnxQuantAdd` in the reference's order: one float64 add."""
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         y = self.add_dequantized(self.dequantize(a, "input"), b, "other")
@@ -212,3 +188,13 @@ INTEGER_FORMS: dict[type, type[nn.Module]] = {
     QuantAdaptiveAvgPool2d: IntegerAdaptiveAvgPool,
     QuantAdd: IntegerQuantAdd,
 }
+
+
+def integer_form(module: nn.Module) -> nn.Module | None:
+    """The integer twin of a lowered module, or None where it has none (it then takes its QDQ
+    twin, :func:`fxcompress.onnx_forms.onnx_form`): circular padding stays QDQ."""
+    twin = next((t for cls, t in INTEGER_FORMS.items() if type(module) is cls or (
+        cls is QuantConvNd and isinstance(module, QuantConvNd))), None)
+    if twin is None or (isinstance(module, QuantConvNd) and module.padding_mode == "circular"):
+        return None
+    return twin(module)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxcompress.capture import _bind_placeholders
+from fxcompress.shapes import bind_placeholders
 from fxcompress.errors import ConfigError
 from fxcompress.ops import describe_module
 from fxcompress.pass_base import Pass, PassContext, PassResult
@@ -92,7 +92,7 @@ def _lockstep(gm: fx.GraphModule, layers: set[str], args: tuple, kwargs: dict) -
     for node in gm.graph.nodes:
         for used in node.all_input_nodes:
             last_use[used] = node
-    values = iter(_bind_placeholders(gm, args, kwargs))
+    values = iter(bind_placeholders(gm, args, kwargs))
     env_f: dict[fx.Node, Any] = {}
     env_q: dict[fx.Node, Any] = {}
     corrections: dict[str, torch.Tensor] = {}
