@@ -586,7 +586,7 @@ def _previous_sections() -> dict[str, str]:
     found = {}
     for chunk in path.read_text().split("\n### ")[1:]:
         section = chunk.split("\n", 1)[0].strip()
-        if section in SECTIONS:
+        if section in SECTIONS and "_Not run yet._" not in chunk:
             found[section] = "### " + chunk.rstrip()
     return found
 
