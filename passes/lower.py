@@ -19,7 +19,7 @@ from fxcompress.quant.lowering.build import uint8_qparams
 from fxcompress.quant.lowering.state import LoweringStats
 from fxcompress.quant.lowering.static import StaticLowering
 from fxcompress.quant.lowering.choice import choose
-from fxcompress.quant.lowering.timing import float_reference, median_seconds
+from fxcompress.quant.lowering.timing import best_medians, float_reference
 
 __all__ = ["IF_SLOWER", "Lower"]
 
@@ -174,10 +174,8 @@ def _speed_check(gm: fx.GraphModule, reference: fx.GraphModule, args: tuple, kwa
     """Time lowered vs float on the example inputs, in alternating rounds (each keeps its best
     median, so a burst of load on a shared machine does not decide); note (and with ``warn``,
     warn) when lowered is slower."""
-    best = {"lowered": float("inf"), "float": float("inf")}
-    for _ in range(SPEED_ROUNDS):
-        best["lowered"] = min(best["lowered"], median_seconds(lambda: gm(*args, **kwargs), min_run_time=0.1))
-        best["float"] = min(best["float"], median_seconds(lambda: reference(*args, **kwargs), min_run_time=0.1))
+    best = best_medians({"lowered": lambda: gm(*args, **kwargs), "float": lambda: reference(*args, **kwargs)},
+                        SPEED_ROUNDS, min_run_time=0.1)
     t_lowered, t_float = best["lowered"], best["float"]
     if t_lowered > t_float:
         message = (f"the lowered model is slower than its float version on the example inputs "

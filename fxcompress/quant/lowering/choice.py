@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.quant.lowered import Dequantize, LoweredModule, QuantConvNd, Quantize
-from fxcompress.quant.lowering.timing import median_seconds
+from fxcompress.quant.lowering.timing import best_medians
 
 __all__ = ["MARGIN", "Candidates", "Choice", "choose"]
 
@@ -133,11 +133,8 @@ def choose(c: Candidates) -> Choice:
     key = c.key()
     ways = _ways(c)
     if not all(f"{key}|{way}" in _memo for way in ways):
-        best = dict.fromkeys(ways, float("inf"))
-        for _ in range(ROUNDS):
-            for way, run in ways.items():
-                best[way] = min(best[way], median_seconds(run, min_run_time=_MIN_RUN_TIME))
-        _memo.update({f"{key}|{way}": seconds for way, seconds in best.items()})
+        timed = best_medians(ways, ROUNDS, _MIN_RUN_TIME)
+        _memo.update({f"{key}|{way}": seconds for way, seconds in timed.items()})
     times = {way: _memo[f"{key}|{way}"] * 1e6 for way in ways}
     best = "int8"
     for way in ("separate add", "float"):  # in order of preference after int8

@@ -16,7 +16,7 @@ from fxcompress.quant.activations import QDQ
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowering.build import float_twin
 
-__all__ = ["median_seconds", "float_reference"]
+__all__ = ["median_seconds", "best_medians", "float_reference"]
 
 
 def median_seconds(fn: Callable[[], Any], min_run_time: float = 0.05) -> float:
@@ -28,6 +28,16 @@ def median_seconds(fn: Callable[[], Any], min_run_time: float = 0.05) -> float:
         for _ in range(2):
             fn()
         return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def best_medians(calls: dict[str, Callable[[], Any]], rounds: int, min_run_time: float) -> dict[str, float]:
+    """Seconds per call of each of ``calls``, timed interleaved over ``rounds`` rounds, each keeping
+    its best median: a burst of load on a shared machine then does not decide for one of them."""
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            best[name] = min(best[name], median_seconds(fn, min_run_time=min_run_time))
+    return best
 
 
 def float_reference(gm: fx.GraphModule) -> fx.GraphModule:
