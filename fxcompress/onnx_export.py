@@ -23,7 +23,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -73,6 +73,47 @@ def example_inputs_of(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, .
     return tuple(out)
 
 
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """Positional and keyword example inputs (a mapping is the model's keyword inputs)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    return tuple(example_inputs), {}
+
+
+def _captured_by_export(model: nn.Module) -> bool:
+    from fxcompress.capture import FRONTEND_KEY
+
+    meta = getattr(model, "meta", None)
+    return isinstance(meta, dict) and (meta.get(FRONTEND_KEY) or {}).get("frontend") == "export"
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool) -> Any:
+    """Which input dimensions stay symbolic in the file.
+
+    Dim 0 of every tensor input (the batch) unless ``dynamic_batch=False``. For a graph the
+    ``torch.export`` front end captured (transformers: token ids, masks), every other
+    dimension too, as that capture left it (``Dim.AUTO``: symbolic where the graph works
+    for any size, such as the sequence length; fixed where a weight fixes it).
+    """
+    every = _captured_by_export(model)
+    if not (dynamic_batch or every):
+        return None
+    batch = torch.export.Dim.AUTO if every else torch.export.Dim("batch")
+
+    def spec(a: Any) -> Any:
+        if not isinstance(a, torch.Tensor) or a.dim() == 0:
+            return None
+        dims = {0: batch} if dynamic_batch else {}
+        if every:
+            dims.update({d: torch.export.Dim.AUTO for d in range(1, a.dim())})
+        return dims or None
+
+    # _split_inputs gives positional or keyword inputs, never both
+    return {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+
+
 def _check_opset(opset: int) -> None:
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ExportError(f"opset {opset!r} is too old: per-channel QuantizeLinear/DequantizeLinear (int8 weights "
@@ -105,7 +146,8 @@ def _twin(model: nn.Module, form: str) -> nn.Module:
 
 
 def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None, dynamic_batch: bool = True,
+                example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
+                dynamic_batch: bool = True,
                 overwrite: bool = False, form: str = "qdq") -> Path:
     """Write ``result_or_model`` (a :class:`fxcompress.Result` or an ``nn.Module``) to ``path`` as ONNX.
 
@@ -136,12 +178,9 @@ def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = D
         if example_inputs is None:
             raise ExportError("export_onnx cannot tell the model's input shapes (no artifact record or shape "
                               "metadata): pass example_inputs=")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    args, kwargs = _split_inputs(example_inputs)
     twin = _twin(model, form)
-    dynamic = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+    dynamic = _dynamic_shapes(model, args, kwargs, dynamic_batch)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=target.parent)
     os.close(fd)
@@ -149,8 +188,8 @@ def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = D
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                program = torch.onnx.export(twin, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
-                                            verbose=False, optimize=True)
+                program = torch.onnx.export(twin, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                            dynamic_shapes=dynamic, verbose=False, optimize=True)
             program.save(tmp)
         except Exception as exc:
             hint = (" (with dynamic_batch=False the batch size is fixed to the example's)" if dynamic_batch else "")

@@ -48,6 +48,8 @@ from fxcompress.quant.lowered import (
 )
 from fxcompress.quant.layers import FoldedLayer, weighted_forward
 from fxcompress.quant.lowered_attention import QuantMultiheadAttention
+from fxcompress.quant.lowered_embedding import WeightOnlyEmbedding
+from fxcompress.onnx_embedding import OnnxWeightOnlyEmbedding
 
 __all__ = ["FORMS", "onnx_form", "NO_FORM"]
 
@@ -333,6 +335,7 @@ FORMS: dict[type, Callable[[nn.Module], nn.Module | str]] = {
     QuantAdd: OnnxQuantAdd,
     DynamicQuantLinear: OnnxDynamicLinear,
     WeightOnlyLinear: _weight_only,
+    WeightOnlyEmbedding: OnnxWeightOnlyEmbedding,
     FoldedLayer: OnnxFoldedLayer,
 }
 #: Marker: the module exports as it is (its children may have twins).
