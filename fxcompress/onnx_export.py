@@ -19,7 +19,9 @@ The batch dimension (dim 0 of every tensor input) stays symbolic unless
 from __future__ import annotations
 
 import copy
+import inspect
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -80,6 +82,31 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
     return tuple(example_inputs), {}
+
+
+def _check_call(twin: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The example inputs must fit the model's ``forward`` (a wrong keyword would otherwise
+    surface as a failure deep inside torch.export)."""
+    try:
+        inspect.signature(twin.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        given = ", ".join([f"{len(args)} positional"] * bool(args) + [f"keywords {', '.join(kwargs)}"] * bool(kwargs))
+        raise ExportError(f"example_inputs ({given or 'none'}) do not fit {type(twin).__name__}.forward"
+                          f"{inspect.signature(twin.forward)}: {exc}; nothing was written") from None
+
+
+def _output_names(twin: nn.Module, args: tuple, kwargs: dict) -> list[str] | None:
+    """The output's structure as names (``last_hidden_state``, ``pooler_output`` for a Hugging
+    Face output; ``0``, ``1`` for a tuple), None for a single tensor (the exporter's default)."""
+    from torch.utils import _pytree as pytree
+
+    with torch.no_grad():
+        out = twin(*args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return None
+    leaves, _ = pytree.tree_flatten_with_path(out)
+    names = [re.sub(r"[\[\]'\"]+", ".", pytree.keystr(path)).strip(".").replace("..", ".") for path, _ in leaves]
+    return names if len(set(names)) == len(names) and all(names) else None
 
 
 def _captured_by_export(model: nn.Module) -> bool:
@@ -180,7 +207,9 @@ def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = D
                               "metadata): pass example_inputs=")
     args, kwargs = _split_inputs(example_inputs)
     twin = _twin(model, form)
+    _check_call(twin, args, kwargs)
     dynamic = _dynamic_shapes(model, args, kwargs, dynamic_batch)
+    output_names = _output_names(twin, args, kwargs)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=target.parent)
     os.close(fd)
@@ -189,12 +218,14 @@ def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = D
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(twin, args, kwargs=kwargs, dynamo=True, opset_version=opset,
-                                            dynamic_shapes=dynamic, verbose=False, optimize=True)
+                                            dynamic_shapes=dynamic, verbose=False, optimize=True,
+                                            output_names=output_names)
             program.save(tmp)
         except Exception as exc:
-            hint = (" (with dynamic_batch=False the batch size is fixed to the example's)" if dynamic_batch else "")
-            raise ExportError(f"torch's ONNX exporter failed on {type(model).__name__}{hint}: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            from fxcompress.onnx_errors import exporter_failure
+
+            raise ExportError(exporter_failure(exc, type(model).__name__, dynamic is not None)
+                              + "; nothing was written") from exc
         proto = onnx.load(tmp, load_external_data=False)
         written = {o.domain or "": o.version for o in proto.opset_import}.get("", None)
         if written != opset:
@@ -202,7 +233,7 @@ def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = D
                               f"use opset={written}")
         try:
             onnx.checker.check_model(tmp, full_check=True)
-        except onnx.checker.ValidationError as exc:
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ExportError(f"the exported model fails onnx.checker: {exc}") from exc
         os.replace(tmp, target)
     finally:
