@@ -148,13 +148,22 @@ def _check_opset(opset: int) -> None:
                           f"{MIN_OPSET} and later; use opset={MIN_OPSET} or newer")
 
 
-def _twin(model: nn.Module, form: str) -> nn.Module:
+def _twin(model: nn.Module, form: str, calibration_data: Any = None, args: tuple = (), kwargs: dict | None = None
+          ) -> nn.Module:
     """A copy of ``model`` with every lowered module replaced by its ONNX form; raises
-    :class:`ExportError` naming the first module that has none (and the nearest form that does)."""
+    :class:`ExportError` naming the first module that has none (and the nearest form that does).
+    With ``calibration_data`` (QDQ form) each conv onnxruntime would run in float (fused
+    residual, unfoldable post-op, float output) has its raw output requantized, at the range
+    measured on that data (:mod:`fxcompress.onnx_calibrate`)."""
     from fxcompress.onnx_forms import NO_FORM, onnx_form
     from fxcompress.onnx_integer import integer_form
 
     twin = copy.deepcopy(model)
+    ranges = {}
+    if calibration_data is not None:
+        from fxcompress.onnx_calibrate import conv_output_ranges
+
+        ranges = conv_output_ranges(twin, calibration_data, args, kwargs or {})  # on the copy: the hooks never touch the model
     replacements = {}
     for path, module in twin.named_modules():
         if any(path.startswith(done + ".") for done in replacements):
@@ -163,6 +172,8 @@ def _twin(model: nn.Module, form: str) -> nn.Module:
         if isinstance(twin_module, str):
             raise ExportError(f"module {path!r} ({type(module).__name__}) has no ONNX mapping: {twin_module}; "
                               f"nothing was written")
+        if path in ranges:
+            twin_module = twin_module.requantize_conv_output(*ranges[path])
         if twin_module is not NO_FORM:
             replacements[path] = twin_module
     for path, twin_module in replacements.items():
@@ -175,15 +186,20 @@ def _twin(model: nn.Module, form: str) -> nn.Module:
 def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
                 example_inputs: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | None = None,
                 dynamic_batch: bool = True,
-                overwrite: bool = False, form: str = "qdq") -> Path:
+                overwrite: bool = False, form: str = "qdq", calibration_data: Any = None) -> Path:
     """Write ``result_or_model`` (a :class:`fxcompress.Result` or an ``nn.Module``) to ``path`` as ONNX.
 
     ``example_inputs`` default to the shapes the model was compressed with (recorded in its
     artifact or graph); give them for a model that has none. ``form`` says how static int8
     is written (:data:`FORMS`): ``"qdq"`` for onnxruntime's fused int8 kernels (its own
     requantization: outputs close to ours), ``"integer"`` for fxcompress's arithmetic
-    (onnxruntime then computes what ``backend="reference"`` computes, slower). Returns the
-    path written.
+    (onnxruntime then computes what ``backend="reference"`` computes, slower).
+    ``calibration_data`` (QDQ form; batches as ``run`` takes them) adds one requantization
+    after each conv whose output fxcompress does not requantize directly (a fused residual
+    add, a post-op such as SiLU, a float32 output), at the range measured on those batches,
+    so that onnxruntime runs those convs on its int8 kernels too (``QLinearConv``, and
+    ``QLinearAdd`` for the adds) instead of in float: faster, one more rounding than
+    fxcompress's model. Returns the path written.
     Raises :class:`~fxcompress.errors.ExportError` (nothing written) for a module with no ONNX
     mapping, an opset below :data:`MIN_OPSET`, an unknown ``form``, an existing ``path`` without ``overwrite``, or a
     failure of torch's exporter or of ``onnx.checker``.
@@ -206,7 +222,10 @@ def export_onnx(result_or_model: Any, path: str | os.PathLike, *, opset: int = D
             raise ExportError("export_onnx cannot tell the model's input shapes (no artifact record or shape "
                               "metadata): pass example_inputs=")
     args, kwargs = _split_inputs(example_inputs)
-    twin = _twin(model, form)
+    if calibration_data is not None and form != "qdq":
+        raise ExportError(f"calibration_data applies to form='qdq' only (the {form!r} form computes each fused "
+                          f"residual add exactly and has nothing to calibrate)")
+    twin = _twin(model, form, calibration_data, args, kwargs)
     _check_call(twin, args, kwargs)
     dynamic = _dynamic_shapes(model, args, kwargs, dynamic_batch)
     output_names = _output_names(twin, args, kwargs)

@@ -164,11 +164,22 @@ class OnnxQuantConv(_QParams):
         stride, padding, dilation, groups = self.geometry
         y = _CONV[self.dims](_dequantize(x, self.input_scale, self.input_zero_point), w, b, stride, padding,
                              dilation, groups)
+        if hasattr(self, "conv_scale"):  # calibrated: Q-DQ here lets onnxruntime run QLinearConv
+            y = _dequantize(_quantize(y, self.conv_scale, self.conv_zero_point), self.conv_scale,
+                            self.conv_zero_point)
         if self.residual and residual is not None:
             y = y + (_dequantize(residual, self.residual_scale, self.residual_zero_point) if self.uint8_out
                      else residual)
         y = apply_post_op(y, self.post_op, self.post_op_args)
         return _quantize(y, self.output_scale, self.output_zero_point) if self.uint8_out else y
+
+
+    def requantize_conv_output(self, scale: torch.Tensor, zero_point: torch.Tensor) -> OnnxQuantConv:
+        """Requantize the conv's raw output with ``(scale, zero_point)`` before the residual add
+        and post-op (:func:`fxcompress.onnx_calibrate.conv_output_ranges` measures them)."""
+        self.register_buffer("conv_scale", scale.detach().float().reshape(()))
+        self.register_buffer("conv_zero_point", zero_point.detach().to(torch.uint8).reshape(()))
+        return self
 
 
 class OnnxQuantLinear(_QParams):

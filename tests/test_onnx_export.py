@@ -22,8 +22,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import fxcompress  # noqa: E402
-from fxcompress.errors import ExportError  # noqa: E402
+from fxcompress.errors import CalibrationDataError, ExportError  # noqa: E402
 from fxcompress.examples import digits  # noqa: E402
+from fxcompress.onnx_calibrate import needs_requantization  # noqa: E402
 from fxcompress.quant.spec import portable_weight_spec  # noqa: E402
 
 STATIC = fxcompress.recipes.int8_static(weights=portable_weight_spec(), only_if_faster=False)
@@ -226,3 +227,35 @@ def test_unknown_form_is_refused_before_anything_is_written(static_resnet, tmp_p
     with pytest.raises(ExportError, match=r"unknown form 'qlinear': use one of qdq, integer"):
         fxcompress.export_onnx(static_resnet, tmp_path / "f.onnx", form="qlinear")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrated_qdq_runs_the_residual_convs_on_int8_kernels(static_resnet, data, tmp_path: Path) -> None:
+    plain = fxcompress.export_onnx(static_resnet, tmp_path / "plain.onnx")
+    batches = [(data.train_x[i:i + 32], data.train_y[i:i + 32]) for i in range(0, 64, 32)]  # labelled, as run takes
+    calibrated = fxcompress.export_onnx(static_resnet, tmp_path / "cal.onnx", calibration_data=batches)
+    fused = {}
+    for name, path in (("plain", plain), ("cal", calibrated)):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}_opt.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        fused[name] = _ops(tmp_path / f"{name}_opt.onnx")
+    requantized = sum(1 for m in static_resnet.model.modules() if needs_requantization(m))
+    residual_convs = sum(1 for m in static_resnet.model.modules() if getattr(m, "residual", False))
+    assert requantized >= residual_convs > 0
+    # each conv onnxruntime ran in float gains a Q after it: every conv is now an int8 kernel
+    assert fused["cal"]["QLinearConv"] == fused["plain"]["QLinearConv"] + requantized
+    assert fused["cal"]["Conv"] + fused["cal"]["FusedConv"] + fused["cal"]["NchwcConv"] == 0
+    x = data.test_x
+    ours, theirs = static_resnet.model(x), _run(calibrated, x)
+    assert _sqnr(ours, theirs) >= 25
+    assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.97
+
+
+def test_calibration_data_is_checked(static_resnet, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"calibration_data applies to form='qdq' only"):
+        fxcompress.export_onnx(static_resnet, tmp_path / "i.onnx", form="integer", calibration_data=[])
+    with pytest.raises(ExportError, match=r"calibration_data is empty"):
+        fxcompress.export_onnx(static_resnet, tmp_path / "e.onnx", calibration_data=[])
+    with pytest.raises(CalibrationDataError, match=r"calibration batch 0"):
+        fxcompress.export_onnx(static_resnet, tmp_path / "w.onnx", calibration_data=[torch.zeros(2, 3)])
+    assert not list(tmp_path.iterdir())
