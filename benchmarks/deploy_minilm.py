@@ -138,9 +138,15 @@ def main() -> None:
             + markdown_table(rows, ["variant", "ORT vs ours", "floor: ours x86 vs ours reference", "ORT vs float",
                                     "ORT latency (ms)", "/ ORT fp32", "operators ORT runs"])
             + "\n\nTarget (issue 15): ORT vs ours cosine >= 0.999. *floor*: two correct implementations of the "
-              "same dynamic int8 arithmetic (fxcompress's x86 kernels and its reference) on this model; "
-              "onnxruntime's exact int32 MatMulInteger sits as close to ours as that. *peer*: onnxruntime's "
-              "own `quantize_dynamic` of the fp32 file (int8 weights per tensor), compared with the float model.")
+              "same dynamic int8 arithmetic (fxcompress's x86 kernels and its reference) on this model, one "
+              "sample of how far float round-off alone lets them drift: per layer onnxruntime's MatMulInteger is "
+              "exact, and what remains is one-ULP differences (the quantizer's float32 scale, LayerNorm, "
+              "Softmax, GELU) that move an activation code now and then, which the encoder amplifies. A "
+              "per-tensor code is coarse (one scale for the whole activation, stretched by MiniLM's outlier "
+              "channels), so a moved code weighs more than a per-token one. *peer*: onnxruntime's own "
+              "`quantize_dynamic` of the fp32 file (int8 weights per tensor), compared with the float model. "
+              "int4: `MatMulNBits` at its default accuracy level dequantizes the blocks to float32 and "
+              "multiplies in float (no int8 speed-up, results equal ours to float round-off).")
     print(body)
     write_section("deploy_minilm", "Deployment: all-MiniLM-L6-v2 in onnxruntime", body)
 
