@@ -5,7 +5,12 @@ lowered module is first swapped, in a copy, for its ONNX twin (:mod:`fxcompress.
 static int8 becomes the QDQ format onnxruntime runs on its int8 kernels (or, with
 ``form="integer"``, ConvInteger/MatMulInteger and fxcompress's own rescale:
 :mod:`fxcompress.onnx_integer`), dynamic int8
-``DynamicQuantizeLinear`` + ``MatMulInteger``, weight-only int4/int8 ``MatMulNBits``.
+``DynamicQuantizeLinear`` + ``MatMulInteger``, weight-only int4/int8 ``MatMulNBits``,
+weight-only embedding tables ``Gather`` + dequantize (:mod:`fxcompress.onnx_embedding`).
+Keyword example inputs (a dict: a Hugging Face model's ``input_ids``, ``attention_mask``)
+keep their names; a structured output (``last_hidden_state``, ``pooler_output``) names the
+file's outputs. With ``calibration_data`` the QDQ form requantizes the convs onnxruntime
+would otherwise run in float (:mod:`fxcompress.onnx_calibrate`).
 Needs the ``onnx`` extra (``pip install 'fxcompress[onnx]'``).
 
 Guarantees: the caller's model is never changed; every check (a module with no ONNX form,
@@ -13,7 +18,10 @@ an opset too old, a file already there) runs before anything is written; the fil
 written under a temporary name, passes ``onnx.checker`` (full check, shapes included) and
 has exactly the requested opset before it takes its final name, so a failure leaves no file.
 The batch dimension (dim 0 of every tensor input) stays symbolic unless
-``dynamic_batch=False``.
+``dynamic_batch=False``; for a graph the ``torch.export`` front end captured, so does every
+other dimension that capture left symbolic (a transformer's sequence length). A failure of
+torch's exporter names the graph node and operator it could not translate
+(:mod:`fxcompress.onnx_errors`).
 """
 
 from __future__ import annotations
