@@ -162,3 +162,16 @@ def test_weight_only_int4_with_odd_groups_names_the_module(bert, tmp_path):
                                           r"mapping: MatMulNBits needs .* at least 16 .*group_size=32, 64 or 128"):
         fxcompress.export_onnx(result, tmp_path / "g8.onnx", example_inputs=_tokens(2, 7))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_saved_encoder_artifact_exports_with_its_recorded_inputs(bert, tmp_path):
+    from fxcompress.artifact import load
+
+    result = fxcompress.run(bert, [("quantize_dynamic", {"granularity": "per_token"})], _tokens(2, 7), progress=False)
+    result.save(str(tmp_path / "bert.fxc"))
+    loaded = load(str(tmp_path / "bert.fxc"))
+    path = fxcompress.export_onnx(loaded, tmp_path / "bert.onnx")  # no example_inputs: the artifact's record
+    dims = _dims(path)
+    assert all(isinstance(d, str) for d in dims["input_ids"]), dims
+    cosine, diff = _compare(loaded, _session(path), _tokens(3, 12, padded=5))
+    assert cosine >= 0.999 and diff < 1e-3, (cosine, diff)
