@@ -38,6 +38,7 @@ NEVER_IN_A_GRAPH = {
     **{f"fxcompress.onnx_integer.{name}": "an ONNX export twin (integer form), never in a returned graph"
        for name in ("_Requant", "_Rescale", "IntegerQuantConv", "IntegerQuantLinear", "IntegerQuantize",
                     "IntegerQuantizeProduct", "IntegerAdaptiveAvgPool", "IntegerQuantAdd")},
+    "fxcompress.onnx_embedding.OnnxWeightOnlyEmbedding": "an ONNX export twin, never in a returned graph",
 }
 
 
