@@ -13,7 +13,7 @@ translates. Dynamic int8 linears become ``DynamicQuantizeLinear`` + ``MatMulInte
 (``per_tensor``; ``per_token`` computes its per-row int8 codes with float ops, shifts
 them by 128 into uint8 and runs ``MatMulInteger`` with zero point 128: the same integers on
 onnxruntime's u8s8 GEMM), weight-only linears ``MatMulNBits`` (onnxruntime's contrib op, domain
-``com.microsoft``; 4 and 8 bits).
+``com.microsoft``; 2, 4 and 8 bits).
 
 What differs from the lowered model, by construction (docs/deployment.md): QuantizeLinear
 divides by the scale where fxcompress multiplies by its float32 inverse, biases are rounded to
@@ -283,9 +283,9 @@ class OnnxWeightOnlyLinear(nn.Module):
             codes = unpack_unsigned(m.weight.detach(), m.bits, (n, k)).to(torch.int16)
             zero_points = m.zero_point.detach().to(torch.uint8)
         codes = codes.to(torch.uint8).view(n, blocks, group)
-        if m.bits == 4:
-            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # two codes a byte, the first in the low nibble
-            zero_points = _pack_nibbles(zero_points)
+        if m.bits < 8:  # 8 // bits codes a byte, the first in the lowest bits (MatMulNBits' layout)
+            codes = _pack_codes(codes, m.bits)
+            zero_points = _pack_codes(zero_points, m.bits)
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scales", m.scale.detach().float().reshape(-1).clone())
         self.register_buffer("zero_points", zero_points.reshape(-1).contiguous())
@@ -314,18 +314,24 @@ class OnnxFoldedLayer(nn.Module):
         return weighted_forward(self.module, self.op, x, self.weight, self.bias)
 
 
-def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
-    """``(N, blocks)`` 4-bit values -> ``(N, ceil(blocks / 2))`` bytes, the first in the low nibble."""
-    if values.shape[1] % 2:
-        values = torch.cat([values, torch.zeros_like(values[:, :1])], dim=1)
-    return values[:, 0::2] | (values[:, 1::2] << 4)
+def _pack_codes(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(..., k)`` unsigned ``bits``-bit values -> ``(..., ceil(k * bits / 8))`` bytes, ``8 // bits``
+    a byte, the first in the lowest bits (zero-padded at the end)."""
+    per = 8 // bits
+    if values.shape[-1] % per:
+        pad = per - values.shape[-1] % per
+        values = torch.cat([values, values.new_zeros((*values.shape[:-1], pad))], dim=-1)
+    packed = torch.zeros((*values.shape[:-1], values.shape[-1] // per), dtype=torch.uint8)
+    for i in range(per):
+        packed |= values[..., i::per] << (i * bits)
+    return packed
 
 
 def _weight_only(m: WeightOnlyLinear) -> nn.Module | str:
     group = m.in_features // m.scale.shape[1]
-    if m.bits not in (4, 8):
-        return (f"onnxruntime's MatMulNBits takes 4- and 8-bit weights, this one has {m.bits}; nearest supported "
-                f"form: quantize_weights with bits=4")
+    if m.bits not in (2, 4, 8):
+        return (f"onnxruntime's MatMulNBits takes 2-, 4- and 8-bit weights, this one has {m.bits}; nearest "
+                f"supported form: quantize_weights with bits=4")
     if group < 16 or group & (group - 1):
         return (f"MatMulNBits needs a power-of-two block of at least 16 columns, this one has groups of {group}; "
                 f"nearest supported form: quantize_weights with group_size=32, 64 or 128")

@@ -122,9 +122,10 @@ def test_dynamic_int8_is_matmul_integer(granularity: str, tmp_path: Path) -> Non
     assert torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0) >= 0.999
 
 
-def test_weight_only_int4_is_matmul_nbits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_weight_only_is_matmul_nbits(bits: int, tmp_path: Path) -> None:
     model, ids, other = _bert()
-    result = fxcompress.run(model, [("quantize_weights", {"bits": 4, "group_size": 32})], ids, progress=False)
+    result = fxcompress.run(model, [("quantize_weights", {"bits": bits, "group_size": 32})], ids, progress=False)
     path = fxcompress.export_onnx(result, tmp_path / "w4.onnx", example_inputs=(ids,))
     assert _ops(path)["MatMulNBits"] > 0
     ours, theirs = result.model(other), _run(path, other)
@@ -133,8 +134,8 @@ def test_weight_only_int4_is_matmul_nbits(tmp_path: Path) -> None:
 
 def test_a_module_with_no_onnx_form_is_named_before_anything_is_written(tmp_path: Path) -> None:
     model, ids, _ = _bert()
-    result = fxcompress.run(model, [("quantize_weights", {"bits": 2, "group_size": 32})], ids, progress=False)
-    with pytest.raises(ExportError, match=r"module '.*' \(WeightOnlyLinear\) has no ONNX mapping.*bits=4"):
+    result = fxcompress.run(model, [("quantize_weights", {"bits": 4, "group_size": 8})], ids, progress=False)
+    with pytest.raises(ExportError, match=r"module '.*' \(WeightOnlyLinear\) has no ONNX mapping.*group_size=32"):
         fxcompress.export_onnx(result, tmp_path / "w2.onnx", example_inputs=(ids,))
     assert list(tmp_path.iterdir()) == []
 
