@@ -10,10 +10,10 @@ zero points), ``Cast`` to float32, the unpacking of packed codes (``Mul`` by pow
 :func:`fxcompress.oplib.impl.weight_only_embedding` computes it: onnxruntime's output equals
 ours bit for bit (tests/test_onnx_transformers.py).
 
-Why not ``DequantizeLinear``: its per-axis form takes one 1-D scale per axis of a constant,
-so it would dequantize the whole table on every call (onnxruntime does not fold it); its
-blocked form (opset 21) has no int2 type and is not in the opset torch's exporter writes by
-default. The ``Gather`` form touches only the rows looked up.
+Why not ``DequantizeLinear`` on the table: its per-axis form takes one 1-D scale for the
+whole constant, so it would dequantize the whole table on every call, and its blocked form
+(per-group scales) needs opset 21, above the opset 18 torch's exporter writes by default.
+The ``Gather`` form touches only the rows looked up and runs at opset 18.
 """
 
 from __future__ import annotations
