@@ -98,6 +98,24 @@ def best_medians(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], r
     return best
 
 
+def int4_sensitivity(model: nn.Module, batches: list[dict[str, torch.Tensor]],
+                     group_size: int) -> list[tuple[str, float]]:
+    """Each linear's int4 sensitivity, most sensitive first: ``(path, 1 - cosine)`` of the
+    sentence embeddings on ``batches`` when that layer alone has int4 weights (fxcompress's
+    own quantizer, ``WeightOnlyLinear``) and every other layer stays float."""
+    from fxcompress.quant.lowered_linear import WeightOnlyLinear
+
+    reference = [embed(model, b) for b in batches]
+    drops = []
+    for path, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        probe = copy.deepcopy(model)
+        probe.set_submodule(path, WeightOnlyLinear.from_float(layer, 4, group_size, compute_dtype="float32"))
+        cos = torch.cat([F.cosine_similarity(embed(probe, b).double(), r.double(), dim=-1)
+                         for b, r in zip(batches, reference)]).mean().item()
+        drops.append((path, 1.0 - cos))
+    return sorted(drops, key=lambda d: -d[1])
+
+
 def saved_bytes(model: nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -107,6 +125,9 @@ def saved_bytes(model: nn.Module) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--int8-layers", type=int, default=4,
+                        help="int4 weight-only: how many of the linears most sensitive to int4 (measured on the "
+                             "calibration batches) keep 8-bit weights")
     args = parser.parse_args()
     model, tokenizer = load_minilm()
     texts, n_pairs = sentences()
@@ -127,7 +148,11 @@ def main() -> None:
     seven = label.startswith("7-bit")  # 8-bit weights take the reference path on this CPU's kernels
     kernel_name = KERNEL_DYNAMIC.format(", 7-bit weights" if seven else "")
     compute = "bfloat16" if native_bf16() else "float32"  # bf16 is emulated (slow) elsewhere
-    int4 = [("quantize_weights", {"bits": 4, "group_size": 16, "compute_dtype": compute}),
+    # The linears most sensitive to int4 (measured, one at a time) keep 8-bit weights.
+    sensitivity = int4_sensitivity(model, calibration, 16)
+    kept = [path for path, _ in sensitivity[:args.int8_layers]]
+    int4 = [("quantize_weights", {"bits": 8, "group_size": None, "compute_dtype": compute, "scope": kept})] * bool(kept)
+    int4 += [("quantize_weights", {"bits": 4, "group_size": 16, "compute_dtype": compute, "skip": kept}),
             ("quantize_weights", {"bits": 4, "group_size": 64, "compute_dtype": compute, "embeddings": True,
                                   "scope": ["embeddings.*"]})]
     built = {
@@ -185,7 +210,11 @@ symbolic tracing fails on BertModel) and run on all of them. Dynamic int8 is `qu
 (the embedding tables weight-only int8, as in static int8); static int8 uses {label} weights, calibrated on
 {len(calibration)} batches of 8 of the same sentences. Peers' bytes are `torch.save` sizes of their state
 dicts against the float model's. Int4 is group 16 for the linears and group 64 for the embedding
-tables (compute in {compute}). The dynamic int8 rows: per token is the accurate one (per tensor
+tables (compute in {compute}), except the {len(kept)} linears most sensitive to int4, which keep 8-bit
+weights (one per row): {", ".join(f"`{k}`" for k in kept) or "none"}. Sensitivity is measured by
+`int4_sensitivity` on the calibration batches (that layer alone int4, the rest float; 1 - cosine of the
+embeddings): {", ".join(f"{k.replace('encoder.layer.', 'L').replace('attention.', '')} {d:.4f}" for k, d in sensitivity[:6])}
+(the six largest). The dynamic int8 rows: per token is the accurate one (per tensor
 collapses outlier tokens: measured cosine 0.9932 vs 0.9971 on the same sentences); {kernel_name}
 is the configuration this CPU's int8 kernels take{" (8-bit weights take the reference path on AVX2)" if seven else ""}.
 Nearest-neighbour agreement is given over all sentences and over the paired ones: the unrelated

@@ -32,7 +32,7 @@ class QuantizeDynamic(Pass):
     itself staying float). There is no dynamic int8 conv kernel: use ``lower`` for
     convs. ``granularity``: ``per_tensor`` (asymmetric uint8, oneDNN qlinear; the default:
     7-18% faster on vit_b_16 and the BERT-style encoder with the same cosine, see
-    ``benchmarks/dynamic.py``) or ``per_token`` (symmetric int8 per row, ``torch._int_mm``;
+    ``benchmarks/dynamic.py``) or ``per_token`` (symmetric int8 per row, oneDNN qlinear on int8 rows;
     more robust to rows of very different ranges). ``backend`` (default: the run's) ``x86`` or ``reference``.
     ``bits``: 8, or 7 (weights in [-63, 63], as ``fxcompress.quant.spec.portable_weight_spec``:
     they run on oneDNN's int8 kernels on every CPU, including AVX2 ones, where 8-bit weights

@@ -32,10 +32,9 @@ from fxcompress.oplib.arith import (
     quantize_per_token_int8, quantize_product_uint8, quantize_uint8, rescale, unpack_unsigned,
 )
 from fxcompress.oplib.errors import fail
-from fxcompress.oplib.isa import int8_arithmetic
 from fxcompress.oplib.kernels import (
     QConvKernel, QLinearKernel, int4pack_mm, int4pack_scales_and_zeros, int4pack_weight, int8_weight_support,
-    int8pack_mm, int_mm, onednn_int8_support, supports_int4pack_mm, supports_int8pack_mm, supports_qconv,
+    int8pack_mm, supports_int4pack_mm, supports_int8pack_mm, supports_qconv,
     supports_qlinear,
 )
 
@@ -279,10 +278,21 @@ def add(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_zero_point: t
     return y.contiguous(memory_format=torch.channels_last if y.dim() == 4 else torch.contiguous_format)
 
 
-def _fast_int_mm() -> bool:
-    """``torch._int_mm`` is exact everywhere, but without VNNI/AMX int8 dot products (AVX2) it
-    runs a plain loop, 30-50x slower than a float matmul (measured on an AVX2 AMD EPYC)."""
-    return bool(onednn_int8_support()) and int8_arithmetic().exact_products
+def per_token_kernel(weight: torch.Tensor, weight_scale: torch.Tensor) -> QLinearKernel | None:
+    """The oneDNN qlinear that runs a per-token dynamic linear here, or None (reference path).
+
+    It takes the int8 codes of the rows (symmetric, zero point 0, scale 1) and applies the
+    weight scales in the kernel; the rows' scales and the bias follow in one pass. It runs
+    where the qlinear kernel exists and computes exactly with these weights: always on
+    CPUs with exact int8 products (VNNI, AMX), for weights of at most 7 bits on those whose
+    products saturate (AVX2: oneDNN shifts int8 rows by 128 into uint8, the same pair sums
+    as a uint8 input). Preferred to ``torch._int_mm`` by measurement (AVX512-VNNI AMD EPYC,
+    1 thread, MiniLM's 1050-row linears: the same GEMM time, and the int32 -> float
+    conversion, both scales and the bias cost four passes over the output instead of one).
+    """
+    entry = cache.per_weight(weight, weight_scale)
+    return cache.remember(entry, "per_token", lambda: QLinearKernel(weight, weight_scale, None) if (
+        supports_qlinear(weight.shape[1]) and int8_weight_support(weight)) else False) or None
 
 
 def dynamic_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -304,13 +314,13 @@ def dynamic_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
             return kernel(q, scale, zp).to(x.dtype)
         xq = dequantize_uint8(q, scale, zp)
     elif granularity == "per_token":
-        q, s = quantize_per_token_int8(x.reshape(-1, k).float())
-        if use_kernels and _fast_int_mm():
-            y = int_mm(q, weight.t()).to(torch.float32).mul_(s).mul_(weight_scale)
-            if bias is not None:
-                y.add_(bias)
-            return y.view(*x.shape[:-1], n).to(x.dtype)
-        xq = (q.float() * s).view(*x.shape[:-1], k)
+        q, s = quantize_per_token_int8(x if x.dtype == torch.float32 else x.float())
+        kernel = per_token_kernel(weight, weight_scale) if use_kernels else None
+        if kernel is not None:
+            y, s = kernel(q, 1.0, 0), s.detach()  # acc * weight_scale, float32 (the kernel has no gradient)
+            y = y.mul_(s) if bias is None else torch.addcmul(bias, y, s, out=y)
+            return y.to(x.dtype)
+        xq = q.float().mul_(s)
     else:
         fail("config", f"granularity must be 'per_tensor' or 'per_token', got {granularity!r}")
     entry = cache.per_weight(weight, weight_scale)

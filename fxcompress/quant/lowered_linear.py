@@ -1,7 +1,7 @@
 """Lowered linears with float activations: dynamic int8 and weight-only low-bit.
 
-:class:`DynamicQuantLinear` quantizes activations at run time, per token through
-``torch._int_mm`` or per tensor through oneDNN's qlinear. :class:`WeightOnlyLinear`
+:class:`DynamicQuantLinear` quantizes activations at run time, per token (int8 rows) or per
+tensor (uint8), both through oneDNN's qlinear. :class:`WeightOnlyLinear`
 stores 8/4/2-bit weights packed (two 4-bit or four 2-bit codes per byte) and keeps them
 packed: the int4/int8 kernels (bf16 activations) run where they are safe and faster;
 elsewhere the weight is dequantized (once, cached, unless ``cache_dequantized=False``)
@@ -18,9 +18,8 @@ from torch import nn
 from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import (
-    Support, int8_weight_support, onednn_int8_support, supports_int4pack_mm, supports_int8pack_mm, supports_qlinear,
+    Support, int8_weight_support, supports_int4pack_mm, supports_int8pack_mm, supports_qlinear,
 )
-from fxcompress.quant.isa import int8_arithmetic
 from fxcompress.quant.lowered_base import LoweredModule, run_op, summarize
 from fxcompress.quant.qparams import pack_int, unpack_int
 from fxcompress.oplib.impl import WEIGHT_ONLY_KERNEL_MAX_ROWS
@@ -43,22 +42,11 @@ def _check_float(x: torch.Tensor, in_features: int, where: str) -> None:
                          f"dim, got {x.dtype} {tuple(x.shape)}")
 
 
-def _fast_int_mm() -> Support:
-    """Whether ``torch._int_mm`` is fast here. It is exact everywhere, but on CPUs without
-    VNNI/AMX int8 dot products (AVX2) it runs a plain loop, 30-50x slower than a float
-    matmul (measured on an AVX2 AMD EPYC, 1 thread); the reference path is used there."""
-    base = onednn_int8_support()
-    if base and not int8_arithmetic().exact_products:
-        return Support(False, f"torch._int_mm has no fast kernel on this CPU "
-                              f"({int8_arithmetic().describe()}): 30-50x slower than a float matmul")
-    return Support(True)
-
-
 class DynamicQuantLinear(LoweredModule):
     """int8 per-channel weights; activations quantized at run time; float in, float out.
 
-    ``per_token``: symmetric int8 per row, exact int32 GEMM (``torch._int_mm``), scales
-    applied after. ``per_tensor``: asymmetric uint8 for the whole input, oneDNN qlinear
+    ``per_token``: symmetric int8 per row, exact int32 GEMM (oneDNN qlinear with the weight
+    scales fused; the rows' scales and the bias applied after, in one pass). ``per_tensor``: asymmetric uint8 for the whole input, oneDNN qlinear
     with bias fused. Per token is the default: it is more accurate on transformer
     activations (outlier tokens do not widen everyone's scale), and neither is faster
     across the board (768x3072 / 3072x768 MLP layers, 1 thread: per token 1.2x faster at
@@ -104,9 +92,9 @@ class DynamicQuantLinear(LoweredModule):
         """Whether the integer kernel runs, or why the reference path is used."""
         if self.backend == "reference":
             return _REFERENCE_ONLY
-        if self.granularity == "per_tensor":
-            return supports_qlinear(self.in_features) and int8_weight_support(self.weight)
-        return _fast_int_mm()
+        # Both granularities run oneDNN's qlinear (uint8 or int8 rows): exact with these
+        # weights on every CPU with VNNI/AMX, with weights of at most 7 bits on AVX2.
+        return supports_qlinear(self.in_features) and int8_weight_support(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_float(x, self.in_features, "DynamicQuantLinear")
