@@ -54,6 +54,9 @@ class AttentionRule(_State):
         if info.op == "multihead_attention" and info.module is not None:
             self.multihead_attention(info)
             return
+        if info.op == "scaled_dot_product_attention":  # decomposed attention (export): fxcompress.prune.sdpa
+            self.scaled_dot_product_attention(info)
+            return
         why = {"shifted_window_attention": "derives head_dim from its input width"}.get(
             info.op, "mixes channels across heads")
         self.unknown(info, f"{info.op} at node {info.node.name}: {why}")

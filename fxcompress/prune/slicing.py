@@ -27,7 +27,7 @@ from ..errors import PassError
 from ..ops import Kind, OpInfo, describe
 from .attention import rebuild
 from .types import ChannelGraph, Space
-from .labels import shape_arguments
+from .labels import scaled_size, shape_arguments
 
 __all__ = ["apply_removal", "new_shape", "silence"]
 
@@ -219,8 +219,13 @@ def _rewrite_literals(info: OpInfo, cg: ChannelGraph, shapes: dict, removed: tor
     changed = False
     for i, s in enumerate(sizes):
         d = start + i
-        if isinstance(s, int) and not isinstance(s, bool) and s != -1 and new[d] != old[d]:
+        if new[d] == old[d]:
+            continue
+        if isinstance(s, int) and not isinstance(s, bool) and s != -1:
             sizes[i] = new[d]
+            changed = True
+        elif isinstance(s, fx.Node) and (scaled := scaled_size(s)) is not None:
+            sizes[i] = _rescaled(node, s, scaled, old[d], new[d])  # bsz * num_heads: a new num_heads
             changed = True
     if not changed:
         return 0
@@ -237,6 +242,20 @@ def _rewrite_literals(info: OpInfo, cg: ChannelGraph, shapes: dict, removed: tor
         packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list, torch.Size))
         node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
     return 1
+
+
+def _rescaled(user: fx.Node, size: fx.Node, scaled: tuple[Any, int], old: int, new: int) -> fx.Node:
+    """A new ``n * K'`` node (before ``user``) for a size ``n * K`` that was ``old`` and must be ``new``.
+
+    A new node, not an edit: the same product may size other tensors (the other
+    projections, other layers) that keep or lose other channels.
+    """
+    factor, k = scaled
+    if old % k or new % (old // k):
+        raise PassError(f"internal error: {size.name} (= {old}) cannot become {new} by changing its literal {k}; "
+                        f"please report this model")
+    with user.graph.inserting_before(user):
+        return user.graph.call_function(size.target, (factor, new // (old // k)))
 
 
 def _rewrite_split(node: fx.Node, cg: ChannelGraph, removed: torch.Tensor) -> int:
