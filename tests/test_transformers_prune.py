@@ -97,23 +97,31 @@ def test_removing_heads_is_exact_once_their_output_columns_are_zeroed(name: str)
 
 
 
-def test_a_mask_per_head_freezes_the_heads_with_the_reason() -> None:
-    """attn_mask of shape (B, H, L, S): the heads are tied by it and stay."""
+class LiteralHeads(torch.nn.Module):
+    """Attention written out by hand with literal sizes: ``view(b, s, 4, 8)``, ``reshape(b, s, 32)``."""
 
-    class PerHeadMask(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
-            self.bias = torch.nn.Parameter(torch.randn(1, 4, 6, 6))
+    def __init__(self, per_head_mask: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+        self.bias = torch.nn.Parameter(torch.randn(1, 4, 6, 6)) if per_head_mask else None
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, s, _ = x.shape
-            q, k, v = (p(x).view(b, s, 4, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
-            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
-            return self.o(y.transpose(1, 2).reshape(b, s, 16))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, 4, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.o(y.transpose(1, 2).reshape(b, s, 32))
 
-    result = fxcompress.run(PerHeadMask(), [("prune_channels", {"ratio": 0.5})], (torch.randn(2, 6, 16),),
-                            frontend="export", progress=False)
-    stats = result.report.rows[0].stats
-    assert stats.get("removed_heads", 0) == 0
-    assert any("one mask per head" in reason for reason in stats["frozen"])
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_literal_head_counts_are_rewritten_and_a_mask_per_head_freezes_the_heads(frontend: str) -> None:
+    x = torch.randn(2, 6, 32)
+    result = fxcompress.run(LiteralHeads(), [("prune_channels", {"ratio": 0.5})], (x,), frontend=frontend,
+                            check="full", progress=False)
+    assert result.report.rows[0].stats["removed_heads"] == 2
+    assert result.model.get_submodule("q").out_features == 16 and result.model.get_submodule("o").in_features == 16
+    assert result.model(torch.randn(3, 6, 32)).shape == (3, 6, 32)
+    frozen = fxcompress.run(LiteralHeads(per_head_mask=True), [("prune_channels", {"ratio": 0.5})], (x,),
+                            frontend=frontend, progress=False).report.rows[0].stats
+    assert frozen.get("removed_heads", 0) == 0
+    assert any("one mask per head" in reason for reason in frozen["frozen"])

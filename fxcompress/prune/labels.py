@@ -16,6 +16,7 @@ import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from ..ops import Kind, OpInfo, describe, meta_shape
@@ -249,12 +250,16 @@ class LabelOps(_State):
         Removing channels must leave a rectangle, so along every dim but one
         (the free one) the positions are joined.  The free dim is the one whose
         size is computed at run time (``-1`` or from ``x.size()``); if every
-        size is a literal, the last one, whose literal is then updated.
+        size is a literal, the last one (the heads dim of a head split that
+        feeds attention), whose literal is then updated.
         """
         node = info.node
         literal = _literal_sizes(info)
         free = [d for d in space.dims if literal is None or not _is_literal(literal.get(d))]
-        keep_free = free[-1] if free else space.dims[-1]
+        # all literal: the last dim, unless this is a head split feeding attention (view(b, s, 4, 8)
+        # -> scaled_dot_product_attention): there the heads dim is free and head_dim is kept whole
+        keep_free = free[-1] if free else space.dims[0] if len(space.dims) == 2 and feeds_attention(node, self.gm) \
+            else space.dims[-1]
         ids = space.ids
         for axis, d in enumerate(space.dims):
             if d == keep_free:
@@ -276,6 +281,18 @@ def scaled_size(node: fx.Node) -> tuple[Any, int] | None:
     if _is_literal(a) and isinstance(b, fx.Node):
         return b, a
     return None
+
+
+def feeds_attention(node: fx.Node, gm: fx.GraphModule, depth: int = 4) -> bool:
+    """Whether ``node`` reaches a q/k/v input of ``F.scaled_dot_product_attention`` through
+    transposes, permutes and identities only (at most ``depth`` of them)."""
+    for user in node.users:
+        if user.op == "call_function" and user.target is F.scaled_dot_product_attention and node in user.args[:3]:
+            return True
+        if depth > 0 and user.op in ("call_function", "call_method") \
+                and describe(user, gm).kind in (Kind.PERMUTE, Kind.IDENTITY) and feeds_attention(user, gm, depth - 1):
+            return True
+    return False
 
 
 def _has_node(v: Any) -> bool:
