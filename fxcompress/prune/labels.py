@@ -12,11 +12,9 @@ analyzer's state declared by :class:`~fxcompress.prune.types.RuleState`.
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from ..ops import Kind, OpInfo, describe, meta_shape
@@ -154,13 +152,13 @@ class LabelOps(_State):
         node = info.node
         for d in space.dims:
             s = literal.get(d)
-            if not isinstance(s, fx.Node) or isinstance(self.values.get(s), CountedSize) or scaled_size(s):
+            if not isinstance(s, fx.Node) or isinstance(self.values.get(s), CountedSize) or scaled_size(s, self.gm):
                 continue
             self.freeze(space, f"{info.op} at node {node.name}: channel dim {d} is sized by {s.name}, a "
                                f"run-time value that does not follow the channels")
             self.spaces[node] = EMPTY
             return False
-        if any(isinstance(literal.get(d), fx.Node) and scaled_size(literal[d]) for d in space.dims) \
+        if any(isinstance(literal.get(d), fx.Node) and scaled_size(literal[d], self.gm) for d in space.dims) \
                 and node not in self.resized:
             self.resized.append(node)
         return True
@@ -271,11 +269,12 @@ class LabelOps(_State):
             self.resized.append(node)
 
 
-def scaled_size(node: fx.Node) -> tuple[Any, int] | None:
+def scaled_size(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, int] | None:
     """(the other factor, K) if ``node`` is ``n * K`` or ``K * n`` for a literal int ``K``, else None."""
-    if node.op != "call_function" or node.target not in (operator.mul, torch.mul) or len(node.args) != 2:
+    info = describe(node, gm)
+    if info.op != "mul" or len(info.inputs) != 2:
         return None
-    a, b = node.args
+    a, b = info.inputs
     if _is_literal(b) and isinstance(a, fx.Node):
         return a, b
     if _is_literal(a) and isinstance(b, fx.Node):
@@ -287,10 +286,10 @@ def feeds_attention(node: fx.Node, gm: fx.GraphModule, depth: int = 4) -> bool:
     """Whether ``node`` reaches a q/k/v input of ``F.scaled_dot_product_attention`` through
     transposes, permutes and identities only (at most ``depth`` of them)."""
     for user in node.users:
-        if user.op == "call_function" and user.target is F.scaled_dot_product_attention and node in user.args[:3]:
+        info = describe(user, gm)
+        if info.op == "scaled_dot_product_attention" and node in info.inputs[:3]:
             return True
-        if depth > 0 and user.op in ("call_function", "call_method") \
-                and describe(user, gm).kind in (Kind.PERMUTE, Kind.IDENTITY) and feeds_attention(user, gm, depth - 1):
+        if depth > 0 and info.kind in (Kind.PERMUTE, Kind.IDENTITY) and feeds_attention(user, gm, depth - 1):
             return True
     return False
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import fx
 
 from ..ops import Kind, OpInfo, describe
@@ -60,15 +59,13 @@ class Analyzer(AnalysisState, WeightedRules, FlowRules, LabelOps, AttentionRule,
         info = describe(node, self.gm)
         self._check_counted_sizes(info)
         rule = _RULES.get(info.kind)
-        if rule is None and node.target is _ATEN_SELECT:  # export's x[i]: no torch function spells it
+        if rule is None and info.op == "select.int":  # export's aten.select (x[i]): no torch function spells it
             rule = Analyzer.select
         if rule is None:
             self.unknown(info, f"{info.op} at node {node.name}: channel semantics unknown")
         else:
             rule(self, info)
 
-
-_ATEN_SELECT = torch.ops.aten.select.int
 
 _RULES: dict[Kind, Callable[[Analyzer, OpInfo], None]] = {
     Kind.CONV: Analyzer.conv,

@@ -113,7 +113,7 @@ def apply_removal(gm: fx.GraphModule, cg: ChannelGraph, removed_units: torch.Ten
             _resize_module(node, gm, shapes, writable, copies)
     for owner in sorted(copies, key=lambda p: p.count(".")):
         gm.set_submodule(owner, copies[owner])
-    rewritten = sum(_rewrite_literals(describe(node, gm), cg, shapes, removed) for node in cg.resized)
+    rewritten = sum(_rewrite_literals(describe(node, gm), gm, cg, shapes, removed) for node in cg.resized)
     return {"tensors_sliced": sum(len(d) for d in slices.values()), "modules_replaced": len(copies),
             "nodes_rewritten": rewritten}
 
@@ -186,7 +186,7 @@ def _resize_module(node: fx.Node, gm: fx.GraphModule, shapes: dict, writable: An
             m.num_parameters = m.weight.numel()
 
 
-def _rewrite_literals(info: OpInfo, cg: ChannelGraph, shapes: dict, removed: torch.Tensor) -> int:
+def _rewrite_literals(info: OpInfo, gm: fx.GraphModule, cg: ChannelGraph, shapes: dict, removed: torch.Tensor) -> int:
     """Update the literal size arguments of one node; returns 1 if it changed."""
     node, info_op = info.node, info.op
     if info_op in ("split", "chunk"):
@@ -224,7 +224,7 @@ def _rewrite_literals(info: OpInfo, cg: ChannelGraph, shapes: dict, removed: tor
         if isinstance(s, int) and not isinstance(s, bool) and s != -1:
             sizes[i] = new[d]
             changed = True
-        elif isinstance(s, fx.Node) and (scaled := scaled_size(s)) is not None:
+        elif isinstance(s, fx.Node) and (scaled := scaled_size(s, gm)) is not None:
             sizes[i] = _rescaled(node, s, scaled, old[d], new[d])  # bsz * num_heads: a new num_heads
             changed = True
     if not changed:
