@@ -72,6 +72,7 @@ _SAME_AS: dict[Any, Any] = {
     aten.unsqueeze.default: torch.unsqueeze, aten.squeeze.dim: torch.squeeze,
     aten.flatten.using_ints: torch.flatten, aten.softmax.int: torch.softmax, aten.cat.default: torch.cat,
     aten.mean.dim: torch.mean, aten.clone.default: torch.clone,
+    aten.split.Tensor: torch.split, aten.pow.Tensor_Scalar: torch.pow,  # GPT-2's c_attn split, gelu_new's x ** 3
 }
 # ATen overload -> the tensor method computing the same result from the same arguments.
 _AS_METHOD: dict[Any, str] = {

@@ -231,13 +231,17 @@ def test_artifacts_record_the_front_end(tmp_path) -> None:
     assert result.report.notes[0].startswith("captured with the export front end")
 
 
-def test_prune_channels_prunes_the_mlp_of_an_exported_bert_and_reports_the_frozen_heads(tmp_path) -> None:
+def test_prune_channels_prunes_the_heads_and_mlp_of_an_exported_bert(tmp_path) -> None:
     model, make = bert()
     result = fxcompress.run(model, [("prune_channels", {"ratio": 0.3})], make(2, 8), check="full", progress=False)
     stats = result.report.rows[0].stats
     assert result.model.get_submodule("encoder.layer.0.intermediate.dense").out_features == 44  # 64 * 0.7
     assert result.model.get_submodule("encoder.layer.0.output.dense").in_features == 44
-    assert any("scaled_dot_product_attention" in reason for reason in stats["frozen"])  # heads: not yet
+    # whole heads (2 of 4, head_dim 8) through scaled_dot_product_attention; the other models:
+    # tests/test_transformers_prune.py
+    assert stats["removed_heads"] == 4 and not any("scaled_dot_product_attention" in r for r in stats["frozen"])
+    assert result.model.get_submodule("encoder.layer.0.attention.self.query").out_features == 16
+    assert result.model.get_submodule("encoder.layer.0.attention.output.dense").in_features == 16
     path = str(tmp_path / "pruned.fxc")
     result.save(path)
     inputs = make(3, 5)

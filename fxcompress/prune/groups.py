@@ -91,6 +91,9 @@ def _finalize(a: Analyzer) -> ChannelGraph:
         unit = int(unit_of[atom])
         frozen.setdefault(unit, reason)
         all_reasons.setdefault(unit, set()).add(reason)
+    head_units = torch.zeros(n_units, dtype=torch.bool)
+    if a.head_atoms:
+        head_units[unit_of[torch.cat(a.head_atoms)]] = True
     norm_units = torch.zeros(n_units, dtype=torch.bool)
     if a.norm_atoms:
         norm_units[unit_of[torch.cat(a.norm_atoms)]] = True
@@ -131,7 +134,8 @@ def _finalize(a: Analyzer) -> ChannelGraph:
         units = by_group[start:start + counts[gi]]
         start += counts[gi]
         modules = list(dict.fromkeys(p for p in (module_path_of(nodes[a.source_of[m][0]]) for m in members) if p))
-        heads = any(a.source_of[m][1] == "heads" for m in members)
+        # heads: an attention module's head source, or units that are all heads of a decomposed attention
+        heads = any(a.source_of[m][1] == "heads" for m in members) or bool(units.numel() and head_units[units].all())
         groups.append(Group(gi, members, modules, units, reasons[gi], bool(norm_units[units].any()), heads))
     return ChannelGraph(spaces, a.spaces, a.params, a.sources, unit_of, frozen, norm_units, groups,
                         group_of_unit, a.resized)

@@ -50,9 +50,13 @@ class AttentionRule(_State):
     """The rule for ``Kind.ATTENTION`` (a mixin of the :class:`~fxcompress.prune.rules.Analyzer`)."""
 
     def attention(self, info: OpInfo) -> None:
-        """``Kind.ATTENTION``: an ``nn.MultiheadAttention`` prunes by heads; any other freezes."""
+        """``Kind.ATTENTION``: an ``nn.MultiheadAttention`` or a ``scaled_dot_product_attention``
+        (:mod:`~fxcompress.prune.sdpa`) prunes by heads; any other freezes."""
         if info.op == "multihead_attention" and info.module is not None:
             self.multihead_attention(info)
+            return
+        if info.op == "scaled_dot_product_attention":  # decomposed attention (export): fxcompress.prune.sdpa
+            self.scaled_dot_product_attention(info)
             return
         why = {"shifted_window_attention": "derives head_dim from its input width"}.get(
             info.op, "mixes channels across heads")

@@ -21,7 +21,7 @@ from ..ops import Kind, OpInfo, describe, meta_shape
 from .sizes import CountedSize, annotate_sizes, provenance
 from .types import EMPTY, RuleState, Space
 
-__all__ = ["LabelOps", "shape_arguments"]
+__all__ = ["LabelOps", "shape_arguments", "scaled_size"]
 
 # The analyzer's state, declared for type checkers only (at run time the Analyzer has it).
 _State = RuleState if TYPE_CHECKING else object
@@ -137,7 +137,31 @@ class LabelOps(_State):
         literal = _literal_sizes(info)
         if literal is not None and node not in self.resized and any(_is_literal(literal.get(d)) for d in space.dims):
             self.resized.append(node)  # a channel count written out (ViT's reshape(n, hidden_dim, -1))
+        if literal is not None and not self._computed_sizes_follow(info, space, literal):
+            return
         self.spaces[node] = space
+
+    def _computed_sizes_follow(self, info: OpInfo, space: Space, literal: dict[int, Any]) -> bool:
+        """A channel dim sized by a run-time value must be able to follow the channels.
+
+        Fine: a count of those channels (:class:`CountedSize`, checked elsewhere) or a
+        product ``n * K`` of a size and a literal (``nn.MultiheadAttention``'s ``bsz *
+        num_heads``), whose literal slicing updates.  Anything else keeps its value when
+        channels go, so they are frozen.  False (and the node's space set) when frozen.
+        """
+        node = info.node
+        for d in space.dims:
+            s = literal.get(d)
+            if not isinstance(s, fx.Node) or isinstance(self.values.get(s), CountedSize) or scaled_size(s, self.gm):
+                continue
+            self.freeze(space, f"{info.op} at node {node.name}: channel dim {d} is sized by {s.name}, a "
+                               f"run-time value that does not follow the channels")
+            self.spaces[node] = EMPTY
+            return False
+        if any(isinstance(literal.get(d), fx.Node) and scaled_size(literal[d], self.gm) for d in space.dims) \
+                and node not in self.resized:
+            self.resized.append(node)
+        return True
 
     def getitem(self, info: OpInfo) -> None:
         node = info.node
@@ -167,6 +191,23 @@ class LabelOps(_State):
                 self.unknown(info, f"{info.op} at node {node.name}: splits the channels irregularly")
                 return
             self.resized.append(node)  # piece sizes follow the channels kept in each piece
+        self.label_op(info)
+
+    def select(self, info: OpInfo) -> None:
+        """``aten.select.int(x, dim, index)`` (export's ``x[i]``, as in ``nn.MultiheadAttention``'s
+        packed q/k/v): along a channel dim only if that dim is kept whole (every unit spans all
+        its positions, so ``index`` stays valid once channels go); the other dims as getitem."""
+        node = info.node
+        x = self.space(node.args[0] if node.args else None)
+        dim, index = (list(node.args[1:3]) + [None, None])[:2]
+        if not (isinstance(dim, int) and isinstance(index, int)):
+            self.unknown(info, f"select at node {node.name}: computed dim or index")
+            return
+        ndim = len(meta_shape(node.args[0].meta["tensor_meta"]))
+        if dim % ndim in x.dims:
+            moved = x.ids.movedim(x.dims.index(dim % ndim), 0)
+            for k in range(1, moved.shape[0]):  # the dim keeps all its positions: they go together
+                self.union(moved[0], moved[k])
         self.label_op(info)
 
     def reduction(self, info: OpInfo) -> None:
@@ -207,12 +248,16 @@ class LabelOps(_State):
         Removing channels must leave a rectangle, so along every dim but one
         (the free one) the positions are joined.  The free dim is the one whose
         size is computed at run time (``-1`` or from ``x.size()``); if every
-        size is a literal, the last one, whose literal is then updated.
+        size is a literal, the last one (the heads dim of a head split that
+        feeds attention), whose literal is then updated.
         """
         node = info.node
         literal = _literal_sizes(info)
         free = [d for d in space.dims if literal is None or not _is_literal(literal.get(d))]
-        keep_free = free[-1] if free else space.dims[-1]
+        # all literal: the last dim, unless this is a head split feeding attention (view(b, s, 4, 8)
+        # -> scaled_dot_product_attention): there the heads dim is free and head_dim is kept whole
+        keep_free = free[-1] if free else space.dims[0] if len(space.dims) == 2 and feeds_attention(node, self.gm) \
+            else space.dims[-1]
         ids = space.ids
         for axis, d in enumerate(space.dims):
             if d == keep_free:
@@ -222,6 +267,31 @@ class LabelOps(_State):
                 self.union(moved[0], moved[k])
         if literal is not None:
             self.resized.append(node)
+
+
+def scaled_size(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, int] | None:
+    """(the other factor, K) if ``node`` is ``n * K`` or ``K * n`` for a literal int ``K``, else None."""
+    info = describe(node, gm)
+    if info.op != "mul" or len(info.inputs) != 2:
+        return None
+    a, b = info.inputs
+    if _is_literal(b) and isinstance(a, fx.Node):
+        return a, b
+    if _is_literal(a) and isinstance(b, fx.Node):
+        return b, a
+    return None
+
+
+def feeds_attention(node: fx.Node, gm: fx.GraphModule, depth: int = 4) -> bool:
+    """Whether ``node`` reaches a q/k/v input of ``F.scaled_dot_product_attention`` through
+    transposes, permutes and identities only (at most ``depth`` of them)."""
+    for user in node.users:
+        info = describe(user, gm)
+        if info.op == "scaled_dot_product_attention" and node in info.inputs[:3]:
+            return True
+        if depth > 0 and info.kind in (Kind.PERMUTE, Kind.IDENTITY) and feeds_attention(user, gm, depth - 1):
+            return True
+    return False
 
 
 def _has_node(v: Any) -> bool:

@@ -10,7 +10,8 @@ and are dispatched from one table here, by :class:`~fxcompress.ops.Kind`:
   permute, getitem, split, ...) and reductions, run for real on a *label
   tensor* that holds each element's atom, so channel indices are mapped through
   offsets, flattening, shuffles and head splits by torch itself;
-* :mod:`~fxcompress.prune.heads`: attention, whose heads are units.
+* :mod:`~fxcompress.prune.heads`: attention, whose heads are units (attention modules);
+  :mod:`~fxcompress.prune.sdpa`: ``scaled_dot_product_attention`` in decomposed attention.
 
 The state they share is :class:`~fxcompress.prune.state.AnalysisState`.  Every
 op without a rule freezes the channels it touches, with the op and node named in
@@ -27,13 +28,14 @@ from ..ops import Kind, OpInfo, describe
 from .flow_rules import FlowRules
 from .heads import AttentionRule
 from .labels import LabelOps
+from .sdpa import SdpaRule
 from .state import AnalysisState
 from .weighted_rules import WeightedRules
 
 __all__ = ["Analyzer"]
 
 
-class Analyzer(AnalysisState, WeightedRules, FlowRules, LabelOps, AttentionRule):
+class Analyzer(AnalysisState, WeightedRules, FlowRules, LabelOps, AttentionRule, SdpaRule):
     """The channel analysis of one graph: the state plus every rule family."""
 
     def run(self) -> None:
@@ -57,6 +59,8 @@ class Analyzer(AnalysisState, WeightedRules, FlowRules, LabelOps, AttentionRule)
         info = describe(node, self.gm)
         self._check_counted_sizes(info)
         rule = _RULES.get(info.kind)
+        if rule is None and info.op == "select.int":  # export's aten.select (x[i]): no torch function spells it
+            rule = Analyzer.select
         if rule is None:
             self.unknown(info, f"{info.op} at node {node.name}: channel semantics unknown")
         else:

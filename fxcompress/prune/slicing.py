@@ -27,7 +27,7 @@ from ..errors import PassError
 from ..ops import Kind, OpInfo, describe
 from .attention import rebuild
 from .types import ChannelGraph, Space
-from .labels import shape_arguments
+from .labels import scaled_size, shape_arguments
 
 __all__ = ["apply_removal", "new_shape", "silence"]
 
@@ -113,7 +113,7 @@ def apply_removal(gm: fx.GraphModule, cg: ChannelGraph, removed_units: torch.Ten
             _resize_module(node, gm, shapes, writable, copies)
     for owner in sorted(copies, key=lambda p: p.count(".")):
         gm.set_submodule(owner, copies[owner])
-    rewritten = sum(_rewrite_literals(describe(node, gm), cg, shapes, removed) for node in cg.resized)
+    rewritten = sum(_rewrite_literals(describe(node, gm), gm, cg, shapes, removed) for node in cg.resized)
     return {"tensors_sliced": sum(len(d) for d in slices.values()), "modules_replaced": len(copies),
             "nodes_rewritten": rewritten}
 
@@ -186,7 +186,7 @@ def _resize_module(node: fx.Node, gm: fx.GraphModule, shapes: dict, writable: An
             m.num_parameters = m.weight.numel()
 
 
-def _rewrite_literals(info: OpInfo, cg: ChannelGraph, shapes: dict, removed: torch.Tensor) -> int:
+def _rewrite_literals(info: OpInfo, gm: fx.GraphModule, cg: ChannelGraph, shapes: dict, removed: torch.Tensor) -> int:
     """Update the literal size arguments of one node; returns 1 if it changed."""
     node, info_op = info.node, info.op
     if info_op in ("split", "chunk"):
@@ -219,8 +219,13 @@ def _rewrite_literals(info: OpInfo, cg: ChannelGraph, shapes: dict, removed: tor
     changed = False
     for i, s in enumerate(sizes):
         d = start + i
-        if isinstance(s, int) and not isinstance(s, bool) and s != -1 and new[d] != old[d]:
+        if new[d] == old[d]:
+            continue
+        if isinstance(s, int) and not isinstance(s, bool) and s != -1:
             sizes[i] = new[d]
+            changed = True
+        elif isinstance(s, fx.Node) and (scaled := scaled_size(s, gm)) is not None:
+            sizes[i] = _rescaled(node, s, scaled, old[d], new[d])  # bsz * num_heads: a new num_heads
             changed = True
     if not changed:
         return 0
@@ -237,6 +242,20 @@ def _rewrite_literals(info: OpInfo, cg: ChannelGraph, shapes: dict, removed: tor
         packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list, torch.Size))
         node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
     return 1
+
+
+def _rescaled(user: fx.Node, size: fx.Node, scaled: tuple[Any, int], old: int, new: int) -> fx.Node:
+    """A new ``n * K'`` node (before ``user``) for a size ``n * K`` that was ``old`` and must be ``new``.
+
+    A new node, not an edit: the same product may size other tensors (the other
+    projections, other layers) that keep or lose other channels.
+    """
+    factor, k = scaled
+    if old % k or new % (old // k):
+        raise PassError(f"internal error: {size.name} (= {old}) cannot become {new} by changing its literal {k}; "
+                        f"please report this model")
+    with user.graph.inserting_before(user):
+        return user.graph.call_function(size.target, (factor, new // (old // k)))
 
 
 def _rewrite_split(node: fx.Node, cg: ChannelGraph, removed: torch.Tensor) -> int:

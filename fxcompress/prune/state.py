@@ -38,6 +38,7 @@ class AnalysisState:
         self.edges: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.frozen: dict[int, str] = {}
         self.norm_atoms: list[torch.Tensor] = []
+        self.head_atoms: list[torch.Tensor] = []  # atoms of attention heads made by plain projections
         self.spaces: dict[fx.Node, Any] = {}
         self.values: dict[fx.Node, Any] = {}
         self.params: dict[tuple[str, str, int], ParamSlice] = {}
@@ -60,6 +61,11 @@ class AnalysisState:
         if frozen:
             self.freeze(ids, frozen)
         return ids
+
+    def mark_heads(self, ids: torch.Tensor) -> None:
+        """``ids`` are attention heads (one unit per head) although linears made them: a group
+        whose every unit is such a head is chosen as heads (per layer, ``head_ratio``)."""
+        self.head_atoms.append(ids.reshape(-1))
 
     def out_of_scope(self, node: fx.Node) -> str:
         """The freeze reason for a layer outside scope/skip, named by module path as scope patterns are."""
