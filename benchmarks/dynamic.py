@@ -7,7 +7,7 @@ BERT-base-sized encoder written out like Hugging Face's ``BertLayer``
 Variants, each one ``fxcompress.run`` pass on the traced float model:
 
 - fp32, and bf16 (``cast``);
-- ``quantize_dynamic`` per token (``torch._int_mm``) and per tensor (oneDNN qlinear);
+- ``quantize_dynamic`` per token (int8 rows, oneDNN qlinear) and per tensor (oneDNN qlinear);
 - ``quantize_weights`` 8-bit (per row) and 4-bit (group 128), bf16 compute.
 
 Latency: medians from ``torch.utils.benchmark``, best of interleaved rounds, at batch 1

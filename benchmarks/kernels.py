@@ -7,7 +7,7 @@ shared machines are noisy):
 1. static int8 conv layers of resnet/mobilenet: ``QuantConv2d`` vs torch.ao's quantized
    conv (the peer; torch.ao appears only in benchmarks) vs fp32 vs bf16 convs;
 2. uint8 ops between convs: max pool, global average pool, residual add;
-3. dynamic int8 linear: per token (``torch._int_mm``) vs per tensor (oneDNN qlinear);
+3. dynamic int8 linear: per token (int8 rows, oneDNN qlinear) vs per tensor (oneDNN qlinear);
 4. weight-only linear: int4/int8 kernels and the dequantize reference vs fp32/bf16;
 5. activation quantize/dequantize.
 

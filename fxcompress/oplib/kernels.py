@@ -55,7 +55,6 @@ __all__ = [
     "supports_int4pack_mm",
     "QConvKernel",
     "QLinearKernel",
-    "int_mm",
     "int8pack_mm",
     "int4pack_weight",
     "int4pack_scales_and_zeros",
@@ -367,20 +366,6 @@ class QLinearKernel:
         """``post_op(x_dequantized @ w.T + b)`` for a uint8 ``x`` of shape ``(*, in_features)``."""
         return torch.ops.onednn.qlinear_pointwise.default(
             x, input_scale, input_zero_point, *self._tail)
-
-
-def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of 2-D int8 matrices with exact int32 accumulation (``torch._int_mm``).
-
-    ``a`` may also be uint8. Strided (e.g. transposed) operands are accepted.
-    """
-    if a.dim() != 2 or b.dim() != 2:
-        fail("kernel", f"torch._int_mm: needs 2-D operands, got {a.dim()}-D and {b.dim()}-D")
-    if a.dtype not in (torch.int8, torch.uint8) or b.dtype != torch.int8:
-        fail("kernel", f"torch._int_mm: needs int8/uint8 x int8, got {a.dtype} x {b.dtype}")
-    if a.shape[1] != b.shape[0]:
-        fail("kernel", f"torch._int_mm: inner sizes differ: {tuple(a.shape)} @ {tuple(b.shape)}")
-    return torch._int_mm(a, b)
 
 
 def supports_int8pack_mm(in_features: int, dtype: torch.dtype) -> Support:

@@ -46,11 +46,11 @@ class DynamicQuantLinear(LoweredModule):
     """int8 per-channel weights; activations quantized at run time; float in, float out.
 
     ``per_token``: symmetric int8 per row, exact int32 GEMM (oneDNN qlinear with the weight
-    scales fused; the rows' scales and the bias applied after, in one pass). ``per_tensor``: asymmetric uint8 for the whole input, oneDNN qlinear
-    with bias fused. Per token is the default: it is more accurate on transformer
-    activations (outlier tokens do not widen everyone's scale), and neither is faster
-    across the board (768x3072 / 3072x768 MLP layers, 1 thread: per token 1.2x faster at
-    1 and 197 rows, per tensor 1.3-1.5x faster at 16 and 1024 rows).
+    scales fused; the rows' scales and the bias applied after, in one pass). ``per_tensor``:
+    asymmetric uint8 for the whole input, oneDNN qlinear with bias fused. Per tensor is the
+    default (as in ``quantize_dynamic``); per token is more accurate on transformer
+    activations (outlier tokens do not widen everyone's scale). Their speed on real models
+    is measured in ``benchmarks/minilm.py`` and ``benchmarks/dynamic.py``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,

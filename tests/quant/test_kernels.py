@@ -203,19 +203,6 @@ def test_qlinear_kernel_matches_reference_arithmetic(post_op: str, args: tuple[f
     torch.testing.assert_close(out_f, y, rtol=1e-4, atol=1e-4)
 
 
-def test_int_mm_is_exact_and_checks_shapes() -> None:
-    g = torch.Generator().manual_seed(10)
-    a = torch.randint(-128, 128, (7, 33), dtype=torch.int8, generator=g)
-    w = torch.randint(-128, 128, (12, 33), dtype=torch.int8, generator=g)
-    assert torch.equal(K.int_mm(a, w.t()), (a.long() @ w.long().t()).int())
-    au = a.view(torch.uint8)
-    assert torch.equal(K.int_mm(au, w.t()), (au.long() @ w.long().t()).int())
-    with pytest.raises(LoweringError, match="inner sizes"):
-        K.int_mm(a, w)
-    with pytest.raises(LoweringError, match="int8"):
-        K.int_mm(a.float(), w.t())
-
-
 def test_int8pack_mm_refuses_the_shape_that_segfaults() -> None:
     # bf16 activations with K % 16 != 0 crash the process inside aten: must raise here.
     support = K.supports_int8pack_mm(100, torch.bfloat16)
