@@ -260,3 +260,20 @@ def test_calibration_data_is_checked(static_resnet, tmp_path: Path) -> None:
     with pytest.raises(CalibrationDataError, match=r"calibration batch 0"):
         fxcompress.export_onnx(static_resnet, tmp_path / "w.onnx", calibration_data=[torch.zeros(2, 3)])
     assert not list(tmp_path.iterdir())
+
+
+def test_calibrated_export_leaves_the_model_alone_and_adds_quantized_adds(static_resnet, data, tmp_path: Path) -> None:
+    """The calibration hooks run on a copy: the caller's model keeps its state, modules and
+    (no) hooks; onnxruntime runs the residual adds the calibrated form writes as QLinearAdd."""
+    model = static_resnet.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
+    batches = [data.train_x[i:i + 16] for i in range(0, 32, 16)]  # unlabelled batches too
+    path = fxcompress.export_onnx(static_resnet, tmp_path / "cal.onnx", calibration_data=batches)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()] == hooks
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    residual_convs = sum(1 for m in model.modules() if getattr(m, "residual", False) and m.output == "uint8")
+    assert _ops(tmp_path / "opt.onnx")["QLinearAdd"] >= residual_convs > 0
