@@ -31,19 +31,9 @@ def layer_rows(model: torch.nn.Module, x: torch.Tensor, workdir: Path) -> list[l
     import onnxruntime as ort
 
     from fxcompress.onnx_forms import NO_FORM, onnx_form
-    from fxcompress.quant.lowered_base import LoweredModule
+    from fxcompress.quant.contract import lowered_module_io
 
-    seen, hooks = {}, []
-    for path, module in model.named_modules():
-        if isinstance(module, LoweredModule):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, path=path: seen.setdefault(path, [[a.clone() for a in args]]) and None))
-            hooks.append(module.register_forward_hook(
-                lambda m, args, out, path=path: seen[path].append(out.clone()) and None))
-    with torch.inference_mode():
-        model(x)
-    for h in hooks:
-        h.remove()
+    seen = lowered_module_io(model, x)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     rows = []

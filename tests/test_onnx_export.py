@@ -163,18 +163,10 @@ def test_each_lowered_op_is_within_one_code_of_ours_teacher_forced(static_resnet
     """Per op, on the inputs ours saw: the QDQ semantics (onnxruntime without graph rewrites,
     so no CPU-specific int8 kernel) within one code of fxcompress's, and rarely off at all."""
     from fxcompress.onnx_forms import NO_FORM, onnx_form
-    from fxcompress.quant.lowered_base import LoweredModule
+    from fxcompress.quant.contract import lowered_module_io
 
-    model, seen, hooks = static_resnet.model, {}, []
-    for path, module in model.named_modules():
-        if isinstance(module, LoweredModule):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, path=path: seen.setdefault(path, [[a.clone() for a in args]]) and None))
-            hooks.append(module.register_forward_hook(
-                lambda m, args, out, path=path: seen[path].append(out.clone()) and None))
-    model(data.test_x[:16])
-    for h in hooks:
-        h.remove()
+    model = static_resnet.model
+    seen = lowered_module_io(model, data.test_x[:16])
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     kinds = {}  # one module of each kind (class, fused residual, output dtype) keeps the test short

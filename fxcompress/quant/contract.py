@@ -44,7 +44,7 @@ from fxcompress.quant.lowered import (
 )
 
 __all__ = ["CODE_TOLERANCE", "FLOAT_TOLERANCE", "STATIC_MODULES", "OpAgreement", "ContractReport",
-           "check_contract", "reference_twin"]
+           "check_contract", "reference_twin", "lowered_module_io"]
 
 #: The most a uint8 output code of an x86 module may differ from its reference twin's.
 CODE_TOLERANCE = 1
@@ -200,3 +200,25 @@ def check_contract(lowered: fx.GraphModule, *args: Any, **kwargs: Any) -> Contra
         interpreter = _TeacherForced(lowered)
         interpreter.report.output = interpreter.run(*positional)
     return interpreter.report
+
+
+def lowered_module_io(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, tuple[list[torch.Tensor], torch.Tensor]]:
+    """``path -> (inputs, output)`` of every lowered module on one run of ``model`` (no grad),
+    cloned, in call order; the first call of a module called twice. The inputs to teacher-force
+    one op with elsewhere (its ONNX twin, another backend). Hooks are removed afterwards."""
+    seen: dict[str, list] = {}
+    hooks = []
+    for path, module in model.named_modules():
+        if isinstance(module, LoweredModule):
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, a, path=path: seen.setdefault(path, [[t.clone() for t in a]]) and None))
+            hooks.append(module.register_forward_hook(
+                lambda m, a, out, path=path: seen[path].append(out.clone()) if len(seen[path]) == 1 else None))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {path: (record[0], record[1]) for path, record in seen.items()}
+
