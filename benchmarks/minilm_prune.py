@@ -35,6 +35,7 @@ from torch import nn  # noqa: E402
 
 import fxcompress  # noqa: E402
 from _common import markdown_table, write_section  # noqa: E402
+from fxcompress.prune.reconstruct import reconstruct_consumers  # noqa: E402
 from fxcompress.report import state_bytes  # noqa: E402
 from minilm import best_medians, embed, load_minilm, nearest_agreement, sentences  # noqa: E402
 
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--importance", default="activation",
                         help="activation (|W[:, j]| * |x_j| on the distillation sentences), or a built-in: l2, l1")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ridge", type=float, default=1e-3,
+                        help="ridge of the least-squares reconstruction of the consumer layers; 0 skips it")
     parser.add_argument("--prune-only", action="store_true", help="stop after the cosine before distillation")
     parser.add_argument("--no-write", action="store_true", help="print only (exploration runs)")
     args = parser.parse_args()
@@ -154,9 +157,16 @@ def main() -> None:
     prune_seconds = time.perf_counter() - start
     stats = pruned.report.rows[0].stats
     before = embed(pruned.model, batch)
-
-    print(f"pruned in {prune_seconds:.1f} s; cosine before distillation "
+    print(f"pruned in {prune_seconds:.1f} s; cosine after pruning "
           f"{F.cosine_similarity(before.double(), reference.double(), dim=-1).mean().item():.4f}", flush=True)
+    start = time.perf_counter()
+    rebuilt = pruned.model
+    if args.ridge > 0:
+        rebuilt = reconstruct_consumers(pruned.model, model, data, ridge=args.ridge)
+    reconstruct_seconds = time.perf_counter() - start
+    rebuilt_emb = embed(rebuilt, batch)
+    print(f"reconstructed in {reconstruct_seconds:.1f} s; cosine "
+          f"{F.cosine_similarity(rebuilt_emb.double(), reference.double(), dim=-1).mean().item():.4f}", flush=True)
     if args.prune_only:
         return
     loss = hidden_mse if args.loss == "hidden" else pooled_mse
