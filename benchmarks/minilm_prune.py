@@ -171,7 +171,7 @@ def main() -> None:
         return
     loss = hidden_mse if args.loss == "hidden" else pooled_mse
     start = time.perf_counter()
-    student = fxcompress.finetune(pruned.model, data, teacher=model, distill=loss, steps=args.steps, lr=args.lr,
+    student = fxcompress.finetune(rebuilt, data, teacher=model, distill=loss, steps=args.steps, lr=args.lr,
                                   progress=False)
     distill_seconds = time.perf_counter() - start
     after = embed(student, batch)
@@ -193,9 +193,13 @@ def main() -> None:
     rows = [
         ["float (fp32)", "1", "100.0%", "100.0%", f"1.00x ({times['float'] * 1e3:.1f} ms)", f"{params(model):,}",
          "1.000x"],
-        ["pruned, before distillation", f"{cosine(before):.4f}", f"{nearest_agreement(reference, before):.1%}",
+        ["pruned, before reconstruction", f"{cosine(before):.4f}", f"{nearest_agreement(reference, before):.1%}",
          f"{nearest_agreement(reference, before, 2 * n_pairs):.1%}", "", f"{params(pruned.model):,}",
          f"{state_bytes(pruned.model) / state_bytes(model):.3f}x"],
+        [f"pruned + reconstructed (ridge {args.ridge})", f"{cosine(rebuilt_emb):.4f}",
+         f"{nearest_agreement(reference, rebuilt_emb):.1%}",
+         f"{nearest_agreement(reference, rebuilt_emb, 2 * n_pairs):.1%}", "", f"{params(rebuilt):,}",
+         f"{state_bytes(rebuilt) / state_bytes(model):.3f}x"],
         [f"pruned + distilled ({args.steps} steps)", f"{cosine(after):.4f}",
          f"{nearest_agreement(reference, after):.1%}", f"{nearest_agreement(reference, after, 2 * n_pairs):.1%}",
          f"{latency:.2f}x", f"{params(student):,}", f"{state_bytes(student) / state_bytes(model):.3f}x"],
