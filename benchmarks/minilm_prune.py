@@ -35,6 +35,7 @@ from torch import nn  # noqa: E402
 
 import fxcompress  # noqa: E402
 from _common import markdown_table, write_section  # noqa: E402
+from fxcompress.prune.reconstruct import reconstruct_consumers  # noqa: E402
 from fxcompress.report import state_bytes  # noqa: E402
 from minilm import best_medians, embed, load_minilm, nearest_agreement, sentences  # noqa: E402
 
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--importance", default="activation",
                         help="activation (|W[:, j]| * |x_j| on the distillation sentences), or a built-in: l2, l1")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ridge", type=float, default=1e-3,
+                        help="ridge of the least-squares reconstruction of the consumer layers; 0 skips it")
     parser.add_argument("--prune-only", action="store_true", help="stop after the cosine before distillation")
     parser.add_argument("--no-write", action="store_true", help="print only (exploration runs)")
     args = parser.parse_args()
@@ -154,14 +157,21 @@ def main() -> None:
     prune_seconds = time.perf_counter() - start
     stats = pruned.report.rows[0].stats
     before = embed(pruned.model, batch)
-
-    print(f"pruned in {prune_seconds:.1f} s; cosine before distillation "
+    print(f"pruned in {prune_seconds:.1f} s; cosine after pruning "
           f"{F.cosine_similarity(before.double(), reference.double(), dim=-1).mean().item():.4f}", flush=True)
+    start = time.perf_counter()
+    rebuilt = pruned.model
+    if args.ridge > 0:
+        rebuilt = reconstruct_consumers(pruned.model, model, data, ridge=args.ridge)
+    reconstruct_seconds = time.perf_counter() - start
+    rebuilt_emb = embed(rebuilt, batch)
+    print(f"reconstructed in {reconstruct_seconds:.1f} s; cosine "
+          f"{F.cosine_similarity(rebuilt_emb.double(), reference.double(), dim=-1).mean().item():.4f}", flush=True)
     if args.prune_only:
         return
     loss = hidden_mse if args.loss == "hidden" else pooled_mse
     start = time.perf_counter()
-    student = fxcompress.finetune(pruned.model, data, teacher=model, distill=loss, steps=args.steps, lr=args.lr,
+    student = fxcompress.finetune(rebuilt, data, teacher=model, distill=loss, steps=args.steps, lr=args.lr,
                                   progress=False)
     distill_seconds = time.perf_counter() - start
     after = embed(student, batch)
@@ -183,9 +193,13 @@ def main() -> None:
     rows = [
         ["float (fp32)", "1", "100.0%", "100.0%", f"1.00x ({times['float'] * 1e3:.1f} ms)", f"{params(model):,}",
          "1.000x"],
-        ["pruned, before distillation", f"{cosine(before):.4f}", f"{nearest_agreement(reference, before):.1%}",
+        ["pruned, before reconstruction", f"{cosine(before):.4f}", f"{nearest_agreement(reference, before):.1%}",
          f"{nearest_agreement(reference, before, 2 * n_pairs):.1%}", "", f"{params(pruned.model):,}",
          f"{state_bytes(pruned.model) / state_bytes(model):.3f}x"],
+        [f"pruned + reconstructed (ridge {args.ridge})", f"{cosine(rebuilt_emb):.4f}",
+         f"{nearest_agreement(reference, rebuilt_emb):.1%}",
+         f"{nearest_agreement(reference, rebuilt_emb, 2 * n_pairs):.1%}", "", f"{params(rebuilt):,}",
+         f"{state_bytes(rebuilt) / state_bytes(model):.3f}x"],
         [f"pruned + distilled ({args.steps} steps)", f"{cosine(after):.4f}",
          f"{nearest_agreement(reference, after):.1%}", f"{nearest_agreement(reference, after, 2 * n_pairs):.1%}",
          f"{latency:.2f}x", f"{params(student):,}", f"{state_bytes(student) / state_bytes(model):.3f}x"],
