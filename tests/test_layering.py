@@ -34,6 +34,10 @@ SEMANTICS = ("fxcompress.ops", "fxcompress.capture", "fxcompress.capture_export"
 _ARGUMENT_CHECK = ("a lowered module's constructor validating the type of the float module it is given "
                    "(an API argument check with its own LoweringError, not a reading of a graph node)")
 ALLOWED: dict[tuple[str, str], str] = {
+    ("fxcompress.prune.reconstruct", "pruned_consumers"):
+        "the least-squares refit is the algebra of nn.Linear (y = W x + b) itself; it reads modules, not graph nodes",
+    ("fxcompress.prune.reconstruct", "reconstruct_consumers"):
+        "checks a user-named path is an nn.Linear, the one layer type whose weight and bias the refit solves for",
     ("fxcompress.shapes", "_target_name"):
         "names a node's target in a shape-propagation error message; decides nothing about it",
     ("fxcompress.examples.bert", "BertStyleEncoder.__init__"):
