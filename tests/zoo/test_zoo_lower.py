@@ -11,8 +11,11 @@ AMX). End to end the x86 model is not compared: a code that rounds the other way
 a random-weight net can move the output by a few dB, differently on each CPU. The
 teacher-forced run itself is the reference lowering, which computes the integer ops as the
 folded graph does, bit for bit; its float ops run on channels-last tensors and may reduce
-in another order, so it is held to SQNR >= 35 dB against the folded graph. CI runs the
-models up to 30M parameters; all 80 are marked slow.
+in another order, so it is held to SQNR >= 35 dB against the folded graph, or, for a net whose
+folded graph is itself that sensitive (maxvit_t: a 1e-6 relative change of the input moves the
+folded output to ~27 dB, as one flipped code early on propagates), to within 6 dB of the folded
+graph's own sensitivity to such a float round-off. CI runs the models up to 30M parameters; all
+80 are marked slow.
 """
 
 from __future__ import annotations
@@ -71,4 +74,22 @@ def test_zoo_model_lowers_and_runs(name: str) -> None:
             and isinstance(low.get_submodule(n.target), FoldedLayer)}
     assert left <= set(stats["float_nodes"])
     assert stats["int8_ops"].get("conv", 0) + stats["int8_ops"].get("linear", 0) >= 1
-    assert sqnr(expected, _logits(report.output)) >= 35
+    reference_sqnr = sqnr(expected, _logits(report.output))
+    if reference_sqnr < 35:
+        own = _round_off_sensitivity(folded, x, expected)
+        assert reference_sqnr >= own - 6, (
+            f"teacher-forced reference vs folded: {reference_sqnr:.1f} dB, below 35 dB and more than 6 dB "
+            f"below the folded graph's own sensitivity to a float round-off of its input ({own:.1f} dB)")
+
+
+def _round_off_sensitivity(folded: torch.nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
+    """SQNR of the folded graph's output against itself on inputs that differ by float round-off only.
+
+    Two such inputs: ``x`` in channels-last memory (the float ops reduce in another order) and
+    ``x * (1 + 1e-6)``. The lower of the two is how far a reordered float op alone can move this
+    graph's output, the most an end-to-end comparison of two correct lowerings can promise.
+    """
+    with torch.no_grad():
+        reordered = _logits(folded(x.contiguous(memory_format=torch.channels_last)))
+        nudged = _logits(folded(x * (1 + 1e-6)))
+    return min(sqnr(expected, reordered), sqnr(expected, nudged))
