@@ -11,8 +11,8 @@ from torch import fx
 from fxcompress.capture import propagate_shapes
 from fxcompress.errors import ConfigError, InputError, PassError
 from fxcompress.pass_base import Pass, PassContext, PassResult
-from fxcompress.prune import (CRITERIA, ChannelGraph, apply_removal, build_channel_graph, select, taylor_terms,
-                              unit_scores, unused_patterns)
+from fxcompress.prune import (CRITERIA, ChannelGraph, activation_terms, apply_removal, build_channel_graph, select,
+                              taylor_terms, unit_scores, unused_patterns)
 from fxcompress.prune.selection import group_ratio
 
 __all__ = ["PruneChannels"]
@@ -43,7 +43,8 @@ class PruneChannels(Pass):
     ``PrunedMultiheadAttention`` (``fxcompress.prune.attention``).
 
     Options: ``ratio`` in [0, 1); ``importance`` one of l1, l2, taylor (needs
-    ``loss_fn`` and ``calibration_data``), bn_scale, random, or a function
+    ``loss_fn`` and ``calibration_data``), activation (needs ``calibration_data``:
+    consumer columns scored by weight norm times activation norm), bn_scale, random, or a function
     ``fn(tensor, dim) -> scores``; ``round_to`` keeps unit counts multiples of
     N; ``global_ranking`` ranks all groups together (no group losing more than
     ``max_ratio``); ``min_channels`` per sliced space; ``layer_ratios`` maps
@@ -90,8 +91,10 @@ class PruneChannels(Pass):
 
     @property
     def needs(self) -> tuple[str, ...]:  # type: ignore[override]
-        """Taylor importance measures gradients: it needs data and a loss."""
-        return ("calibration_data", "loss_fn") if self.importance == "taylor" else ()
+        """Taylor importance measures gradients: it needs data and a loss; activation importance, data."""
+        if self.importance == "taylor":
+            return ("calibration_data", "loss_fn")
+        return ("calibration_data",) if self.importance == "activation" else ()
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         self.check_stage(gm, "prune first, then quantize (see recipes.prune_then_int8)")
@@ -110,7 +113,9 @@ class PruneChannels(Pass):
                               + "; ".join(f"{r} ({n} units)" for r, n in list(frozen.items())[:5])]
             return PassResult(gm, False, stats)
         # the least important units of every group go
-        scores = unit_scores(gm, cg, self.importance, taylor=taylor, seed=self.seed)
+        activation = activation_terms(gm, cg, ctx.calibration_data, ctx.example_args, ctx.example_kwargs) \
+            if self.importance == "activation" else None
+        scores = unit_scores(gm, cg, self.importance, taylor=taylor, activation=activation, seed=self.seed)
         removed = select(cg, scores, ratio=self.ratio, layer_ratios=self.layer_ratios, head_ratio=self.head_ratio,
                          global_ranking=self.global_ranking, max_ratio=self.max_ratio,
                          round_to=self.round_to, min_channels=self.min_channels)

@@ -14,7 +14,7 @@ from fxcompress.distill import DISTILL_LOSSES
 from fxcompress.errors import ConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.prune import build_channel_graph, unit_scores
-from fxcompress.prune.importance import CRITERIA
+from fxcompress.prune.importance import DATA_FREE_CRITERIA
 from fxcompress.budget import OutputSQNR, evaluate_metric
 from fxcompress.budget.candidates import prune_removal, pruned_copy
 from fxcompress.budget.measure import input_batches
@@ -71,8 +71,8 @@ class PruneToBudget(Pass):
                                        ("max_ratio", self.max_ratio, 0.0, 1.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
                 raise ConfigError(f"{name} must be a number in ({low:g}, {high:g}), got {value!r}")
-        if self.importance not in CRITERIA or self.importance == "taylor":
-            raise ConfigError(f"importance must be one of l1, l2, bn_scale, random, "
+        if self.importance not in DATA_FREE_CRITERIA:
+            raise ConfigError(f"importance must be one of {', '.join(DATA_FREE_CRITERIA)}, "
                               f"got {self.importance!r}")
         if isinstance(self.finetune_steps, bool) or not isinstance(self.finetune_steps, int) \
                 or self.finetune_steps < 0:

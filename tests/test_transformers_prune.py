@@ -125,3 +125,32 @@ def test_literal_head_counts_are_rewritten_and_a_mask_per_head_freezes_the_heads
                             frontend=frontend, progress=False).report.rows[0].stats
     assert frozen.get("removed_heads", 0) == 0
     assert any("one mask per head" in reason for reason in frozen["frozen"])
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_activation_importance_scores_every_head_and_mlp_channel_from_data(name: str) -> None:
+    """On an exported transformer every head and MLP unit is reached by the data (none falls back to
+    l2), padded tokens are left out, and pruning by it runs with check="full"."""
+    from fxcompress.capture import trace
+    from fxcompress.prune import activation_terms, unit_scores
+
+    model, make = MODELS[name]()
+    batches = [make(4, 8) for _ in range(3)]
+    for b in batches:
+        if "attention_mask" in b:
+            b["attention_mask"][1, 5:] = 0
+    gm = trace(model, make(2, 8))
+    cg = build_channel_graph(gm)
+    energy, reached = activation_terms(gm, cg, batches, (), make(2, 8))
+    qkv, out, mlp = LAYERS[name]
+    for path in (out, "encoder.layer.1.output.dense" if name == "bert" else "transformer.h.1.mlp.c_proj"):
+        ps = next(p for p in cg.params.values() if p.owner == path and p.role == "in")
+        assert bool(reached[ps.ids].all()) and bool((energy[ps.ids] > 0).all())
+    scores = unit_scores(gm, cg, "activation", activation=(energy, reached))
+    assert not torch.equal(scores, unit_scores(gm, cg, "l2"))
+    if name == "bert":  # padding never counts: changing the padded tokens changes nothing
+        noisy = [dict(b, input_ids=torch.where(b["attention_mask"].bool(), b["input_ids"], 7)) for b in batches]
+        assert torch.equal(activation_terms(gm, cg, noisy, (), make(2, 8))[0], energy)
+    result = fxcompress.run(model, [("prune_channels", {"ratio": 0.3, "importance": "activation"})], make(2, 8),
+                            calibration_data=batches, check="full", progress=False)
+    assert result.report.rows[0].stats["removed_heads"] == 4

@@ -17,7 +17,7 @@ from ..api import run, state_hash
 from ..capture import normalize_inputs, trace
 from ..errors import ConfigError, DistributedError
 from ..prune import build_channel_graph, unit_scores
-from ..prune.importance import CRITERIA
+from ..prune.importance import DATA_FREE_CRITERIA
 from .candidates import (BITS, PruneCandidate, QuantCandidate, input_qparams, prune_removal, pruned_copy,
                          quantizable_layers, quantized_layer, weight_bytes)
 from .measure import OutputSQNR, evaluate_metric, input_batches
@@ -128,8 +128,9 @@ def _check_options(quant: Sequence[str], prune_ratios: Sequence[float], activati
     if isinstance(prune_ratios, (int, float)) or not all(
             isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < 1 for r in prune_ratios):
         raise ConfigError(f"sensitivity(): prune_ratios must be a list of numbers in (0, 1), got {prune_ratios!r}")
-    if importance not in CRITERIA or importance == "taylor":
-        raise ConfigError(f"sensitivity(): importance must be one of l1, l2, bn_scale, random, got {importance!r}")
+    if importance not in DATA_FREE_CRITERIA:
+        raise ConfigError(f"sensitivity(): importance must be one of {', '.join(DATA_FREE_CRITERIA)}, "
+                          f"got {importance!r}")
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                     or num_batches < 1):
         raise ConfigError(f"sensitivity(): num_batches must be a positive int or None, got {num_batches!r}")

@@ -8,12 +8,22 @@ the scores of all members are summed per unit.  Built in:
 ``l2``        sqrt of the sum of w² over every member slice;
 ``taylor``    sum of |w · ∂L/∂w| accumulated over the calibration batches with
               ``loss_fn`` (first-order Taylor estimate of the loss change);
+``activation`` a consumer's input column ``j`` scores ``|W[:, j]|_2 · |x_j|_2``, where
+              ``|x_j|`` is the norm of the activations on channel ``j`` over the
+              calibration batches (Wanda-style: a channel matters by how much it
+              adds to what its consumers compute, not by its weights alone); the
+              rows of producers and norms score 0, and units no consumer of the
+              data reached fall back to ``l2``.  For a dict batch with an
+              ``attention_mask`` only the real tokens count (padding never does);
 ``bn_scale``  |γ| of the norms in the unit; units without a norm fall back to ``l2``;
 ``random``    seeded uniform noise (a baseline).
 
 A custom criterion is a plain function ``fn(tensor, dim) -> scores`` that
 returns one non-negative score per index of ``tensor`` along ``dim``; it is
-called for every member parameter and summed per unit.
+called for every member parameter and summed per unit.  It is called on the
+tensors of the graph being pruned (fxcompress's copy of the model), so a
+function that looks tensors up by identity finds nothing: a function that
+scores every channel 0 ranks nothing and is a :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -24,12 +34,14 @@ import torch
 from torch import fx, nn
 
 from ..errors import ConfigError, InputError
-from .types import ChannelGraph
+from .types import ChannelGraph, Space
 
-__all__ = ["Criterion", "CRITERIA", "unit_scores", "taylor_terms"]
+__all__ = ["Criterion", "CRITERIA", "DATA_FREE_CRITERIA", "unit_scores", "taylor_terms", "activation_terms"]
 
 Criterion = Union[str, Callable[[torch.Tensor, int], torch.Tensor]]
-CRITERIA = ("l1", "l2", "taylor", "bn_scale", "random")
+CRITERIA = ("l1", "l2", "taylor", "activation", "bn_scale", "random")
+#: The criteria that need no calibration data or loss (the ones the budget search can re-run at will).
+DATA_FREE_CRITERIA = ("l1", "l2", "bn_scale", "random")
 
 
 def _reduce(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -47,8 +59,13 @@ def _member_tensors(gm: fx.GraphModule, cg: ChannelGraph) -> Iterable[tuple[Any,
 
 
 def unit_scores(gm: fx.GraphModule, cg: ChannelGraph, criterion: Criterion, *,
-                taylor: dict[int, torch.Tensor] | None = None, seed: int = 0) -> torch.Tensor:
-    """One score per unit of ``cg`` (higher = more important)."""
+                taylor: dict[int, torch.Tensor] | None = None,
+                activation: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> torch.Tensor:
+    """One score per unit of ``cg`` (higher = more important).
+
+    ``taylor``: :func:`taylor_terms` of the graph; ``activation``: :func:`activation_terms`
+    of the graph and ``cg``; each needed by its criterion only.
+    """
     n_atoms = cg.unit_of.numel()
     if criterion == "random":
         return torch.rand(cg.n_units, generator=torch.Generator().manual_seed(seed))
@@ -56,6 +73,11 @@ def unit_scores(gm: fx.GraphModule, cg: ChannelGraph, criterion: Criterion, *,
     if criterion == "taylor":
         if taylor is None:
             raise ConfigError("taylor importance needs taylor_terms(): give loss_fn and calibration_data")
+    if criterion == "activation":
+        if activation is None:
+            raise ConfigError("activation importance needs activation_terms(): give calibration_data")
+        energy, reached = activation
+        covered = torch.zeros(n_atoms, dtype=torch.bool)
     for ps, t in _member_tensors(gm, cg):
         if criterion == "l1":
             s = _reduce(t, ps.dim, torch.abs)
@@ -66,6 +88,11 @@ def unit_scores(gm: fx.GraphModule, cg: ChannelGraph, criterion: Criterion, *,
             if g is None:
                 continue
             s = _reduce(g, ps.dim, torch.abs)
+        elif criterion == "activation":
+            if ps.role != "in":  # the consumer's view decides: producers' rows and norms add nothing
+                continue
+            s = _reduce(t, ps.dim, torch.square).sqrt() * energy[ps.ids].sqrt()
+            covered[ps.ids] |= reached[ps.ids]
         elif criterion == "bn_scale":
             if ps.role != "norm" or ps.attr != "weight":
                 continue
@@ -82,6 +109,10 @@ def unit_scores(gm: fx.GraphModule, cg: ChannelGraph, criterion: Criterion, *,
         else:
             raise ConfigError(f"unknown importance {criterion!r}; choose one of {CRITERIA} or pass a function")
         atom.index_add_(0, ps.ids, s.double())
+    if callable(criterion) and not bool(atom.any()):
+        raise ConfigError(f"custom importance {getattr(criterion, '__name__', criterion)!r} scored every channel 0, "
+                          f"so it ranks nothing (the channels removed would be arbitrary); it is called with the "
+                          f"tensors of fxcompress's copy of the model, so look tensors up by value, not identity")
     units = torch.zeros(cg.n_units, dtype=torch.float64).index_add_(0, cg.unit_of, atom)
     if not bool(torch.isfinite(units).all()):  # gradients (taylor) can overflow: never rank on NaN
         raise InputError(f"importance {criterion if isinstance(criterion, str) else 'function'!r} gave NaN/Inf "
@@ -92,6 +123,10 @@ def unit_scores(gm: fx.GraphModule, cg: ChannelGraph, criterion: Criterion, *,
         no_norm = units == 0
         if no_norm.any():
             units[no_norm] = unit_scores(gm, cg, "l2")[no_norm]
+    if criterion == "activation":
+        unreached = torch.zeros(cg.n_units, dtype=torch.long).index_add_(0, cg.unit_of, covered.long()) == 0
+        if unreached.any():
+            units[unreached] = unit_scores(gm, cg, "l2")[unreached]
     return units
 
 
@@ -135,3 +170,78 @@ def taylor_terms(gm: fx.GraphModule, data: Iterable | None,
             p.requires_grad_(f)
         gm.train(was_training)
     return grads
+
+
+class _ConsumerInputs(fx.Interpreter):
+    """Runs the graph and hands the input of every watched node to ``record`` as it is consumed."""
+
+    def __init__(self, gm: fx.GraphModule, watched: dict[str, fx.Node],
+                 record: Callable[[fx.Node, torch.Tensor], None]) -> None:
+        super().__init__(gm)
+        self.watched, self.record = watched, record
+
+    def run_node(self, n: fx.Node) -> Any:
+        source = self.watched.get(n.name)
+        if source is not None and isinstance(self.env.get(source), torch.Tensor):
+            self.record(source, self.env[source])
+        return super().run_node(n)
+
+
+def activation_terms(gm: fx.GraphModule, cg: ChannelGraph, data: Iterable | None, example_args: tuple,
+                     example_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per atom of ``cg``: the sum of squared activations on it at the consumers' inputs, and whether any was seen.
+
+    Every consumer (a node with an ``"in"`` parameter slice: a linear's or conv's input
+    columns) has its first input recorded over the calibration batches (read as
+    ``calibrate`` reads them); the channel positions of that input's space are summed
+    over every other position.  For a dict batch with an ``attention_mask``, a
+    channels-last input whose leading dims hold as many positions as the mask counts
+    only the tokens the mask marks.  The graph is run, never changed.
+    """
+    from ..quant.calibration import batch_inputs
+    from ..shapes import bind_placeholders
+
+    if data is None:
+        raise ConfigError("importance='activation' needs calibration_data (representative inputs); pass it to "
+                          "fxcompress.run or choose importance='l2'")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    watched = {ps.node: nodes[ps.node].args[0] for ps in cg.params.values()
+               if ps.role == "in" and ps.node in nodes and nodes[ps.node].args
+               and isinstance(nodes[ps.node].args[0], fx.Node)}
+    n_atoms = cg.unit_of.numel()
+    energy = torch.zeros(n_atoms, dtype=torch.float64)
+    reached = torch.zeros(n_atoms, dtype=torch.bool)
+    state: dict[str, Any] = {}
+
+    def record(source: fx.Node, x: torch.Tensor) -> None:
+        space = cg.spaces.get(source)
+        if not isinstance(space, Space) or len(space.dims) != 1 or not x.is_floating_point():
+            return
+        d = space.dims[0]
+        if space.ids.numel() != x.shape[d]:
+            return
+        channels_last = d == x.dim() - 1
+        x = x.detach().double().movedim(d, -1).reshape(-1, x.shape[d])
+        keep = state["mask"]
+        if keep is not None and channels_last and keep.numel() == x.shape[0]:  # tokens: padding never counts
+            x = x[keep.reshape(-1).bool()]
+        ids = space.ids.reshape(-1)
+        energy.index_add_(0, ids, x.square().sum(0))
+        reached[ids] = True
+
+    was_training = gm.training
+    gm.eval()
+    batches = 0
+    try:
+        with torch.no_grad():
+            for index, item in enumerate(data):
+                args, kwargs = batch_inputs(item, index, example_args, example_kwargs)
+                mask = kwargs.get("attention_mask")
+                state["mask"] = mask if isinstance(mask, torch.Tensor) else None
+                _ConsumerInputs(gm, watched, record).run(*bind_placeholders(gm, args, kwargs))
+                batches += 1
+    finally:
+        gm.train(was_training)
+    if not batches:
+        raise InputError("importance='activation': calibration_data is empty")
+    return energy, reached

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fxcompress
 from fxcompress.capture import trace
 from fxcompress.errors import ConfigError
 from fxcompress.examples.digits import load_digits_data, pretrained_digits_cnn
-from fxcompress.prune import build_channel_graph, taylor_terms, unit_scores
+from fxcompress.prune import activation_terms, build_channel_graph, taylor_terms, unit_scores
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +86,62 @@ def test_taylor_needs_a_loss_and_data(digits):
         taylor_terms(gm, [(data.train_x[:4], data.train_y[:4])], None)
     with pytest.raises(ConfigError, match="unknown importance"):
         unit_scores(gm, cg, "l3")
+
+
+class _MLP(torch.nn.Module):
+    """Two linears: the hidden units' only consumer is ``out``; ``attention_mask`` zeroes padded tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.out = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x, attention_mask):
+        return self.out(torch.relu(self.hidden(x))) * attention_mask.unsqueeze(-1)
+
+
+def _mlp_batches():
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        x = torch.randn(2, 5, 8, generator=g)
+        mask = torch.ones(2, 5, dtype=torch.long)
+        mask[1, 3:] = 0
+        x[1, 3:] = 1e3  # padding: huge values that must never count
+        batches.append({"x": x, "attention_mask": mask})
+    return batches
+
+
+def test_activation_is_consumer_column_norm_times_activation_norm_on_real_tokens():
+    model, batches = _MLP().eval(), _mlp_batches()
+    gm = trace(model, dict(batches[0]))
+    cg = build_channel_graph(gm)
+    terms = activation_terms(gm, cg, batches, (), {k: v for k, v in batches[0].items()})
+    scores = unit_scores(gm, cg, "activation", activation=terms)
+    with torch.no_grad():  # by hand: |W_out[:, j]| * |relu(hidden(x))_j| over the real tokens
+        h = torch.cat([torch.relu(model.hidden(b["x"]))[b["attention_mask"].bool()] for b in batches])
+        expected = model.out.weight.norm(dim=0).double() * h.double().norm(dim=0)
+    hidden_units = cg.unit_of[cg.params[("hidden", "weight", 0)].ids]
+    assert torch.allclose(scores[hidden_units], expected, rtol=1e-6)
+
+
+def test_activation_needs_data_and_custom_zero_scores_are_refused(digits):
+    gm, cg, data = digits
+    with pytest.raises(ConfigError, match="activation_terms"):
+        unit_scores(gm, cg, "activation")
+    with pytest.raises(ConfigError, match="calibration_data"):
+        activation_terms(gm, cg, None, (data.test_x[:4],), {})
+    with pytest.raises(ConfigError, match="ranks nothing"):
+        unit_scores(gm, cg, lambda t, dim: torch.zeros(t.shape[dim]))
+    with pytest.raises(ConfigError, match="calibration_data"):
+        fxcompress.run(pretrained_digits_cnn(), [("prune_channels", {"importance": "activation"})],
+                       data.test_x[:4], progress=False)
+
+
+def test_activation_prunes_the_digits_cnn_and_keeps_it_running(digits):
+    _, _, data = digits
+    batches = [data.train_x[i * 64:(i + 1) * 64] for i in range(4)]
+    result = fxcompress.run(pretrained_digits_cnn(), [("prune_channels", {"ratio": 0.5, "importance": "activation"})],
+                            data.test_x[:4], calibration_data=batches, check="full", progress=False)
+    assert result.report.rows[0].stats["removed_channels"] > 0
+    assert result.model(data.test_x[:8]).shape == (8, 10)
