@@ -9,19 +9,23 @@ contributes one term and the terms are averaged:
            dim, averaged over the other dims (logits; Hinton et al.);
 ``"mse"``  the mean squared difference (features, embeddings, boxes);
 a function ``fn(student_out, teacher_out) -> scalar tensor`` replaces both and
-receives the whole outputs.
+receives the whole outputs.  :class:`LayerTaps` adds intermediate layers: the MSE
+between the outputs of named submodules of the two models (``finetune(...,
+distill_layers=[...])``; TinyBERT-style hidden-state distillation).
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Literal, Union
 
 import torch
 import torch.nn.functional as F
+from torch import fx
 
 from .errors import ConfigError, InputError
 
-__all__ = ["Distill", "DISTILL_LOSSES", "distillation_loss", "check_distill_options", "output_leaves"]
+__all__ = ["Distill", "DISTILL_LOSSES", "distillation_loss", "check_distill_options", "output_leaves", "LayerTaps"]
 
 Distill = Union[Literal["kl", "mse"], Callable[[Any, Any], torch.Tensor]]
 DISTILL_LOSSES = ("kl", "mse")
@@ -79,3 +83,82 @@ def distillation_loss(student: Any, teacher: Any, distill: Distill = "kl", tempe
     if not terms:
         raise InputError("distillation: the outputs hold no floating-point tensor to compare")
     return torch.stack(terms).sum() / len(terms) if len(terms) > 1 else terms[0]
+
+
+class LayerTaps:
+    """Intermediate-layer distillation: the outputs of named submodules of a student and its teacher.
+
+    ``layers`` names the modules to match: a list of paths both models have (a pruned model keeps
+    the original's module paths), or a mapping ``{student_path: teacher_path}``.  Forward hooks
+    record each module's output (the last call's, for a module called more than once); :meth:`loss` is the mean over the pairs of the MSE
+    between the student's and the (detached) teacher's outputs of the step just run, and clears
+    them.  Outputs are matched leaf by leaf like the models' outputs, so each pair must have the
+    same structure and shapes: match the layers whose widths pruning kept (a transformer's residual
+    stream: the LayerNorm after each block).  The hooks stay until :meth:`close`.
+
+    Raises :class:`ConfigError` for an empty list or a path either model lacks, and
+    :class:`InputError` when a named layer did not run in a step or the two outputs differ.
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, layers: Any) -> None:
+        pairs = list(layers.items()) if isinstance(layers, dict) else [(p, p) for p in layers] \
+            if isinstance(layers, (list, tuple)) else None
+        if not pairs or not all(isinstance(s, str) and isinstance(t, str) for s, t in pairs):
+            raise ConfigError(f"distill_layers must be a non-empty list of module paths or a mapping "
+                              f"{{student_path: teacher_path}}, got {layers!r}")
+        self.pairs = pairs
+        self.outputs: dict[tuple[str, str], Any] = {}
+        self._handles = []
+        try:
+            for side, model, paths in (("student", student, [s for s, _ in pairs]),
+                                       ("teacher", teacher, [t for _, t in pairs])):
+                modules = dict(model.named_modules())
+                for path in paths:
+                    if path not in modules:
+                        near = difflib.get_close_matches(path, list(modules), n=3)
+                        raise ConfigError(f"distill_layers: the {side} has no module {path!r}"
+                                          f"{f' (did you mean {near}?)' if near else ''}")
+                    _check_called(model, path, side)
+                    self._handles.append(modules[path].register_forward_hook(self._recorder(side, path)))
+        except ConfigError:
+            self.close()
+            raise
+
+    def _recorder(self, side: str, path: str) -> Callable:
+        def record(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            self.outputs[(side, path)] = output
+        return record
+
+    def loss(self) -> torch.Tensor:
+        """The mean MSE over the pairs for the forward passes just run; clears the recorded outputs."""
+        terms = []
+        try:
+            for s_path, t_path in self.pairs:
+                missing = [f"{side} {p!r}" for side, p in (("student", s_path), ("teacher", t_path))
+                           if (side, p) not in self.outputs]
+                if missing:
+                    raise InputError(f"distill_layers: {' and '.join(missing)} did not run in this step; "
+                                     f"name layers every forward pass calls")
+                terms.append(distillation_loss(self.outputs[("student", s_path)],
+                                               self.outputs[("teacher", t_path)], "mse"))
+        finally:
+            self.outputs.clear()
+        return torch.stack(terms).mean()
+
+    def close(self) -> None:
+        """Remove the hooks (the models are as they were before)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _check_called(model: torch.nn.Module, path: str, side: str) -> None:
+    """ConfigError when ``model`` is a graph that never calls module ``path`` (a container whose layers it inlined)."""
+    if not isinstance(model, fx.GraphModule):
+        return
+    called = {str(n.target) for n in model.graph.nodes if n.op == "call_module"}
+    if path not in called:
+        inside = sorted(c for c in called if c.startswith(f"{path}."))[:6]
+        raise ConfigError(f"distill_layers: the {side} is a graph that never calls {path!r}"
+                          + (f" (a container: it calls its layers {inside}); name one of them" if inside
+                             else "; name a module the graph calls"))

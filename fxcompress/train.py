@@ -13,6 +13,7 @@ be deployed and no BatchNorm statistics move during QAT.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -20,11 +21,30 @@ from torch import nn
 
 from . import distributed
 from .boundary import clone_inputs
-from .distill import Distill, check_distill_options, distillation_loss
+from .distill import Distill, LayerTaps, check_distill_options, distillation_loss
 from .errors import ConfigError, InputError
 from .verify import role_of
 
-__all__ = ["finetune", "split_batch", "call_with", "training_loss", "distillation_loss"]
+__all__ = ["finetune", "split_batch", "call_with", "training_loss", "distillation_loss", "SCHEDULES",
+           "lr_factor"]
+
+#: Learning-rate schedules: the factor on ``lr`` at each step after the warmup.
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup: int) -> float:
+    """The factor on ``lr`` for optimizer step ``step`` (0-based) of ``steps``.
+
+    A linear warmup from ``1 / warmup`` to 1 over the first ``warmup`` steps, then
+    ``constant`` (1), ``cosine`` (half a cosine from 1 down to 0 at the last step) or
+    ``linear`` (a straight line from 1 down to 0) over the steps that remain.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -78,6 +98,10 @@ def finetune(
     distill_weight: float = 1.0,
     labelled: bool | None = None,
     across_ranks: bool = True,
+    schedule: str = "constant",
+    warmup: int = 0,
+    distill_layers: Any = None,
+    layer_weight: float = 1.0,
 ) -> nn.Module:
     """Train ``model`` for ``steps`` optimizer steps over ``data`` (cycled as needed).
 
@@ -101,6 +125,13 @@ def finetune(
 
     ``freeze_observers_after=N`` stops fake-quant observers from updating their
     ranges after N steps (scales then stay fixed, the usual QAT schedule).
+    ``schedule`` (``"constant"``, ``"cosine"``, ``"linear"``) and ``warmup`` (steps of
+    linear warmup) shape the learning rate over the steps (:func:`lr_factor`); only
+    parameters with ``requires_grad`` train, so freezing a layer is
+    ``p.requires_grad_(False)`` on its parameters before the call.
+    ``distill_layers`` (with a teacher): module paths (or ``{student_path:
+    teacher_path}``) whose outputs are matched too, adding ``layer_weight`` times their
+    mean MSE to the loss (:class:`~fxcompress.distill.LayerTaps`).
     Raises :class:`ConfigError` for bad arguments, :class:`InputError` for
     empty data or unlabelled batches, and stops with an error on a NaN loss
     (naming the step) rather than silently training on garbage.
@@ -112,9 +143,17 @@ def finetune(
     optimizers = {"adam": torch.optim.Adam, "sgd": lambda p, **kw: torch.optim.SGD(p, momentum=0.9, **kw)}
     if optimizer not in optimizers:
         raise ConfigError(f"finetune(): optimizer must be one of {sorted(optimizers)}, got {optimizer!r}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"finetune(): schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < steps:
+        raise ConfigError(f"finetune(): warmup must be an int in [0, steps={steps}), got {warmup!r}")
     if loss_fn is None and teacher is None:
         raise ConfigError("finetune(): give loss_fn(outputs, target), a teacher model to distil from, or both")
     check_distill_options(distill, temperature, distill_weight, has_task=loss_fn is not None)
+    if distill_layers is not None and teacher is None:
+        raise ConfigError("finetune(): distill_layers matches a student's layers to a teacher's; give teacher=")
+    if isinstance(layer_weight, bool) or not isinstance(layer_weight, (int, float)) or not layer_weight > 0:
+        raise ConfigError(f"finetune(): layer_weight must be a positive number, got {layer_weight!r}")
     labelled = loss_fn is not None if labelled is None else labelled
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -125,6 +164,7 @@ def finetune(
         distributed.check_backend(w.backend, params[0].device, "gradients")
         trained = nn.parallel.DistributedDataParallel(model)
     opt = optimizers[optimizer](params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, schedule, warmup))
     torch.manual_seed(seed)
     batches = _cycle(data)
     bar = range(steps)
@@ -132,6 +172,7 @@ def finetune(
         from tqdm.auto import tqdm
 
         bar = tqdm(bar, desc="finetune", unit="step", leave=False)
+    taps = LayerTaps(model, teacher, distill_layers) if distill_layers is not None else None
     if teacher is not None:
         teacher_was_training = teacher.training
         teacher.eval()
@@ -144,12 +185,17 @@ def finetune(
             inputs, target = split_batch(batch) if labelled else (batch, None)
             outputs = call_with(trained, inputs)
             loss = training_loss(outputs, inputs, target, loss_fn, teacher, distill, temperature, distill_weight)
+            if taps is not None:
+                loss = loss + layer_weight * taps.loss()
             _check_finite(loss, step, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            scheduler.step()
     finally:
         model.eval()
+        if taps is not None:
+            taps.close()
         if teacher is not None:
             teacher.train(teacher_was_training)
     return model

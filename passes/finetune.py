@@ -12,7 +12,7 @@ from fxcompress.distill import DISTILL_LOSSES, check_distill_options
 from fxcompress.errors import ConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.quant.calibration import batch_inputs
-from fxcompress.train import training_loss, call_with, finetune, split_batch
+from fxcompress.train import SCHEDULES, call_with, finetune, split_batch, training_loss
 
 __all__ = ["Finetune"]
 
@@ -35,7 +35,10 @@ class Finetune(Pass):
     (an ``(inputs, target)`` pair's target is dropped).  Under ``torchrun`` the graph
     trains data-parallel (DDP) on each rank's shard.  ``freeze_observers_after=N`` stops
     fake-quant modules from re-observing ranges after N steps (they start frozen after
-    ``to_fake_quant``).  The data must be re-iterable (a list or a ``DataLoader``, not a
+    ``to_fake_quant``).  ``schedule`` (constant, cosine, linear) and ``warmup`` steps shape
+    the learning rate (``fxcompress.train.lr_factor``); ``distill_layers`` (module paths, or
+    ``{student_path: teacher_path}``) also matches those layers' outputs to the teacher's,
+    weighted by ``layer_weight`` (``fxcompress.distill.LayerTaps``).  The data must be re-iterable (a list or a ``DataLoader``, not a
     generator) when ``calibrate`` reads it too.  The manager refuses a run without the data, the loss function (unless
     distilling) or the teacher (when distilling) before any work; an unlabelled batch (with ``loss_fn``) or a
     non-finite loss raises :class:`~fxcompress.errors.InputError` naming the step.
@@ -52,6 +55,10 @@ class Finetune(Pass):
     distill: str | None = None
     temperature: float = 1.0
     distill_weight: float = 1.0
+    schedule: str = "constant"
+    warmup: int = 0
+    distill_layers: Any = None
+    layer_weight: float = 1.0
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -68,6 +75,9 @@ class Finetune(Pass):
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         check_choice("optimizer", self.optimizer, _OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup < self.steps:
+            raise ConfigError(f"warmup must be an int in [0, steps={self.steps}), got {self.warmup!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.freeze_observers_after is not None and self.freeze_observers_after < 0:
@@ -76,6 +86,8 @@ class Finetune(Pass):
         if self.distill is not None and self.distill not in DISTILL_LOSSES:
             raise ConfigError(f"distill must be one of {DISTILL_LOSSES} or None, got {self.distill!r}")
         check_distill_options(self.distill or "kl", self.temperature, self.distill_weight, has_task=True)
+        if self.distill_layers is not None and self.distill is None:
+            raise ConfigError("distill_layers matches layers to the teacher's: set distill='kl' or 'mse' too")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         teacher = self._teacher(ctx)
@@ -93,7 +105,8 @@ class Finetune(Pass):
                  weight_decay=self.weight_decay, freeze_observers_after=self.freeze_observers_after,
                  progress=ctx.progress, seed=ctx.seed, teacher=teacher, distill=self.distill or "kl",
                  temperature=self.temperature, distill_weight=self.distill_weight if teacher is not None else 1.0,
-                 labelled=labelled)
+                 labelled=labelled, schedule=self.schedule, warmup=self.warmup,
+                 distill_layers=self.distill_layers if teacher is not None else None, layer_weight=self.layer_weight)
         changed = any(not torch.equal(a, p.detach()) for a, p in zip(before_state, gm.parameters()))
         stats = {"steps": self.steps, "loss_before": loss_before,
                  "loss_after": self._loss(gm, first, ctx, teacher, labelled)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +146,99 @@ def test_distillation_bad_input() -> None:
         fxcompress.finetune(_untrained(), UNLABELLED, None, steps=1, lr=1e-3)
     with pytest.raises(InputError, match="structure"):
         fxcompress.train.distillation_loss({"a": torch.zeros(2)}, (torch.zeros(2),))
+
+
+def test_lr_schedules() -> None:
+    from fxcompress.train import lr_factor
+
+    assert [lr_factor(s, 10, "constant", 2) for s in (0, 1, 5, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, 10, "cosine", 2) == 1.0 and lr_factor(6, 10, "cosine", 2) == pytest.approx(0.5)
+    assert lr_factor(9, 10, "cosine", 0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert lr_factor(5, 10, "linear", 0) == pytest.approx(0.5)
+    # the optimizer really steps at those rates: a cosine run ends with a smaller last step than a constant one
+    runs = {}
+    for schedule in ("constant", "cosine"):
+        model = _untrained()
+        fxcompress.finetune(model, PAIRS, F.cross_entropy, steps=8, lr=1e-3, schedule=schedule, warmup=1,
+                            progress=False)
+        runs[schedule] = [p.detach().clone() for p in model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(runs["constant"], runs["cosine"]))
+    result = fxcompress.run(_untrained(), [("finetune", {"steps": 4, "lr": 1e-3, "schedule": "linear", "warmup": 2})],
+                            EXAMPLE, calibration_data=PAIRS, loss_fn=F.cross_entropy, progress=False)
+    assert result.report.rows[0].stats["steps"] == 4
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"schedule": "step"}, "schedule"),
+    ({"steps": 4, "warmup": 4}, "warmup"),
+    ({"warmup": -1}, "warmup"),
+])
+def test_bad_schedules(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        fxcompress.run(_untrained(), [("finetune", options)], EXAMPLE, calibration_data=PAIRS,
+                       loss_fn=F.cross_entropy)
+    with pytest.raises(ConfigError, match=message):
+        fxcompress.finetune(_untrained(), PAIRS, F.cross_entropy, steps=options.get("steps", 10), lr=1e-3,
+                            schedule=options.get("schedule", "constant"), warmup=options.get("warmup", 0))
+
+
+def _conv_mse(student, teacher) -> float:
+    """MSE between the two models' ``conv`` block outputs on the test images."""
+    outs = []
+    hooks = [m.conv.register_forward_hook(lambda mod, i, o: outs.append(o)) for m in (student, teacher)]
+    with torch.no_grad():
+        student(DATA.test_x), teacher(DATA.test_x)
+    for h in hooks:
+        h.remove()
+    return F.mse_loss(outs[0], outs[1]).item()
+
+
+def test_distill_layers_matches_intermediate_outputs_and_removes_its_hooks() -> None:
+    teacher = pretrained_digits_cnn()
+    plain, tapped = _untrained(), _untrained()
+    before = _conv_mse(plain, teacher)
+    fxcompress.finetune(plain, UNLABELLED, None, steps=30, lr=1e-3, teacher=teacher, progress=False)
+    fxcompress.finetune(tapped, UNLABELLED, None, steps=30, lr=1e-3, teacher=teacher, distill_layers=["conv"],
+                        layer_weight=10.0, progress=False)
+    # the conv block's features move towards the teacher's only when they are matched
+    assert _conv_mse(tapped, teacher) < 0.5 * before and _conv_mse(tapped, teacher) < 0.5 * _conv_mse(plain, teacher)
+    assert all(not m._forward_hooks for m in list(tapped.modules()) + list(teacher.modules()))
+
+
+class _Spare(_TwoHeads):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = torch.nn.Linear(4, 4)  # never called
+
+
+def test_distill_layers_bad_input() -> None:
+    teacher, student = _Spare().eval(), _Spare().eval()
+    with pytest.raises(ConfigError, match="did you mean"):
+        fxcompress.finetune(student, UNLABELLED, None, steps=2, lr=1e-3, teacher=teacher, distill="mse",
+                            distill_layers=["hed"], progress=False)
+    with pytest.raises(ConfigError, match="teacher="):
+        fxcompress.finetune(student, PAIRS, F.cross_entropy, steps=2, lr=1e-3, distill_layers=["head"])
+    with pytest.raises(ConfigError, match="non-empty list"):
+        fxcompress.finetune(student, UNLABELLED, None, steps=2, lr=1e-3, teacher=teacher, distill="mse",
+                            distill_layers="head", progress=False)
+    with pytest.raises(InputError, match="did not run"):
+        fxcompress.finetune(student, UNLABELLED, None, steps=2, lr=1e-3, teacher=teacher, distill="mse",
+                            distill_layers=["spare"], progress=False)
+    with pytest.raises(InputError, match="for the student"):  # a width the student does not share
+        fxcompress.finetune(student, UNLABELLED, None, steps=2, lr=1e-3, teacher=teacher, distill="mse",
+                            distill_layers={"body.1": "head"}, progress=False)
+    assert all(not m._forward_hooks for m in list(student.modules()) + list(teacher.modules()))
+
+
+def test_the_pass_takes_distill_layers() -> None:
+    teacher = pretrained_digits_cnn()
+    with pytest.raises(ConfigError, match=r"container: it calls its layers \['conv.0', 'conv.1', 'conv.2'\]"):
+        fxcompress.run(_untrained(), [("finetune", {"steps": 5, "distill": "kl", "distill_layers": ["conv"]})],
+                       EXAMPLE, calibration_data=UNLABELLED, teacher=teacher, progress=False)
+    step = ("finetune", {"steps": 5, "lr": 1e-3, "distill": "kl", "distill_layers": ["conv.2"], "schedule": "cosine"})
+    result = fxcompress.run(_untrained(), [step], EXAMPLE, calibration_data=UNLABELLED, teacher=teacher,
+                            progress=False)
+    assert result.report.rows[0].stats["loss_after"] < result.report.rows[0].stats["loss_before"]
+    with pytest.raises(ConfigError, match="distill_layers"):
+        fxcompress.run(_untrained(), [("finetune", {"distill_layers": ["conv"]})], EXAMPLE, calibration_data=PAIRS,
+                       loss_fn=F.cross_entropy)
