@@ -9,7 +9,8 @@ contributes one term and the terms are averaged:
            dim, averaged over the other dims (logits; Hinton et al.);
 ``"mse"``  the mean squared difference (features, embeddings, boxes);
 a function ``fn(student_out, teacher_out) -> scalar tensor`` replaces both and
-receives the whole outputs.  :class:`LayerTaps` adds intermediate layers: the MSE
+receives the whole outputs (and the batch's inputs, when it has a parameter named
+``inputs``).  :class:`LayerTaps` adds intermediate layers: the MSE
 between the outputs of named submodules of the two models (``finetune(...,
 distill_layers=[...])``; TinyBERT-style hidden-state distillation).
 """
@@ -17,6 +18,7 @@ distill_layers=[...])``; TinyBERT-style hidden-state distillation).
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any, Callable, Literal, Union
 
 import torch
@@ -54,14 +56,26 @@ def output_leaves(value: Any, path: str = "out") -> list[tuple[str, Any]]:
     return [(path, value)]
 
 
-def distillation_loss(student: Any, teacher: Any, distill: Distill = "kl", temperature: float = 1.0) -> torch.Tensor:
+def takes_inputs(fn: Callable) -> bool:
+    """Whether a distillation function has a parameter named ``inputs`` (it then gets the batch's inputs)."""
+    try:
+        return "inputs" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+
+
+def distillation_loss(student: Any, teacher: Any, distill: Distill = "kl", temperature: float = 1.0,
+                      inputs: Any = None) -> torch.Tensor:
     """The distillation loss of ``student``'s outputs against ``teacher``'s (see the module doc).
 
+    A function ``distill`` with a parameter named ``inputs`` is called with
+    ``inputs=`` the batch's inputs too (a tensor, tuple or dict), e.g. to leave a
+    padded batch's padding out of the loss through its ``attention_mask``.
     Raises :class:`InputError` when the two outputs differ in structure or in a
     leaf's shape, or hold no floating-point tensor to compare.
     """
     if callable(distill):
-        return distill(student, teacher)
+        return distill(student, teacher, inputs=inputs) if takes_inputs(distill) else distill(student, teacher)
     s_leaves, t_leaves = output_leaves(student), output_leaves(teacher)
     if [p for p, _ in s_leaves] != [p for p, _ in t_leaves]:
         raise InputError(f"distillation: the student's outputs {[p for p, _ in s_leaves]} do not have the "
@@ -94,7 +108,8 @@ class LayerTaps:
     between the student's and the (detached) teacher's outputs of the step just run, and clears
     them.  Outputs are matched leaf by leaf like the models' outputs, so each pair must have the
     same structure and shapes: match the layers whose widths pruning kept (a transformer's residual
-    stream: the LayerNorm after each block).  The hooks stay until :meth:`close`.
+    stream: the LayerNorm after each block).  A padded batch's padding (its ``attention_mask``)
+    never counts.  The hooks stay until :meth:`close`.
 
     Raises :class:`ConfigError` for an empty list or a path either model lacks, and
     :class:`InputError` when a named layer did not run in a step or the two outputs differ.
@@ -129,8 +144,13 @@ class LayerTaps:
             self.outputs[(side, path)] = output
         return record
 
-    def loss(self) -> torch.Tensor:
-        """The mean MSE over the pairs for the forward passes just run; clears the recorded outputs."""
+    def loss(self, inputs: Any = None) -> torch.Tensor:
+        """The mean MSE over the pairs for the forward passes just run; clears the recorded outputs.
+
+        When ``inputs`` is a dict with an ``attention_mask`` and an output's leading dims hold as
+        many positions as the mask, only the tokens the mask marks count (padding never does).
+        """
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         terms = []
         try:
             for s_path, t_path in self.pairs:
@@ -139,8 +159,15 @@ class LayerTaps:
                 if missing:
                     raise InputError(f"distill_layers: {' and '.join(missing)} did not run in this step; "
                                      f"name layers every forward pass calls")
-                terms.append(distillation_loss(self.outputs[("student", s_path)],
-                                               self.outputs[("teacher", t_path)], "mse"))
+                student, teacher = self.outputs[("student", s_path)], self.outputs[("teacher", t_path)]
+                if isinstance(mask, torch.Tensor) and isinstance(student, torch.Tensor) \
+                        and isinstance(teacher, torch.Tensor) and student.shape == teacher.shape \
+                        and student.dim() >= 2 and student.shape[:-1].numel() == mask.numel():
+                    keep = mask.reshape(student.shape[:-1]).unsqueeze(-1).to(student.dtype)
+                    error = (student - teacher.detach().to(student.dtype)).square() * keep
+                    terms.append(error.sum() / (keep.sum().clamp_min(1.0) * student.shape[-1]))
+                else:
+                    terms.append(distillation_loss(student, teacher, "mse"))
         finally:
             self.outputs.clear()
         return torch.stack(terms).mean()

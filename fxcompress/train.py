@@ -186,7 +186,7 @@ def finetune(
             outputs = call_with(trained, inputs)
             loss = training_loss(outputs, inputs, target, loss_fn, teacher, distill, temperature, distill_weight)
             if taps is not None:
-                loss = loss + layer_weight * taps.loss()
+                loss = loss + layer_weight * taps.loss(inputs)
             _check_finite(loss, step, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -208,7 +208,7 @@ def training_loss(outputs: Any, inputs: Any, target: Any, loss_fn: Callable | No
         return loss_fn(outputs, target)  # type: ignore[misc]
     with torch.no_grad():
         reference = call_with(teacher, inputs)
-    loss = distillation_loss(outputs, reference, distill, temperature)
+    loss = distillation_loss(outputs, reference, distill, temperature, inputs=inputs)
     if loss_fn is None:
         return loss
     return distill_weight * loss + (1.0 - distill_weight) * loss_fn(outputs, target)

@@ -242,3 +242,39 @@ def test_the_pass_takes_distill_layers() -> None:
     with pytest.raises(ConfigError, match="distill_layers"):
         fxcompress.run(_untrained(), [("finetune", {"distill_layers": ["conv"]})], EXAMPLE, calibration_data=PAIRS,
                        loss_fn=F.cross_entropy)
+
+
+def test_a_distillation_function_can_read_the_inputs_and_layer_taps_skip_padding() -> None:
+    seen = []
+
+    def loss(student, teacher, inputs):
+        seen.append(inputs)
+        return fxcompress.train.distillation_loss(student, teacher, "mse")
+
+    teacher, student = _TwoHeads().eval(), _TwoHeads().eval()
+    fxcompress.finetune(student, UNLABELLED[:2], None, steps=2, lr=1e-3, teacher=teacher, distill=loss,
+                        progress=False)
+    assert [torch.equal(s, b) for s, b in zip(seen, UNLABELLED[:2])] == [True, True]
+
+    class Tokens(torch.nn.Module):
+        def __init__(self, shift: float) -> None:
+            super().__init__()
+            self.lin, self.shift = torch.nn.Linear(4, 4), shift
+
+        def forward(self, x, attention_mask):
+            return self.lin(x) + self.shift
+
+    from fxcompress.distill import LayerTaps
+
+    torch.manual_seed(0)
+    a, b = Tokens(0.0), Tokens(0.0)
+    taps = LayerTaps(a, b, ["lin"])
+    x, mask = torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    x_b = x.clone()
+    x_b[mask == 0] += 1e3  # the teacher sees other padding: it must not count
+    batch = {"x": x, "attention_mask": mask}
+    a(**batch), b(x_b, mask)
+    with torch.no_grad():
+        diff = (a.lin(x) - b.lin(x_b))[mask.bool()]
+    assert torch.allclose(taps.loss(batch), diff.square().mean())
+    taps.close()
