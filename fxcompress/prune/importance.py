@@ -173,16 +173,18 @@ def taylor_terms(gm: fx.GraphModule, data: Iterable | None,
 
 
 class _ConsumerInputs(fx.Interpreter):
-    """Runs the graph and hands the input of every watched node to ``record`` as it is consumed."""
+    """Runs the graph and hands the input of every watched node to ``record`` as it is consumed,
+    once per tensor (q, k and v reading one tensor count it once)."""
 
     def __init__(self, gm: fx.GraphModule, watched: dict[str, fx.Node],
                  record: Callable[[fx.Node, torch.Tensor], None]) -> None:
         super().__init__(gm)
-        self.watched, self.record = watched, record
+        self.watched, self.record, self.seen = watched, record, set()
 
     def run_node(self, n: fx.Node) -> Any:
         source = self.watched.get(n.name)
-        if source is not None and isinstance(self.env.get(source), torch.Tensor):
+        if source is not None and source not in self.seen and isinstance(self.env.get(source), torch.Tensor):
+            self.seen.add(source)
             self.record(source, self.env[source])
         return super().run_node(n)
 
