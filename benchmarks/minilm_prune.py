@@ -230,6 +230,12 @@ def main() -> None:
           f"heads and {stats['removed_channels']} channels; frozen: {stats['frozen']}")
     if args.no_write:
         return
+    layers_call = "" if args.no_layers else ", distill_layers=<the residual stream after each attention and block>"
+    loss_text = {"hidden": "MSE on every token's last hidden state",
+                 "hidden+pooled": "MSE on every token's last hidden state plus 1 - cosine of the pooled embedding",
+                 }[args.loss]
+    layers_text = "" if args.no_layers else "and the MSE of the residual stream after each attention and each block "
+    embeddings = "trained" if args.train_embeddings else "frozen"
     body = f"""
 all-MiniLM-L6-v2 (pretrained), captured with the export front end on 4 sentences and run on all
 {len(texts)} evaluation sentences of `minilm.md` ({n_pairs} paraphrase pairs, {len(texts) - 2 * n_pairs}
@@ -241,13 +247,13 @@ unrelated; one padded batch of {tuple(batch['input_ids'].shape)} tokens).
 groups say. The consumers of the removed channels are then refitted by ridge least squares
 (`reconstruct_consumers(ridge={args.ridge})`, on the real tokens of the {len(train)} distillation sentences;
 {reconstruct_seconds:.0f} s), and `fxcompress.finetune(student, data, teacher=float model, steps={args.steps},
-lr={args.lr}, schedule="{args.schedule}", warmup={args.warmup}{'' if args.no_layers else ', distill_layers=<the residual stream after each attention and block>'})`
+lr={args.lr}, schedule="{args.schedule}", warmup={args.warmup}{layers_call})`
 distils it on unlabeled text: the {len(train)} sentences of `data/minilm_distill_sentences.txt` (written for this,
 disjoint from the evaluation sentences) plus {args.augment} pairs of them joined and {args.augment} copies with 15%
 of their words dropped, in shuffled padded batches of {args.batch}, with the loss (real tokens only)
-{"MSE on every token's last hidden state" if args.loss == "hidden" else "MSE on every token's last hidden state plus 1 - cosine of the pooled embedding"}
-{'' if args.no_layers else "and the MSE of the residual stream after each attention and each block "}(embeddings {"trained" if args.train_embeddings else "frozen"}; {distill_seconds:.0f} s at 2 threads). Latency: the float model and the pruned one side by side, 1 thread,
-best of {args.rounds} interleaved medians.
+{loss_text}
+{layers_text}(embeddings {embeddings}; {distill_seconds:.0f} s at 2 threads). Latency: the float model and the pruned
+one side by side, 1 thread, best of {args.rounds} interleaved medians.
 
 {table}
 

@@ -104,9 +104,9 @@ class LayerTaps:
 
     ``layers`` names the modules to match: a list of paths both models have (a pruned model keeps
     the original's module paths), or a mapping ``{student_path: teacher_path}``.  Forward hooks
-    record each module's output (the last call's, for a module called more than once); :meth:`loss` is the mean over the pairs of the MSE
-    between the student's and the (detached) teacher's outputs of the step just run, and clears
-    them.  Outputs are matched leaf by leaf like the models' outputs, so each pair must have the
+    record each module's output (the last call's, for a module called more than once);
+    :meth:`loss` is the mean over the pairs of the MSE between the student's and the (detached)
+    teacher's outputs of the step just run, and clears them.  Outputs are matched leaf by leaf like the models' outputs, so each pair must have the
     same structure and shapes: match the layers whose widths pruning kept (a transformer's residual
     stream: the LayerNorm after each block).  A padded batch's padding (its ``attention_mask``)
     never counts.  The hooks stay until :meth:`close`.

@@ -38,9 +38,10 @@ class Finetune(Pass):
     ``to_fake_quant``).  ``schedule`` (constant, cosine, linear) and ``warmup`` steps shape
     the learning rate (``fxcompress.train.lr_factor``); ``distill_layers`` (module paths, or
     ``{student_path: teacher_path}``) also matches those layers' outputs to the teacher's,
-    weighted by ``layer_weight`` (``fxcompress.distill.LayerTaps``).  The data must be re-iterable (a list or a ``DataLoader``, not a
-    generator) when ``calibrate`` reads it too.  The manager refuses a run without the data, the loss function (unless
-    distilling) or the teacher (when distilling) before any work; an unlabelled batch (with ``loss_fn``) or a
+    weighted by ``layer_weight`` (``fxcompress.distill.LayerTaps``).  The data must be
+    re-iterable (a list or a ``DataLoader``, not a generator) when ``calibrate`` reads it too.
+    The manager refuses a run without the data, the loss function (unless distilling) or the
+    teacher (when distilling) before any work; an unlabelled batch (with ``loss_fn``) or a
     non-finite loss raises :class:`~fxcompress.errors.InputError` naming the step.
     Stats: ``steps``, and ``loss_before`` / ``loss_after`` on the first batch.
     """
