@@ -91,10 +91,11 @@ def best_medians(models: dict[str, nn.Module], batch: dict[str, torch.Tensor], r
         warnings.simplefilter("ignore")
         for m in models.values():
             m(**batch)
-        for _ in range(rounds):
+        for r in range(rounds):
             for name, m in models.items():
                 timer = tb.Timer("m(**b)", globals={"m": m, "b": batch})
                 best[name] = min(best[name], timer.blocked_autorange(min_run_time=0.5).median)
+                print(f"  round {r + 1}: {name} {best[name] * 1e3:.1f} ms", flush=True)
     return best
 
 
@@ -137,6 +138,12 @@ def main() -> None:
                    if len(texts) - i >= 8]
 
     torch.set_num_threads(2)
+    began = time.perf_counter()
+
+    def phase(what: str) -> None:  # progress on stdout: the run takes minutes
+        print(f"[{time.perf_counter() - began:6.0f} s] {what}", flush=True)
+
+    phase("capture + dynamic int8")
     start = time.perf_counter()
     # The embedding tables, weight-only int8 (the linears are quantized already).
     tables = ("quantize_weights", {"bits": 8, "group_size": None, "embeddings": True})
@@ -149,12 +156,14 @@ def main() -> None:
     kernel_name = KERNEL_DYNAMIC.format(", 7-bit weights" if seven else "")
     compute = "bfloat16" if native_bf16() else "float32"  # bf16 is emulated (slow) elsewhere
     # The linears most sensitive to int4 (measured, one at a time) keep 8-bit weights.
+    phase("int4 sensitivity of each linear")
     sensitivity = int4_sensitivity(model, calibration, 16)
     kept = [path for path, _ in sensitivity[:args.int8_layers]]
     int4 = [("quantize_weights", {"bits": 8, "group_size": None, "compute_dtype": compute, "scope": kept})] * bool(kept)
     int4 += [("quantize_weights", {"bits": 4, "group_size": 16, "compute_dtype": compute, "skip": kept}),
             ("quantize_weights", {"bits": 4, "group_size": 64, "compute_dtype": compute, "embeddings": True,
                                   "scope": ["embeddings.*"]})]
+    phase("building the other configurations")
     built = {
         DYNAMIC: dynamic,
         kernel_name: fxcompress.run(model, [("quantize_dynamic", {"bits": 7 if seven else 8}), tables], example,
@@ -165,6 +174,7 @@ def main() -> None:
                                example, calibration_data=calibration, progress=False),
     }
     ours = {name: r.model for name, r in built.items()}
+    phase("peers")
     peers: dict[str, nn.Module] = {}
     peers["torch.ao quantize_dynamic"] = torch.ao.quantization.quantize_dynamic(
         copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
@@ -179,7 +189,9 @@ def main() -> None:
 
     reference = embed(model, batch)
     torch.set_num_threads(1)
+    phase("timing")
     times = best_medians({"float": model, **ours, **peers}, batch, args.rounds)
+    phase("accuracy")
     float_bytes, float_saved = state_bytes(model), saved_bytes(model)
     rows = []
     for name, m in {**ours, **peers}.items():

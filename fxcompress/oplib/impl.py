@@ -281,8 +281,8 @@ def add(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_zero_point: t
 def per_token_kernel(weight: torch.Tensor, weight_scale: torch.Tensor) -> QLinearKernel | None:
     """The oneDNN qlinear that runs a per-token dynamic linear here, or None (reference path).
 
-    It takes the int8 codes of the rows (symmetric, zero point 0, scale 1) and applies the
-    weight scales in the kernel; the rows' scales and the bias follow in one pass. It runs
+    It takes the int8 codes of the rows (symmetric, scale 1), shifted to uint8 with zero point
+    128, and applies the weight scales in the kernel; the rows' scales and the bias follow in one pass. It runs
     where the qlinear kernel exists and computes exactly with these weights: always on
     CPUs with exact int8 products (VNNI, AMX), for weights of at most 7 bits on those whose
     products saturate (AVX2: oneDNN shifts int8 rows by 128 into uint8, the same pair sums
@@ -317,7 +317,11 @@ def dynamic_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
         q, s = quantize_per_token_int8(x if x.dtype == torch.float32 else x.float())
         kernel = per_token_kernel(weight, weight_scale) if use_kernels else None
         if kernel is not None:
-            y, s = kernel(q, 1.0, 0), s.detach()  # acc * weight_scale, float32 (the kernel has no gradient)
+            # The kernel takes the codes as uint8 with zero point 128 (the same integers: flipping the
+            # sign bit adds 128). Signed int8 inputs are exact too but leave oneDNN's fast kernels:
+            # measured 2.7 s against 0.5 ms for one 1050x384x384 linear on an AVX512-VNNI EPYC.
+            shifted = q.view(torch.uint8).bitwise_xor(128)
+            y, s = kernel(shifted, 1.0, 128), s.detach()  # acc * weight_scale, float32 (no gradient)
             y = y.mul_(s) if bias is None else torch.addcmul(bias, y, s, out=y)
             return y.to(x.dtype)
         xq = q.float().mul_(s)
