@@ -44,6 +44,7 @@ from torch import nn  # noqa: E402
 
 import fxcompress  # noqa: E402
 from _common import markdown_table, write_section  # noqa: E402
+from fxcompress.distill import token_mse  # noqa: E402
 from fxcompress.prune.reconstruct import reconstruct_consumers  # noqa: E402
 from fxcompress.report import state_bytes  # noqa: E402
 from minilm import best_medians, embed, load_minilm, nearest_agreement, sentences  # noqa: E402
@@ -64,9 +65,7 @@ def _real_tokens(inputs: dict[str, torch.Tensor], like: torch.Tensor) -> torch.T
 
 def hidden_mse(student, teacher, inputs) -> torch.Tensor:
     """MSE on the last hidden state of every real token (the pooler output is not part of the embedding)."""
-    s, t = student.last_hidden_state, teacher.last_hidden_state.detach()
-    keep = _real_tokens(inputs, s)
-    return ((s - t).square() * keep).sum() / (keep.sum() * s.shape[-1])
+    return token_mse(student.last_hidden_state, teacher.last_hidden_state, inputs["attention_mask"])
 
 
 def hidden_and_pooled(student, teacher, inputs) -> torch.Tensor:

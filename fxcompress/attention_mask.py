@@ -1,9 +1,11 @@
-"""``nn.MultiheadAttention``'s mask conventions, for the modules that reimplement its forward.
+"""Mask conventions, each written once.
 
 :class:`~fxcompress.prune.attention.PrunedMultiheadAttention` and
 :class:`~fxcompress.quant.lowered_attention.QuantMultiheadAttention` both take the
 masks ``nn.MultiheadAttention`` takes and hand one additive mask to
-``F.scaled_dot_product_attention``; this is that conversion, written once.
+``F.scaled_dot_product_attention`` (:func:`additive_mask`).  The passes and helpers that
+measure on calibration batches (activation importance, reconstruction, layer distillation)
+leave padding out through :func:`token_mask`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ import torch
 
 from fxcompress.errors import InputError
 
-__all__ = ["additive_mask"]
+__all__ = ["additive_mask", "token_mask"]
+
+
+def token_mask(batch: object) -> torch.Tensor | None:
+    """The real tokens of a batch: a dict batch's ``attention_mask`` (1 = token, 0 = padding), else None."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return mask if isinstance(mask, torch.Tensor) else None
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype, name: str, owner: str) -> torch.Tensor:

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from .attention_mask import token_mask
 from .errors import ConfigError, InputError
 
-__all__ = ["Distill", "DISTILL_LOSSES", "distillation_loss", "check_distill_options", "output_leaves", "LayerTaps"]
+__all__ = ["Distill", "DISTILL_LOSSES", "distillation_loss", "check_distill_options", "output_leaves", "LayerTaps",
+           "token_mse"]
 
 Distill = Union[Literal["kl", "mse"], Callable[[Any, Any], torch.Tensor]]
 DISTILL_LOSSES = ("kl", "mse")
@@ -99,6 +101,14 @@ def distillation_loss(student: Any, teacher: Any, distill: Distill = "kl", tempe
     return torch.stack(terms).sum() / len(terms) if len(terms) > 1 else terms[0]
 
 
+def token_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The MSE of ``(*tokens, features)`` outputs over the tokens ``mask`` marks (an ``attention_mask``
+    with as many entries as the outputs have tokens); the teacher's side is detached."""
+    keep = mask.reshape(student.shape[:-1]).unsqueeze(-1).to(student.dtype)
+    error = (student - teacher.detach().to(student.dtype)).square() * keep
+    return error.sum() / (keep.sum().clamp_min(1.0) * student.shape[-1])
+
+
 class LayerTaps:
     """Intermediate-layer distillation: the outputs of named submodules of a student and its teacher.
 
@@ -150,7 +160,7 @@ class LayerTaps:
         When ``inputs`` is a dict with an ``attention_mask`` and an output's leading dims hold as
         many positions as the mask, only the tokens the mask marks count (padding never does).
         """
-        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        mask = token_mask(inputs)
         terms = []
         try:
             for s_path, t_path in self.pairs:
@@ -160,12 +170,10 @@ class LayerTaps:
                     raise InputError(f"distill_layers: {' and '.join(missing)} did not run in this step; "
                                      f"name layers every forward pass calls")
                 student, teacher = self.outputs[("student", s_path)], self.outputs[("teacher", t_path)]
-                if isinstance(mask, torch.Tensor) and isinstance(student, torch.Tensor) \
+                if mask is not None and isinstance(student, torch.Tensor) \
                         and isinstance(teacher, torch.Tensor) and student.shape == teacher.shape \
                         and student.dim() >= 2 and student.shape[:-1].numel() == mask.numel():
-                    keep = mask.reshape(student.shape[:-1]).unsqueeze(-1).to(student.dtype)
-                    error = (student - teacher.detach().to(student.dtype)).square() * keep
-                    terms.append(error.sum() / (keep.sum().clamp_min(1.0) * student.shape[-1]))
+                    terms.append(token_mse(student, teacher, mask))
                 else:
                     terms.append(distillation_loss(student, teacher, "mse"))
         finally:

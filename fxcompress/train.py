@@ -26,10 +26,18 @@ from .errors import ConfigError, InputError
 from .verify import role_of
 
 __all__ = ["finetune", "split_batch", "call_with", "training_loss", "distillation_loss", "SCHEDULES",
-           "lr_factor"]
+           "lr_factor", "check_schedule"]
 
 #: Learning-rate schedules: the factor on ``lr`` at each step after the warmup.
 SCHEDULES = ("constant", "cosine", "linear")
+
+
+def check_schedule(schedule: object, warmup: object, steps: int, where: str = "") -> None:
+    """ConfigError for a schedule name that is not in :data:`SCHEDULES` or a warmup outside ``[0, steps)``."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"{where}schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < steps:
+        raise ConfigError(f"{where}warmup must be an int in [0, steps={steps}), got {warmup!r}")
 
 
 def lr_factor(step: int, steps: int, schedule: str, warmup: int) -> float:
@@ -143,10 +151,7 @@ def finetune(
     optimizers = {"adam": torch.optim.Adam, "sgd": lambda p, **kw: torch.optim.SGD(p, momentum=0.9, **kw)}
     if optimizer not in optimizers:
         raise ConfigError(f"finetune(): optimizer must be one of {sorted(optimizers)}, got {optimizer!r}")
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"finetune(): schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < steps:
-        raise ConfigError(f"finetune(): warmup must be an int in [0, steps={steps}), got {warmup!r}")
+    check_schedule(schedule, warmup, steps, "finetune(): ")
     if loss_fn is None and teacher is None:
         raise ConfigError("finetune(): give loss_fn(outputs, target), a teacher model to distil from, or both")
     check_distill_options(distill, temperature, distill_weight, has_task=loss_fn is not None)

@@ -12,7 +12,7 @@ from fxcompress.distill import DISTILL_LOSSES, check_distill_options
 from fxcompress.errors import ConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.quant.calibration import batch_inputs
-from fxcompress.train import SCHEDULES, call_with, finetune, split_batch, training_loss
+from fxcompress.train import call_with, check_schedule, finetune, split_batch, training_loss
 
 __all__ = ["Finetune"]
 
@@ -76,9 +76,7 @@ class Finetune(Pass):
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         check_choice("optimizer", self.optimizer, _OPTIMIZERS)
-        check_choice("schedule", self.schedule, SCHEDULES)
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or not 0 <= self.warmup < self.steps:
-            raise ConfigError(f"warmup must be an int in [0, steps={self.steps}), got {self.warmup!r}")
+        check_schedule(self.schedule, self.warmup, self.steps)
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.freeze_observers_after is not None and self.freeze_observers_after < 0:
@@ -107,7 +105,7 @@ class Finetune(Pass):
                  progress=ctx.progress, seed=ctx.seed, teacher=teacher, distill=self.distill or "kl",
                  temperature=self.temperature, distill_weight=self.distill_weight if teacher is not None else 1.0,
                  labelled=labelled, schedule=self.schedule, warmup=self.warmup,
-                 distill_layers=self.distill_layers if teacher is not None else None, layer_weight=self.layer_weight)
+                 distill_layers=self.distill_layers, layer_weight=self.layer_weight)
         changed = any(not torch.equal(a, p.detach()) for a, p in zip(before_state, gm.parameters()))
         stats = {"steps": self.steps, "loss_before": loss_before,
                  "loss_after": self._loss(gm, first, ctx, teacher, labelled)}

@@ -281,12 +281,12 @@ def add(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_zero_point: t
 def per_token_kernel(weight: torch.Tensor, weight_scale: torch.Tensor) -> QLinearKernel | None:
     """The oneDNN qlinear that runs a per-token dynamic linear here, or None (reference path).
 
-    It takes the int8 codes of the rows (symmetric, scale 1), shifted to uint8 with zero point
-    128, and applies the weight scales in the kernel; the rows' scales and the bias follow in one pass. It runs
-    where the qlinear kernel exists and computes exactly with these weights: always on
-    CPUs with exact int8 products (VNNI, AMX), for weights of at most 7 bits on those whose
-    products saturate (AVX2: oneDNN shifts int8 rows by 128 into uint8, the same pair sums
-    as a uint8 input). Preferred to ``torch._int_mm`` by measurement (AVX512-VNNI AMD EPYC,
+    It takes the int8 codes of the rows (symmetric, scale 1), shifted to uint8 with zero
+    point 128, and applies the weight scales in the kernel; the rows' scales and the bias
+    follow in one pass. It runs where the qlinear kernel exists and computes exactly with
+    these weights: always on CPUs with exact int8 products (VNNI, AMX), for weights of at
+    most 7 bits on those whose products saturate (AVX2: uint8 inputs meet saturating
+    16-bit pair sums). Preferred to ``torch._int_mm`` by measurement (AVX512-VNNI AMD EPYC,
     1 thread, MiniLM's 1050-row linears: the same GEMM time, and the int32 -> float
     conversion, both scales and the bias cost four passes over the output instead of one).
     """

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Union
 import torch
 from torch import fx, nn
 
+from ..attention_mask import token_mask
 from ..errors import ConfigError, InputError
 from .types import ChannelGraph, Space
 
@@ -238,8 +239,7 @@ def activation_terms(gm: fx.GraphModule, cg: ChannelGraph, data: Iterable | None
         with torch.no_grad():
             for index, item in enumerate(data):
                 args, kwargs = batch_inputs(item, index, example_args, example_kwargs)
-                mask = kwargs.get("attention_mask")
-                state["mask"] = mask if isinstance(mask, torch.Tensor) else None
+                state["mask"] = token_mask(kwargs)
                 _ConsumerInputs(gm, watched, record).run(*bind_placeholders(gm, args, kwargs))
                 batches += 1
     finally:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..attention_mask import token_mask as batch_token_mask
 from ..errors import ConfigError, InputError
 
 __all__ = ["reconstruct_consumers", "pruned_consumers"]
@@ -103,8 +104,7 @@ def reconstruct_consumers(
     if not batches:
         raise InputError("reconstruct_consumers: the calibration data is empty")
     if token_mask is None:
-        def token_mask(b: Any) -> Optional[torch.Tensor]:
-            return b.get("attention_mask") if isinstance(b, dict) else None
+        token_mask = batch_token_mask
 
     result = copy.deepcopy(pruned)
     layers = dict(result.named_modules())
