@@ -10,8 +10,8 @@ float op (``Conv``, ``Gemm``/``MatMul``, ``Add``, ``GlobalAveragePool``), the po
 (``QLinearConv``, ``QGemm``/``QLinearMatMul``, ``QLinearAdd``, ...). The Q/DQ nodes are
 emitted with ``torch.onnx.ops.symbolic``; everything else is ordinary torch code the exporter
 translates. Dynamic int8 linears become ``DynamicQuantizeLinear`` + ``MatMulInteger``
-(``per_tensor``; ``per_token`` computes its per-row int8 codes with float ops, shifts
-them by 128 into uint8 and runs ``MatMulInteger`` with zero point 128: the same integers on
+(``per_tensor``; ``per_token`` computes its per-row uint8 codes around the layer's zero point
+with float ops and runs ``MatMulInteger`` with that zero point: the same integers, on
 onnxruntime's u8s8 GEMM), weight-only linears ``MatMulNBits`` (onnxruntime's contrib op, domain
 ``com.microsoft``; 2, 4 and 8 bits).
 
@@ -238,8 +238,8 @@ class OnnxQuantAdd(_QParams):
 
 class OnnxDynamicLinear(nn.Module):
     """``DynamicQuantizeLinear`` + ``MatMulInteger`` (``per_tensor``: fxcompress's own uint8
-    range, zero included), or per-row symmetric int8 codes from float ops + ``MatMulInteger``
-    (``per_token``); then the scales and the bias in float."""
+    range, zero included), or per-row uint8 codes from float ops around the layer's token
+    zero point + ``MatMulInteger`` (``per_token``); then the scales and the bias in float."""
 
     def __init__(self, m: DynamicQuantLinear) -> None:
         super().__init__()
@@ -247,18 +247,23 @@ class OnnxDynamicLinear(nn.Module):
         self.register_buffer("weight_scale", m.weight_scale.detach().float().clone())
         self.register_buffer("bias", None if m.bias is None else m.bias.detach().float().clone())
         self.per_token, self.out_features = m.granularity == "per_token", m.out_features
-        self.register_buffer("code_zero_point", torch.tensor(128, dtype=torch.uint8))
+        zp = m.token_zero_point
+        self.register_buffer("code_zero_point", torch.tensor(zp, dtype=torch.uint8))
+        # quantize_per_token_uint8's arithmetic: the reach of the codes above and below zp.
+        self.above, self.below, self.zero_point = 1.0 / (255 - zp), 1.0 / zp, float(zp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (*x.shape[:-1], self.out_features)
         if self.per_token:
-            amax = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
-            # The symmetric int8 codes shifted by 128 into uint8, zero point 128: the same
-            # integers, on onnxruntime's u8s8 GEMM (its s8s8 MatMulInteger was 12x slower here).
-            codes = ((x * (127.0 / amax)).round() + 128.0).to(torch.uint8)
+            # uint8 codes (zero point zp) on onnxruntime's u8s8 GEMM: its s8s8 MatMulInteger was
+            # 12x slower here.
+            hi = x.amax(dim=-1, keepdim=True).clamp(min=0.0) * self.above
+            lo = x.amin(dim=-1, keepdim=True).clamp(max=0.0) * -self.below
+            scale = torch.maximum(hi, lo).clamp(min=1e-12)
+            codes = ((x * scale.reciprocal()).round() + self.zero_point).to(torch.uint8)
             acc = _symbolic("MatMulInteger", (codes, self.weight_t, self.code_zero_point), dtype=torch.int32,
                             shape=shape)
-            y = acc.float() * (amax / 127.0) * self.weight_scale
+            y = acc.float() * scale * self.weight_scale
         else:
             codes, scale, zero_point = torch.onnx.ops.symbolic_multi_out(
                 "DynamicQuantizeLinear", (x,), dtypes=(torch.uint8, torch.float32, torch.uint8),

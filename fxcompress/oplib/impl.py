@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from fxcompress.oplib import cache
 from fxcompress.oplib.arith import (
     accumulate, add_dequantized, apply_post_op, choose_qparams_uint8, dequantize_uint8, max_pool2d_uint8,
-    quantize_per_token_int8, quantize_product_uint8, quantize_uint8, rescale, unpack_unsigned,
+    quantize_per_token_uint8, quantize_product_uint8, quantize_uint8, rescale, unpack_unsigned,
 )
 from fxcompress.oplib.errors import fail
 from fxcompress.oplib.kernels import (
@@ -281,14 +281,14 @@ def add(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_zero_point: t
 def per_token_kernel(weight: torch.Tensor, weight_scale: torch.Tensor) -> QLinearKernel | None:
     """The oneDNN qlinear that runs a per-token dynamic linear here, or None (reference path).
 
-    It takes the int8 codes of the rows (symmetric, scale 1), shifted to uint8 with zero
-    point 128, and applies the weight scales in the kernel; the rows' scales and the bias
-    follow in one pass. It runs where the qlinear kernel exists and computes exactly with
-    these weights: always on CPUs with exact int8 products (VNNI, AMX), for weights of at
-    most 7 bits on those whose products saturate (AVX2: uint8 inputs meet saturating
-    16-bit pair sums). Preferred to ``torch._int_mm`` by measurement (AVX512-VNNI AMD EPYC,
-    1 thread, MiniLM's 1050-row linears: the same GEMM time, and the int32 -> float
-    conversion, both scales and the bias cost four passes over the output instead of one).
+    It takes the uint8 codes of the rows (scale 1, the rows' zero point) and applies the
+    weight scales in the kernel; the rows' scales and the bias follow in one pass. It runs
+    where the qlinear kernel exists and computes exactly with these weights: always on CPUs
+    with exact int8 products (VNNI, AMX), for weights of at most 7 bits on those whose
+    products saturate (AVX2: uint8 inputs meet saturating 16-bit pair sums). Preferred to
+    ``torch._int_mm`` by measurement (AVX512-VNNI AMD EPYC, 1 thread, MiniLM's 1050-row
+    linears: the same GEMM time, and the int32 -> float conversion, both scales and the bias
+    cost four passes over the output instead of one).
     """
     entry = cache.per_weight(weight, weight_scale)
     return cache.remember(entry, "per_token", lambda: QLinearKernel(weight, weight_scale, None) if (
@@ -296,9 +296,12 @@ def per_token_kernel(weight: torch.Tensor, weight_scale: torch.Tensor) -> QLinea
 
 
 def dynamic_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                   granularity: str = "per_tensor", use_kernels: bool = True) -> torch.Tensor:
-    """int8 weights, activations quantized per call (``per_tensor`` uint8 or ``per_token`` int8);
-    float in, float out (the input's dtype)."""
+                   granularity: str = "per_tensor", use_kernels: bool = True,
+                   token_zero_point: int = 128) -> torch.Tensor:
+    """int8 weights, activations quantized per call to uint8: ``per_tensor`` (one scale and
+    zero point for the whole input) or ``per_token`` (a scale per row, ``token_zero_point``
+    for every row: :func:`~fxcompress.oplib.arith.quantize_per_token_uint8`); float in, float
+    out (the input's dtype)."""
     n, k = weight.shape
     if x.numel() == 0:  # an empty batch has no range to quantize with: its output is empty too
         return x.new_empty((*x.shape[:-1], n))
@@ -314,17 +317,13 @@ def dynamic_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
             return kernel(q, scale, zp).to(x.dtype)
         xq = dequantize_uint8(q, scale, zp)
     elif granularity == "per_token":
-        q, s = quantize_per_token_int8(x if x.dtype == torch.float32 else x.float())
+        q, s = quantize_per_token_uint8(x if x.dtype == torch.float32 else x.float(), token_zero_point)
         kernel = per_token_kernel(weight, weight_scale) if use_kernels else None
         if kernel is not None:
-            # The kernel takes the codes as uint8 with zero point 128 (the same integers: flipping the
-            # sign bit adds 128). Signed int8 inputs are exact too but leave oneDNN's fast kernels:
-            # measured 2.7 s against 0.5 ms for one 1050x384x384 linear on an AVX512-VNNI EPYC.
-            shifted = q.view(torch.uint8).bitwise_xor(128)
-            y, s = kernel(shifted, 1.0, 128), s.detach()  # acc * weight_scale, float32 (no gradient)
+            y, s = kernel(q, 1.0, token_zero_point), s.detach()  # acc * weight_scale, float32 (no gradient)
             y = y.mul_(s) if bias is None else torch.addcmul(bias, y, s, out=y)
             return y.to(x.dtype)
-        xq = q.float().mul_(s)
+        xq = (q.float() - token_zero_point).mul_(s)
     else:
         fail("config", f"granularity must be 'per_tensor' or 'per_token', got {granularity!r}")
     entry = cache.per_weight(weight, weight_scale)

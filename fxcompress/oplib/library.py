@@ -47,7 +47,7 @@ SCHEMAS: dict[str, str] = {
     "add": "(Tensor a, Tensor b, Tensor a_scale, Tensor a_zero_point, Tensor b_scale, Tensor b_zero_point, "
            "Tensor output_scale, Tensor output_zero_point, bool relu, bool use_kernels) -> Tensor",
     "dynamic_linear": "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str granularity, "
-                      "bool use_kernels) -> Tensor",
+                      "bool use_kernels, int token_zero_point=128) -> Tensor",
     "weight_only_linear": "(Tensor x, Tensor weight, Tensor scale, Tensor? zero_point, Tensor? bias, int bits, "
                           "int in_features, str compute_dtype, bool cache_dequantized, bool use_kernels) -> Tensor",
     "weight_only_embedding": "(Tensor indices, Tensor weight, Tensor scale, Tensor? zero_point, int bits, "
@@ -148,7 +148,7 @@ def _add_fake(a, b, a_scale, a_zero_point, b_scale, b_zero_point, output_scale, 
 
 
 @_fake("dynamic_linear")
-def _dynamic_linear_fake(x, weight, weight_scale, bias, granularity, use_kernels):
+def _dynamic_linear_fake(x, weight, weight_scale, bias, granularity, use_kernels, token_zero_point=128):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

@@ -1,7 +1,7 @@
 """Lowered linears with float activations: dynamic int8 and weight-only low-bit.
 
-:class:`DynamicQuantLinear` quantizes activations at run time, per token (int8 rows) or per
-tensor (uint8), both through oneDNN's qlinear. :class:`WeightOnlyLinear`
+:class:`DynamicQuantLinear` quantizes activations at run time to uint8, per token (a scale
+per row) or per tensor, both through oneDNN's qlinear. :class:`WeightOnlyLinear`
 stores 8/4/2-bit weights packed (two 4-bit or four 2-bit codes per byte) and keeps them
 packed: the int4/int8 kernels (bf16 activations) run where they are safe and faster;
 elsewhere the weight is dequantized (once, cached, unless ``cache_dequantized=False``)
@@ -45,27 +45,38 @@ def _check_float(x: torch.Tensor, in_features: int, where: str) -> None:
 class DynamicQuantLinear(LoweredModule):
     """int8 per-channel weights; activations quantized at run time; float in, float out.
 
-    ``per_token``: symmetric int8 per row, exact int32 GEMM (oneDNN qlinear with the weight
-    scales fused; the rows' scales and the bias applied after, in one pass). ``per_tensor``:
-    asymmetric uint8 for the whole input, oneDNN qlinear with bias fused. Per tensor is the
-    default (as in ``quantize_dynamic``); per token is more accurate on transformer
-    activations (outlier tokens do not widen everyone's scale). Their speed on real models
-    is measured in ``benchmarks/minilm.py`` and ``benchmarks/dynamic.py``.
+    ``per_token``: uint8 codes with a scale per row and ``token_zero_point`` (1..254) for
+    every row, so that no row is clipped and the 256 codes are shared between the negative
+    and positive sides as the layer's inputs need (``quantize_dynamic`` picks it from the
+    example inputs: small after GELU, near 128 after a LayerNorm); exact int32 GEMM
+    (oneDNN qlinear with the weight scales fused; the rows' scales and the bias applied
+    after, in one pass). ``per_tensor``: asymmetric uint8 for the whole input, oneDNN
+    qlinear with bias fused. Per tensor is the default (as in ``quantize_dynamic``); per
+    token is more accurate on transformer activations (outlier tokens do not widen
+    everyone's scale). Their speed on real models is measured in ``benchmarks/minilm.py``
+    and ``benchmarks/dynamic.py``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 granularity: str = DEFAULT_GRANULARITY, backend: str = "x86") -> None:
+                 granularity: str = DEFAULT_GRANULARITY, token_zero_point: int = 128,
+                 backend: str = "x86") -> None:
         super().__init__(backend)
         if granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if isinstance(token_zero_point, bool) or not isinstance(token_zero_point, int) \
+                or not 1 <= token_zero_point <= 254:
+            raise ConfigError(f"token_zero_point must be an int in 1..254 (codes on both sides of it), "
+                              f"got {token_zero_point!r}")
         self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
+        self.token_zero_point = token_zero_point
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_scale: torch.Tensor | None = None, *,
-                   granularity: str = DEFAULT_GRANULARITY, backend: str = "x86") -> DynamicQuantLinear:
+                   granularity: str = DEFAULT_GRANULARITY, token_zero_point: int = 128,
+                   backend: str = "x86") -> DynamicQuantLinear:
         """Quantize ``linear``'s weight symmetric per output channel (``amax / 127`` by default)."""
         if not isinstance(linear, nn.Linear):
             raise LoweringError(f"DynamicQuantLinear.from_float needs an nn.Linear, got {type(linear).__name__}")
@@ -76,7 +87,7 @@ class DynamicQuantLinear(LoweredModule):
         if scale.shape != (linear.out_features,) or not bool((scale > 0).all()):
             raise LoweringError(f"weight_scale must hold {linear.out_features} positive values")
         m = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                granularity=granularity, backend=backend)
+                granularity=granularity, token_zero_point=token_zero_point, backend=backend)
         m.weight.copy_(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
         m.weight_scale.copy_(scale)
         if linear.bias is not None:
@@ -86,7 +97,7 @@ class DynamicQuantLinear(LoweredModule):
     def config(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "granularity": self.granularity,
-                "backend": self.backend}
+                "token_zero_point": self.token_zero_point, "backend": self.backend}
 
     def kernel_support(self) -> Support:
         """Whether the integer kernel runs, or why the reference path is used."""
@@ -99,11 +110,12 @@ class DynamicQuantLinear(LoweredModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_float(x, self.in_features, "DynamicQuantLinear")
         return run_op("dynamic_linear", x, self.weight, self.weight_scale, self.bias, self.granularity,
-                      self.use_kernels)
+                      self.use_kernels, self.token_zero_point)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=8, "
-                f"activations=dynamic {self.granularity}, w_scale={summarize(self.weight_scale)}, "
+                f"activations=dynamic {self.granularity}"
+                f"{f' (zero point {self.token_zero_point})' if self.granularity == 'per_token' else ''}, w_scale={summarize(self.weight_scale)}, "
                 f"backend={self.backend}")
 
 

@@ -34,7 +34,9 @@ def test_bert_style_encoder_every_linear_dynamic(granularity: str) -> None:
     result = fxcompress.run(model, [("quantize_dynamic", {"granularity": granularity})], (ids,))
     gm, row = result.model, result.report.rows[0]
     assert row.modified and row.stats["linear"] == 12 and row.stats["float_nodes"] == {}
-    assert not called(gm, nn.Linear) and len(called(gm, DynamicQuantLinear)) == 12
+    # each layer's query, key and value read one value: fused, 3 + 1 + 2 calls become 1 + 1 + 2
+    assert not called(gm, nn.Linear) and len(called(gm, DynamicQuantLinear)) == 8
+    assert list(row.stats["fused"]) == ["layers.0.attention.query_key_value", "layers.1.attention.query_key_value"]
     assert stage_of(gm) == "lowered"
     assert all(m.granularity == granularity for m in gm.modules() if isinstance(m, DynamicQuantLinear))
     out = gm(ids)

@@ -265,13 +265,26 @@ def test_dequantize_and_qparams() -> None:
         U.choose_qparams_uint8(torch.tensor([0.0, float("inf")]))
 
 
-def test_quantize_per_token_int8() -> None:
-    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(15))
+@pytest.mark.parametrize("zero_point", [1, 15, 128, 200, 254])
+def test_quantize_per_token_uint8_covers_every_row(zero_point: int) -> None:
+    x = torch.randn(7, 40, generator=torch.Generator().manual_seed(15))
     x[2] = 0.0
-    q, s = U.quantize_per_token_int8(x)
-    assert q.dtype == torch.int8 and s.shape == (6, 1)
-    assert q.abs().amax(1)[[0, 1, 3]].eq(127).all()  # every non-zero row uses the full range
-    assert ((q.float() * s - x).abs() <= s / 2 + 1e-6).all()
+    x[3] = x[3].abs()  # no negatives
+    x[4] = -x[4].abs() * 1e3  # no positives, a wide range
+    q, s = U.quantize_per_token_uint8(x, zero_point)
+    assert q.dtype == torch.uint8 and s.shape == (7, 1)
+    assert q[2].eq(zero_point).all()  # an all-zero row: every code is the zero point
+    rebuilt = (q.float() - zero_point) * s
+    assert ((rebuilt - x).abs() <= s / 2 * (1 + 1e-5)).all()  # rounded, never clipped
+    # each row reaches the end of its codes on the side that sets its scale
+    reach = torch.where(x.amax(1) / (255 - zero_point) >= -x.amin(1) / zero_point, q.amax(1) == 255, q.amin(1) == 0)
+    assert reach[[0, 1, 3, 4, 5, 6]].all()
+
+
+@pytest.mark.parametrize("zero_point", [0, 255, -3])
+def test_quantize_per_token_uint8_needs_codes_on_both_sides(zero_point: int) -> None:
+    with pytest.raises(ConfigError, match="1..254"):
+        U.quantize_per_token_uint8(torch.randn(2, 8), zero_point)
 
 
 @pytest.mark.parametrize("use_kernel", [True, False])

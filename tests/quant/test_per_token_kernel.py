@@ -1,4 +1,4 @@
-"""The per-token dynamic linear's kernel path: oneDNN's qlinear on int8 rows.
+"""The per-token dynamic linear's kernel path: oneDNN's qlinear on uint8 rows.
 
 Exact int32 accumulation is the claim, so it is checked against integer arithmetic
 (float64), on this CPU's best oneDNN path and with the ISA capped at AVX2 (a subprocess:
@@ -17,33 +17,33 @@ import pytest
 import torch
 from torch import nn
 
-from fxcompress.oplib.arith import quantize_per_token_int8
+from fxcompress.oplib.arith import quantize_per_token_uint8
 from fxcompress.quant.kernels import onednn_int8_support
 from fxcompress.quant.lowered import DynamicQuantLinear
 
 pytestmark = pytest.mark.skipif(not onednn_int8_support(), reason="no oneDNN int8 kernels on this machine")
 
-# Worst cases for a saturating pair: rows at +-127 (the kernel shifts them to 255 / 1) and
+# Worst cases for a saturating pair: rows whose codes are all 255 (zero point 1) and
 # weights at the 7- or 8-bit limit. Printed as JSON by the subprocess.
 _PROBE = r"""
 import json, torch
 from torch import nn
-from fxcompress.oplib.arith import quantize_per_token_int8
+from fxcompress.oplib.arith import quantize_per_token_uint8
 from fxcompress.quant.isa import int8_arithmetic
 from fxcompress.quant.lowered import DynamicQuantLinear
 torch.manual_seed(0)
 lin = nn.Linear(64, 32)
 x = torch.randn(2, 5, 64)
-x[0, 0] = 3.0  # a row whose codes are all 127
+x[0, 0] = 3.0  # a row whose codes are all 255 (zero point 1)
 found = {"exact_products": int8_arithmetic().exact_products}
 for bits in (7, 8):
     qmax = (1 << (bits - 1)) - 1
     with torch.no_grad():
         lin.weight.copy_(torch.where(torch.rand(32, 64) < 0.5, 1.0, -1.0) * qmax)
         lin.weight[:, :8] = qmax  # same-sign neighbours: the largest pair sums
-    m = DynamicQuantLinear.from_float(lin, torch.ones(32), granularity="per_token")
-    q, s = quantize_per_token_int8(x)
-    exact = (q.double() @ m.weight.double().t()) * s.double() + lin.bias.detach().double()
+    m = DynamicQuantLinear.from_float(lin, torch.ones(32), granularity="per_token", token_zero_point=1)
+    q, s = quantize_per_token_uint8(x, 1)
+    exact = ((q.double() - 1) @ m.weight.double().t()) * s.double() + lin.bias.detach().double()
     support = m.kernel_support()
     found[bits] = {"kernel": bool(support), "reason": support.reason,
                    "error": (m(x).double() - exact).abs().max().item() / exact.abs().max().item()}
@@ -60,13 +60,15 @@ def _probe(cap: str | None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_per_token_kernel_is_exact_integer_arithmetic() -> None:
+@pytest.mark.parametrize("zero_point", [1, 20, 128, 254])
+def test_per_token_kernel_is_exact_integer_arithmetic(zero_point: int) -> None:
     torch.manual_seed(1)
     lin = nn.Linear(96, 48)
     x = torch.randn(3, 7, 96) * torch.rand(3, 7, 1) * 4  # rows of very different ranges
-    m = DynamicQuantLinear.from_float(lin, granularity="per_token")
-    q, s = quantize_per_token_int8(x)
-    exact = (q.double() @ m.weight.double().t()) * s.double() * m.weight_scale.double() + lin.bias.double()
+    m = DynamicQuantLinear.from_float(lin, granularity="per_token", token_zero_point=zero_point)
+    q, s = quantize_per_token_uint8(x, zero_point)
+    exact = ((q.double() - zero_point) @ m.weight.double().t()) * s.double() * m.weight_scale.double() \
+        + lin.bias.double()
     out = m(x)
     assert out.shape == (3, 7, 48) and out.dtype == torch.float32
     assert (out.double() - exact).abs().max().item() <= 1e-5 * exact.abs().max().item()
