@@ -14,7 +14,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.quant.kept_whole import float_leaves
 from fxcompress.quant.lowered_attention import QuantMultiheadAttention
 from fxcompress.quant.lowered_base import LoweredModule
-from fxcompress.quant.lowered_linear import GRANULARITIES, DynamicQuantLinear
+from fxcompress.quant.lowered_linear import DEFAULT_GRANULARITY, GRANULARITIES, DynamicQuantLinear
 from fxcompress.quant.lowering import check_backend_option, resolve_backend, swap_linears
 from fxcompress.quant.sibling_fusion import fuse_sibling_linears
 from fxcompress.quant.token_zero_point import token_zero_points
@@ -34,10 +34,10 @@ class QuantizeDynamic(Pass):
     ``nn.MultiheadAttention`` (which symbolic tracing keeps whole: the module becomes a
     :class:`~fxcompress.quant.lowered_attention.QuantMultiheadAttention`, attention
     itself staying float). There is no dynamic int8 conv kernel: use ``lower`` for
-    convs. ``granularity``: ``per_tensor`` (asymmetric uint8, oneDNN qlinear; the default:
-    7-18% faster on vit_b_16 and the BERT-style encoder with the same cosine, see
-    ``benchmarks/dynamic.py``) or ``per_token`` (uint8 codes with a scale per row, oneDNN qlinear;
-    more robust to rows of very different ranges). ``token_zero_point`` (per token): the zero
+    convs. ``granularity``: ``per_token`` (the default: uint8 codes with a scale per row, oneDNN
+    qlinear; robust to rows of very different ranges, the more accurate on every model of
+    ``benchmarks/dynamic.py`` and ``benchmarks/minilm.py`` at the same speed) or ``per_tensor``
+    (asymmetric uint8 for the whole input, oneDNN qlinear). ``token_zero_point`` (per token): the zero
     point every row of a layer shares, ``"auto"`` (the default: per layer, the one with the
     least rounding noise on its input rows, recorded on the run's calibration data or else its
     example inputs; see :mod:`fxcompress.quant.token_zero_point`) or an int in 1..254 for every
@@ -59,7 +59,7 @@ class QuantizeDynamic(Pass):
 
     bits: int = 8
     ops: tuple[str, ...] = ("linear",)
-    granularity: str = "per_tensor"
+    granularity: str = DEFAULT_GRANULARITY
     token_zero_point: int | str = "auto"
     fuse_siblings: bool = True
     backend: str | None = None

@@ -27,9 +27,10 @@ from fxcompress.oplib.impl import WEIGHT_ONLY_KERNEL_MAX_ROWS
 __all__ = ["GRANULARITIES", "DEFAULT_GRANULARITY", "DynamicQuantLinear", "WeightOnlyLinear"]
 
 GRANULARITIES = ("per_token", "per_tensor")
-#: Whole-model benchmarks decide it (benchmarks/dynamic.py): per tensor was 7-18% faster than
-#: per token on vit_b_16 and a BERT-style encoder, at the same output cosine (>= 0.999).
-DEFAULT_GRANULARITY = "per_tensor"
+#: Whole-model benchmarks decide it (benchmarks/dynamic.py, benchmarks/minilm.py; AMD EPYC with
+#: AVX512-VNNI, 1 thread): per token is the more accurate everywhere (pretrained MiniLM cosine
+#: 0.99737 vs 0.99319, vit_b_16 0.99953 vs 0.99912) at the same speed (within 4% either way).
+DEFAULT_GRANULARITY = "per_token"
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Above this many rows the weight-only kernels lose to a bf16 matmul (fxcompress.oplib.impl).
 _KERNEL_MAX_ROWS = WEIGHT_ONLY_KERNEL_MAX_ROWS
@@ -51,9 +52,9 @@ class DynamicQuantLinear(LoweredModule):
     example inputs: small after GELU, near 128 after a LayerNorm); exact int32 GEMM
     (oneDNN qlinear with the weight scales fused; the rows' scales and the bias applied
     after, in one pass). ``per_tensor``: asymmetric uint8 for the whole input, oneDNN
-    qlinear with bias fused. Per tensor is the default (as in ``quantize_dynamic``); per
-    token is more accurate on transformer activations (outlier tokens do not widen
-    everyone's scale). Their speed on real models is measured in ``benchmarks/minilm.py``
+    qlinear with bias fused. Per token is the default (as in ``quantize_dynamic``): more
+    accurate on transformer activations (outlier tokens do not widen everyone's scale) at
+    the same speed. Their speed on real models is measured in ``benchmarks/minilm.py``
     and ``benchmarks/dynamic.py``.
     """
 
