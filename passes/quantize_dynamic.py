@@ -17,7 +17,7 @@ from fxcompress.quant.lowered_base import LoweredModule
 from fxcompress.quant.lowered_linear import DEFAULT_GRANULARITY, GRANULARITIES, DynamicQuantLinear
 from fxcompress.quant.lowering import check_backend_option, resolve_backend, swap_linears
 from fxcompress.quant.sibling_fusion import fuse_sibling_linears
-from fxcompress.quant.token_zero_point import token_zero_points
+from fxcompress.quant.token_zero_point import SYMMETRIC, token_zero_points
 
 __all__ = ["QuantizeDynamic"]
 
@@ -49,10 +49,11 @@ class QuantizeDynamic(Pass):
     ``bits``: 8, or 7 (weights in [-63, 63], as ``fxcompress.quant.spec.portable_weight_spec``:
     they run on oneDNN's int8 kernels on every CPU, including AVX2 ones, where 8-bit weights
     could overflow its 16-bit pair sums and take the reference path; linears only).
-    Stats: ``linear`` and ``attention`` (modules replaced),
-    ``float_nodes`` (node -> why it stayed float: functional linears, unsupported
-    attention options, subclasses, modules kept whole with linears inside), ``fallbacks`` (nodes on the reference path, with the
-    kernel's reason).
+    Stats: ``linear`` and ``attention`` (modules replaced), ``float_nodes`` (node -> why it
+    stayed float: functional linears, unsupported attention options, subclasses, modules kept
+    whole with linears inside), ``fallbacks`` (nodes on the reference path, with the kernel's
+    reason), ``fused`` (fused path -> its members' paths) and, with ``token_zero_point="auto"``,
+    ``token_zero_points`` (node -> the zero point chosen).
     """
 
     name = "quantize_dynamic"
@@ -88,7 +89,7 @@ class QuantizeDynamic(Pass):
         def linear(m: nn.Linear) -> DynamicQuantLinear:
             scale = m.weight.detach().float().abs().amax(dim=1).clamp_min(1e-12) / qmax
             return DynamicQuantLinear.from_float(m, scale, granularity=self.granularity,
-                                                 token_zero_point=zero_points.get(id(m), 128), backend=backend)
+                                                 token_zero_point=zero_points.get(id(m), SYMMETRIC), backend=backend)
 
         def attention(m: nn.MultiheadAttention) -> QuantMultiheadAttention | str:
             if self.bits != 8:
