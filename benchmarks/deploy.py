@@ -56,9 +56,13 @@ def build(name: str) -> nn.Module:
     return zoo.build(name).eval()
 
 
-def lowered(model: nn.Module, calibration: torch.Tensor, weights: object, backend: str | None = None) -> nn.Module:
+def lowered(model: nn.Module, calibration: torch.Tensor, weights: object, backend: str | None = None,
+            residual_adds: str = "fuse") -> nn.Module:
     batches = list(calibration.split(8))
     pipeline = fxcompress.recipes.int8_static(weights=weights, only_if_faster=False, backend=backend)
+    if residual_adds != "fuse":  # the observers' placement: conv outputs quantized before residual adds
+        pipeline = [(("insert_observers", {**(p[1] if isinstance(p, tuple) else {}), "residual_adds": residual_adds})
+                     if (p[0] if isinstance(p, tuple) else p) == "insert_observers" else p) for p in pipeline]
     return fxcompress.run(model, pipeline, batches[0][:1], calibration_data=batches, tolerance=1e-3,
                           progress=False).model
 
@@ -180,6 +184,11 @@ def measure(name: str, images: torch.Tensor, calibration: torch.Tensor, weights:
              # QDQ with one requantization before each fused residual add, calibrated on the peer's photos
              "qdq_cal": fxcompress.export_onnx(ours, workdir / f"{name}_qdq_cal.onnx", example_inputs=example,
                                                overwrite=True, calibration_data=list(calibration[:32].split(8)))}
+    # Our model with its conv outputs quantized before residual adds (insert_observers(residual_adds=
+    # "separate")): the QDQ graph is QLinearConv + QLinearAdd in onnxruntime and in our arithmetic.
+    separate = lowered(model, calibration, weights, residual_adds="separate")
+    paths["qdq_sep"] = fxcompress.export_onnx(separate, workdir / f"{name}_qdq_sep.onnx", example_inputs=example,
+                                              overwrite=True)
     paths["ort"] = ort_peer(paths["fp32"], calibration[:32], workdir, name)
     sessions = {k: ort_session(p, workdir / f"{name}_{k}_optimized.onnx") for k, p in paths.items()}
     with torch.inference_mode():
@@ -187,18 +196,22 @@ def measure(name: str, images: torch.Tensor, calibration: torch.Tensor, weights:
         # The floor: our own x86 lowering against our reference lowering (one code per op apart).
         reference = lowered(model, calibration, weights, backend="reference")
         floor = torch.cat([reference(b) for b in images.split(32)])
-    outs = {k: ort_outputs(sessions[k], images) for k in ("qdq", "qdq_cal", "integer")}
+    outs = {k: ort_outputs(sessions[k], images) for k in ("qdq", "qdq_cal", "integer", "qdq_sep")}
+    with torch.inference_mode():
+        ref_sep = torch.cat([separate(b) for b in images.split(32)])
     x_np = x.numpy()
     ort_times = best_median({k: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x_np})) for k, s in sessions.items()})
     compile_row = [name, f"{times['eager'] * 1e3:.2f}", f"{times['compiled'] * 1e3:.2f}",
                    f"{times['pt2e'] * 1e3:.2f}" if "pt2e" in times else (peer_note or "-"),
                    f"{times['compiled'] / times['pt2e']:.2f}" if "pt2e" in times else "-",
                    "yes" if same_compiled else "NO", "yes" if same_export else "NO"]
-    ratio = {k: f"{ort_times[k] / ort_times['fp32']:.2f}" for k in ("qdq", "qdq_cal", "integer", "ort")}
+    ratio = {k: f"{ort_times[k] / ort_times['fp32']:.2f}" for k in ("qdq", "qdq_cal", "integer", "ort", "qdq_sep")}
     ort_row = [name, agreement(ref, outs["qdq"]), agreement(ref, outs["integer"]), agreement(ref, floor),
                f"{ort_times['fp32'] * 1e3:.2f}", ratio["qdq"], ratio["integer"], ratio["ort"],
                int8_convs(workdir / f"{name}_qdq_optimized.onnx"), int8_convs(workdir / f"{name}_ort_optimized.onnx"),
-               agreement(ref, outs["qdq_cal"]), ratio["qdq_cal"], int8_convs(workdir / f"{name}_qdq_cal_optimized.onnx")]
+               agreement(ref, outs["qdq_cal"]), ratio["qdq_cal"], int8_convs(workdir / f"{name}_qdq_cal_optimized.onnx"),
+               agreement(ref_sep, outs["qdq_sep"]), ratio["qdq_sep"],
+               int8_convs(workdir / f"{name}_qdq_sep_optimized.onnx")]
     print(compile_row, ort_row, flush=True)
     return compile_row, ort_row
 
@@ -226,7 +239,8 @@ def main() -> None:
                    "floor: ours x86 vs ours reference", "ORT fp32 (ms)", "QDQ int8 / fp32", "integer int8 / fp32",
                    "ORT quantize_static / fp32", "QLinearConv / convs (QDQ)", "QLinearConv / convs (ORT's)",
                    "QDQ calibrated: SQNR dB / top-1 vs ours", "QDQ calibrated / fp32",
-                   "QLinearConv / convs (QDQ calibrated)"]
+                   "QLinearConv / convs (QDQ calibrated)", "adds separate: SQNR dB / top-1 vs ours",
+                   "adds separate / fp32", "QLinearConv / convs (adds separate)"]
     # rows measured before a column existed show "not measured" there
     ort_rows = [saved[name]["ort"] + ["not measured"] * (len(ort_headers) - len(saved[name]["ort"])) for name in names]
     took = ", ".join(f"{name} {saved[name]['seconds']} s" if saved[name].get("seconds") else f"{name}: time not recorded"
@@ -252,7 +266,10 @@ def main() -> None:
               "differences per op grow through deep random-weight networks). *QDQ calibrated*: "
               "`export_onnx(..., calibration_data=)` on the peer's 32 photos: one requantization before each fused "
               "residual add, so onnxruntime runs those convs as QLinearConv + QLinearAdd instead of float convs "
-              "(one more rounding than our model). *ORT quantize_static*: onnxruntime's own static "
+              "(one more rounding than our model). *adds separate*: our model built with "
+              "`insert_observers(residual_adds=\"separate\")`, its conv outputs quantized before residual adds and "
+              "the adds uint8 (`QuantAdd`), exported as QDQ and compared with *that* model: onnxruntime runs the "
+              "same structure (QLinearConv + QLinearAdd). *ORT quantize_static*: onnxruntime's own static "
               "int8 (QDQ, u8s8 per channel, reduce_range) of the fp32 ONNX file, calibrated on 32 photos. "
               "On an AVX2-only CPU (no VNNI) onnxruntime's u8s8 kernels widen through saturating 16-bit "
               "pairs, as oneDNN's do: 7-bit weights there (the weights line above names what this CPU got).")

@@ -9,12 +9,12 @@ from torch import fx, nn
 
 from fxcompress.errors import ConfigError
 from fxcompress.ops import Kind, OpInfo, describe, describe_module
-from fxcompress.pass_base import Pass, PassContext, PassResult
+from fxcompress.pass_base import Pass, PassContext, PassResult, check_choice
 from fxcompress.quant.activations import ActivationObserver, preserves_qparams, quant_source
 from fxcompress.quant.layers import ObservedLayer, layer_support
 from fxcompress.quant.observers import make_observer
 from fxcompress.quant.fusion import FusedChain, is_float_value
-from fxcompress.quant.placement import consumed_quantized, find_chains, is_cat
+from fxcompress.quant.placement import RESIDUAL_ADDS, consumed_quantized, find_chains, is_cat, is_separate_add
 from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
 from fxcompress.rewrite import replace_modules
 from fxcompress.verify import role_of
@@ -61,7 +61,10 @@ class InsertObservers(Pass):
     whose output reuses their input's.  The observer for an input produced by
     such ops is placed before them, at the op that computes the values.  Layers
     left float (out of scope, functional calls, unsupported modules) are listed
-    with the reason.  Stats: ``layers_quantized``, ``observers`` (modules),
+    with the reason.  ``residual_adds="separate"`` fuses no add into its conv: the conv's output
+    and the add's result are observed on their own, so ``lower`` makes the add a uint8 add
+    (the structure onnxruntime's QDQ fusion takes: QLinearConv + QLinearAdd); the default
+    ``"fuse"`` places what x86's fused ``sum`` needs.  Stats: ``layers_quantized``, ``observers`` (modules),
     ``observer_calls`` (nodes), ``kept_float`` (module path -> reason).
     """
 
@@ -71,6 +74,7 @@ class InsertObservers(Pass):
     weights: QuantSpec | dict | None = field(default_factory=default_weight_spec)
     activations: QuantSpec | dict | None = field(default_factory=default_activation_spec)
     ops: tuple[str, ...] = ("conv", "linear")
+    residual_adds: str = "fuse"
 
     def __post_init__(self) -> None:
         weights = as_spec(self.weights, "weights")
@@ -82,6 +86,7 @@ class InsertObservers(Pass):
         if activations is not None and activations.granularity != "per_tensor":
             raise ConfigError(f"activations must be quantized per_tensor (the int8 kernels "
                               f"take one activation scale), got granularity={activations.granularity!r}")
+        check_choice("residual_adds", self.residual_adds, RESIDUAL_ADDS)
         unknown = [k for k in self.ops if k not in OP_KINDS]
         if unknown or not self.ops:
             raise ConfigError(f"ops must be a non-empty subset of {tuple(OP_KINDS)}, "
@@ -100,7 +105,7 @@ class InsertObservers(Pass):
                                       if id(m) in chosen else None)
         calls = 0
         if self.activations is not None:
-            calls = _Placer(gm, self.activations).place(find_chains(gm, quantized))
+            calls = _Placer(gm, self.activations).place(find_chains(gm, quantized, self.residual_adds))
         modules = len(_observer_modules(gm))
         stats: dict[str, Any] = {"layers_quantized": len({id(i.module) for i in quantized}),
                                  "observers": modules, "observer_calls": calls, "kept_float": kept}
@@ -180,9 +185,10 @@ class _Placer:
         by_add = {c.add: c for c in chains.values() if c.add is not None}
         for node in list(self.graph.nodes):
             chain = chains.get(node)
-            if chain is not None and chain.data is not None and is_float_value(chain.data):
-                self._ensure(node, chain.data)
-            elif node in by_add and by_add[node].end in wanted:
+            if chain is not None and chain.data is not None and is_float_value(chain.data) \
+                    and (not is_separate_add(chain) or chain.end in wanted):
+                self._ensure(node, chain.data)  # a separate add's own operand: for a quantized sum only
+            if node in by_add and by_add[node].end in wanted:
                 self._ensure(node, by_add[node].residual)
             elif node in wanted and is_cat(node, self.gm):
                 self._share(node)

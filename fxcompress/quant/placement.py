@@ -26,14 +26,23 @@ from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.quant.activations import preserves_qparams
 from fxcompress.quant.fusion import FusedChain, is_float_value, match_chain
 
-__all__ = ["find_chains", "consumed_quantized", "is_cat"]
+__all__ = ["RESIDUAL_ADDS", "find_chains", "consumed_quantized", "is_cat", "is_separate_add"]
 
 
-def find_chains(gm: fx.GraphModule, ops: list[OpInfo]) -> dict[fx.Node, FusedChain]:
+#: What ``find_chains`` does with a conv's residual add: fuse it into the conv (x86's ``sum``),
+#: or quantize the conv's output and add the two uint8 values on their own (ONNX's
+#: QLinearConv + QLinearAdd, which onnxruntime fuses QDQ graphs into).
+RESIDUAL_ADDS = ("fuse", "separate")
+
+
+def find_chains(gm: fx.GraphModule, ops: list[OpInfo], residual_adds: str = "fuse") -> dict[fx.Node, FusedChain]:
     """The fused chain of each quantized op (``ops`` in graph order), keyed by op node.
 
     An add both operands of which are fusable conv outputs is fused into the first conv
-    in graph order; the other conv's chain ends before it.
+    in graph order; the other conv's chain ends before it. With ``residual_adds="separate"``
+    no add is fused: the conv's chain ends at the conv, and the add (with the ReLU after it)
+    becomes a chain of its own, keyed by the add, whose ``data`` is the conv's output and
+    ``residual`` the other operand: both are then consumed quantized.
     """
     chains: dict[fx.Node, FusedChain] = {}
     claimed: set[fx.Node] = set()  # adds already fused into an earlier op
@@ -47,6 +56,12 @@ def find_chains(gm: fx.GraphModule, ops: list[OpInfo]) -> dict[fx.Node, FusedCha
             chain = match_chain(info, gm, through_noops=False, allow_add=False)
         if chain.add is not None:
             claimed.add(chain.add)
+            if residual_adds == "separate":
+                add = chain.add
+                own = next(a for a in add.args if isinstance(a, fx.Node) and a is not chain.residual)
+                chains[add] = FusedChain(add, chain.end, chain.nodes[chain.nodes.index(add):], own, add,
+                                         chain.residual, chain.post_op, chain.post_op_args)
+                chain = match_chain(info, gm, through_noops=False, allow_add=False)
         chains[op] = chain
     return chains
 
@@ -57,13 +72,14 @@ def consumed_quantized(gm: fx.GraphModule, chains: dict[fx.Node, FusedChain]) ->
     One backward walk: every consumer comes after its producer in graph order,
     and a fused add's chain end after the add's operands.
     """
-    data_of = {c.op: c.data for c in chains.values() if c.data is not None}
+    data_of = {c.op: c for c in chains.values() if c.data is not None}
     residual_of = {c.add: c for c in chains.values() if c.add is not None}
     wanted: set[fx.Node] = set()
 
     def takes_quantized(user: fx.Node, value: fx.Node) -> bool:
-        if data_of.get(user) is value:
-            return True
+        chain = data_of.get(user)
+        if chain is not None and chain.data is value:
+            return not is_separate_add(chain) or chain.end in wanted  # a separate add: for a quantized sum only
         chain = residual_of.get(user)
         if chain is not None and chain.residual is value:
             return chain.end in wanted
@@ -80,6 +96,11 @@ def consumed_quantized(gm: fx.GraphModule, chains: dict[fx.Node, FusedChain]) ->
                 continue
             wanted.add(node)
     return wanted
+
+
+def is_separate_add(chain: FusedChain) -> bool:
+    """Whether ``chain`` is a residual add of its own (``residual_adds="separate"``)."""
+    return chain.op is chain.add
 
 
 def is_cat(node: fx.Node, gm: fx.GraphModule) -> bool:

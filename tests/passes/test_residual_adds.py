@@ -1,0 +1,76 @@
+"""insert_observers(residual_adds="separate"): conv outputs quantized before residual adds, uint8 adds.
+
+The placement onnxruntime's QDQ fusion needs (QLinearConv + QLinearAdd): the lowered model then
+has the same structure as what onnxruntime runs, instead of convs with x86's fused ``sum``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import fxcompress
+from fxcompress.errors import ConfigError
+from fxcompress.quant.lowered import QuantAdd
+from fxcompress.quant.spec import portable_weight_spec
+
+FOLD = ["fuse_conv_bn", ("insert_observers", {"weights": portable_weight_spec(), "residual_adds": "separate"}),
+        "calibrate", "fold_fake_quant"]
+
+
+@pytest.fixture(scope="module")
+def resnet() -> tuple[torch.nn.Module, torch.Tensor, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    gen = torch.Generator().manual_seed(1)
+    return model, torch.randn(2, 3, 64, 64, generator=gen), [torch.randn(4, 3, 64, 64, generator=gen) for _ in range(2)]
+
+
+def adds(gm: torch.nn.Module) -> int:
+    return sum(isinstance(m, QuantAdd) for m in gm.modules())
+
+
+def test_separate_adds_are_uint8_adds_and_reference_lowering_equals_the_folded_graph(resnet) -> None:
+    model, x, cal = resnet
+    folded = fxcompress.run(model, FOLD, (x,), calibration_data=cal, progress=False).model
+    low = fxcompress.run(model, FOLD + [("lower", {"backend": "reference"})], (x,), calibration_data=cal,
+                         progress=False)
+    stats = low.report.rows[-1].stats
+    # 8 residual adds: 7 feed a quantized consumer and become uint8 adds; the last one feeds the
+    # float average pool and stays a float add of float conv outputs, as with fused adds.
+    assert adds(low.model) == 7 and stats["int8_ops"]["add"] == 7
+    with torch.inference_mode():
+        assert torch.equal(low.model(x), folded(x))
+    default = ["fuse_conv_bn", ("insert_observers", {"weights": portable_weight_spec()}), "calibrate",
+               "fold_fake_quant", ("lower", {"backend": "reference"})]
+    fused = fxcompress.run(model, default, (x,), calibration_data=cal, progress=False)
+    assert adds(fused.model) == 0  # the default fuses every residual add into its conv
+
+
+def test_separate_adds_export_to_qlinearconv_and_qlinearadd(resnet, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model, x, cal = resnet
+    result = fxcompress.run(model, FOLD + [("lower", {"only_if_faster": False}), "eliminate_dead_nodes"], (x,),
+                            calibration_data=cal, progress=False)
+    path = fxcompress.export_onnx(result, tmp_path / "sep.onnx", example_inputs=(x,))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.optimized_model_filepath = str(tmp_path / "sep_opt.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "sep_opt.onnx")).graph.node)
+    assert ops["QLinearConv"] == 19 and ops["QLinearAdd"] == 7  # the last conv feeds the float add
+    theirs = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.inference_mode():
+        ours = result.model(x)
+    assert torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0) >= 0.99
+
+
+def test_an_unknown_residual_adds_choice_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="residual_adds"):
+        fxcompress.run(torchvision.models.resnet18(), [("insert_observers", {"residual_adds": "split"})],
+                       (torch.randn(1, 3, 32, 32),), progress=False)
