@@ -56,13 +56,18 @@ def build(name: str) -> nn.Module:
     return zoo.build(name).eval()
 
 
+#: The options that build our model for onnxruntime: conv outputs quantized before residual adds
+#: (uint8 adds: QLinearConv + QLinearAdd) and biases on the int32 accumulator grid, as onnxruntime stores them.
+FOR_ORT = {"insert_observers": {"residual_adds": "separate"}, "fold_fake_quant": {"int32_bias": True}}
+
+
 def lowered(model: nn.Module, calibration: torch.Tensor, weights: object, backend: str | None = None,
-            residual_adds: str = "fuse") -> nn.Module:
+            options: dict[str, dict] | None = None) -> nn.Module:
+    """Our lowered static int8 model; ``options`` adds options to passes of the recipe, by pass name."""
     batches = list(calibration.split(8))
     pipeline = fxcompress.recipes.int8_static(weights=weights, only_if_faster=False, backend=backend)
-    if residual_adds != "fuse":  # the observers' placement: conv outputs quantized before residual adds
-        pipeline = [(("insert_observers", {**(p[1] if isinstance(p, tuple) else {}), "residual_adds": residual_adds})
-                     if (p[0] if isinstance(p, tuple) else p) == "insert_observers" else p) for p in pipeline]
+    named = [(p, {}) if isinstance(p, str) else p for p in pipeline]
+    pipeline = [(name, {**kw, **(options or {}).get(name, {})}) for name, kw in named]
     return fxcompress.run(model, pipeline, batches[0][:1], calibration_data=batches, tolerance=1e-3,
                           progress=False).model
 
@@ -184,9 +189,9 @@ def measure(name: str, images: torch.Tensor, calibration: torch.Tensor, weights:
              # QDQ with one requantization before each fused residual add, calibrated on the peer's photos
              "qdq_cal": fxcompress.export_onnx(ours, workdir / f"{name}_qdq_cal.onnx", example_inputs=example,
                                                overwrite=True, calibration_data=list(calibration[:32].split(8)))}
-    # Our model with its conv outputs quantized before residual adds (insert_observers(residual_adds=
-    # "separate")): the QDQ graph is QLinearConv + QLinearAdd in onnxruntime and in our arithmetic.
-    separate = lowered(model, calibration, weights, residual_adds="separate")
+    # Our model built for onnxruntime (FOR_ORT): its QDQ graph is QLinearConv + QLinearAdd in onnxruntime
+    # and in our arithmetic, with the same int32 biases.
+    separate = lowered(model, calibration, weights, options=FOR_ORT)
     paths["qdq_sep"] = fxcompress.export_onnx(separate, workdir / f"{name}_qdq_sep.onnx", example_inputs=example,
                                               overwrite=True)
     paths["ort"] = ort_peer(paths["fp32"], calibration[:32], workdir, name)
@@ -239,8 +244,8 @@ def main() -> None:
                    "floor: ours x86 vs ours reference", "ORT fp32 (ms)", "QDQ int8 / fp32", "integer int8 / fp32",
                    "ORT quantize_static / fp32", "QLinearConv / convs (QDQ)", "QLinearConv / convs (ORT's)",
                    "QDQ calibrated: SQNR dB / top-1 vs ours", "QDQ calibrated / fp32",
-                   "QLinearConv / convs (QDQ calibrated)", "adds separate: SQNR dB / top-1 vs ours",
-                   "adds separate / fp32", "QLinearConv / convs (adds separate)"]
+                   "QLinearConv / convs (QDQ calibrated)", "built for ORT: SQNR dB / top-1 vs ours",
+                   "built for ORT / fp32", "QLinearConv / convs (built for ORT)"]
     # rows measured before a column existed show "not measured" there
     ort_rows = [saved[name]["ort"] + ["not measured"] * (len(ort_headers) - len(saved[name]["ort"])) for name in names]
     took = ", ".join(f"{name} {saved[name]['seconds']} s" if saved[name].get("seconds") else f"{name}: time not recorded"
@@ -266,10 +271,11 @@ def main() -> None:
               "differences per op grow through deep random-weight networks). *QDQ calibrated*: "
               "`export_onnx(..., calibration_data=)` on the peer's 32 photos: one requantization before each fused "
               "residual add, so onnxruntime runs those convs as QLinearConv + QLinearAdd instead of float convs "
-              "(one more rounding than our model). *adds separate*: our model built with "
-              "`insert_observers(residual_adds=\"separate\")`, its conv outputs quantized before residual adds and "
-              "the adds uint8 (`QuantAdd`), exported as QDQ and compared with *that* model: onnxruntime runs the "
-              "same structure (QLinearConv + QLinearAdd). *ORT quantize_static*: onnxruntime's own static "
+              "(one more rounding than our model). *built for ORT*: our model built with "
+              "`insert_observers(residual_adds=\"separate\")` (conv outputs quantized before residual adds, the adds "
+              "uint8) and `fold_fake_quant(int32_bias=True)` (biases on the int32 accumulator grid, as onnxruntime "
+              "stores them), exported as QDQ and compared with *that* model: onnxruntime runs the same structure "
+              "(QLinearConv + QLinearAdd) with the same biases. *ORT quantize_static*: onnxruntime's own static "
               "int8 (QDQ, u8s8 per channel, reduce_range) of the fp32 ONNX file, calibrated on 32 photos. "
               "On an AVX2-only CPU (no VNNI) onnxruntime's u8s8 kernels widen through saturating 16-bit "
               "pairs, as oneDNN's do: 7-bit weights there (the weights line above names what this CPU got).")

@@ -1,7 +1,9 @@
-"""insert_observers(residual_adds="separate"): conv outputs quantized before residual adds, uint8 adds.
+"""Building a model for onnxruntime's QDQ kernels: separate residual adds and int32 biases.
 
-The placement onnxruntime's QDQ fusion needs (QLinearConv + QLinearAdd): the lowered model then
-has the same structure as what onnxruntime runs, instead of convs with x86's fused ``sum``.
+``insert_observers(residual_adds="separate")`` quantizes conv outputs before residual adds and
+makes the adds uint8: the structure onnxruntime's QDQ fusion needs (QLinearConv + QLinearAdd),
+instead of convs with x86's fused ``sum``. ``fold_fake_quant(int32_bias=True)`` puts biases on
+the int32 accumulator grid, where onnxruntime keeps them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torchvision
 
 import fxcompress
 from fxcompress.errors import ConfigError
+from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import QuantAdd
 from fxcompress.quant.spec import portable_weight_spec
 
@@ -74,3 +77,22 @@ def test_an_unknown_residual_adds_choice_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="residual_adds"):
         fxcompress.run(torchvision.models.resnet18(), [("insert_observers", {"residual_adds": "split"})],
                        (torch.randn(1, 3, 32, 32),), progress=False)
+
+
+def test_int32_bias_puts_every_bias_on_its_accumulator_grid_and_lowering_follows(resnet) -> None:
+    model, x, cal = resnet
+    fold = [("fold_fake_quant", {"int32_bias": True}) if step == "fold_fake_quant" else step for step in FOLD]
+    folded = fxcompress.run(model, fold, (x,), calibration_data=cal, progress=False)
+    layers = [m for m in folded.model.modules() if isinstance(m, FoldedLayer) and m.bias is not None]
+    assert folded.report.rows[-1].stats["int32_bias"] == len(layers) > 0
+    for layer in layers:
+        steps = layer.bias.detach() / (layer.input_scale * layer.weight_scale)
+        assert torch.equal(steps, steps.round())
+    low = fxcompress.run(model, fold + [("lower", {"backend": "reference"})], (x,), calibration_data=cal,
+                         progress=False)
+    with torch.inference_mode():
+        assert torch.equal(low.model(x), folded.model(x))
+    plain = fxcompress.run(model, FOLD, (x,), calibration_data=cal, progress=False).model
+    with torch.inference_mode():  # the rounding moves outputs by a little, not nothing
+        a, b = plain(x), folded.model(x)
+    assert not torch.equal(a, b) and torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
