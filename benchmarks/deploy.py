@@ -56,18 +56,12 @@ def build(name: str) -> nn.Module:
     return zoo.build(name).eval()
 
 
-#: The options that build our model for onnxruntime: conv outputs quantized before residual adds
-#: (uint8 adds: QLinearConv + QLinearAdd) and biases on the int32 accumulator grid, as onnxruntime stores them.
-FOR_ORT = {"insert_observers": {"residual_adds": "separate"}, "fold_fake_quant": {"int32_bias": True}}
-
-
 def lowered(model: nn.Module, calibration: torch.Tensor, weights: object, backend: str | None = None,
-            options: dict[str, dict] | None = None) -> nn.Module:
-    """Our lowered static int8 model; ``options`` adds options to passes of the recipe, by pass name."""
+            for_onnxruntime: bool = False) -> nn.Module:
+    """Our lowered static int8 model (``recipes.int8_static``, built for onnxruntime or not)."""
     batches = list(calibration.split(8))
-    pipeline = fxcompress.recipes.int8_static(weights=weights, only_if_faster=False, backend=backend)
-    named = [(p, {}) if isinstance(p, str) else p for p in pipeline]
-    pipeline = [(name, {**kw, **(options or {}).get(name, {})}) for name, kw in named]
+    pipeline = fxcompress.recipes.int8_static(weights=weights, only_if_faster=False, backend=backend,
+                                              for_onnxruntime=for_onnxruntime)
     return fxcompress.run(model, pipeline, batches[0][:1], calibration_data=batches, tolerance=1e-3,
                           progress=False).model
 
@@ -189,9 +183,9 @@ def measure(name: str, images: torch.Tensor, calibration: torch.Tensor, weights:
              # QDQ with one requantization before each fused residual add, calibrated on the peer's photos
              "qdq_cal": fxcompress.export_onnx(ours, workdir / f"{name}_qdq_cal.onnx", example_inputs=example,
                                                overwrite=True, calibration_data=list(calibration[:32].split(8)))}
-    # Our model built for onnxruntime (FOR_ORT): its QDQ graph is QLinearConv + QLinearAdd in onnxruntime
-    # and in our arithmetic, with the same int32 biases.
-    separate = lowered(model, calibration, weights, options=FOR_ORT)
+    # Our model built for onnxruntime (recipes.int8_static(for_onnxruntime=True)): its QDQ graph is
+    # QLinearConv + QLinearAdd in onnxruntime and in our arithmetic, with the same int32 biases.
+    separate = lowered(model, calibration, weights, for_onnxruntime=True)
     paths["qdq_sep"] = fxcompress.export_onnx(separate, workdir / f"{name}_qdq_sep.onnx", example_inputs=example,
                                               overwrite=True)
     paths["ort"] = ort_peer(paths["fp32"], calibration[:32], workdir, name)
@@ -271,8 +265,8 @@ def main() -> None:
               "differences per op grow through deep random-weight networks). *QDQ calibrated*: "
               "`export_onnx(..., calibration_data=)` on the peer's 32 photos: one requantization before each fused "
               "residual add, so onnxruntime runs those convs as QLinearConv + QLinearAdd instead of float convs "
-              "(one more rounding than our model). *built for ORT*: our model built with "
-              "`insert_observers(residual_adds=\"separate\")` (conv outputs quantized before residual adds, the adds "
+              "(one more rounding than our model). *built for ORT*: `recipes.int8_static(for_onnxruntime=True)`, "
+              "our model built with `insert_observers(residual_adds=\"separate\")` (conv outputs quantized before residual adds, the adds "
               "uint8) and `fold_fake_quant(int32_bias=True)` (biases on the int32 accumulator grid, as onnxruntime "
               "stores them), exported as QDQ and compared with *that* model: onnxruntime runs the same structure "
               "(QLinearConv + QLinearAdd) with the same biases. *ORT quantize_static*: onnxruntime's own static "

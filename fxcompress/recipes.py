@@ -80,6 +80,7 @@ def int8_static(
     if_slower: str = "warn",
     scope: Sequence[str] = (),
     skip: Sequence[str] = (),
+    for_onnxruntime: bool = False,
 ) -> list[Entry]:
     """Static int8: observe, calibrate on ``calibration_data``, fold, lower to integer kernels.
 
@@ -95,13 +96,20 @@ def int8_static(
     ``"warn"``, keeps int8 and warns; see ``docs/lowering.md``).  Fusion comes
     first so that the folded BatchNorm is quantized as part of its conv, and
     dead-node elimination last because lowering leaves the float weights behind.
+    ``for_onnxruntime=True`` builds the model the way onnxruntime's QDQ kernels compute, for a
+    model to be exported with ``export_onnx``: residual adds separate from their convs
+    (``insert_observers(residual_adds="separate")``: QLinearConv + QLinearAdd) and biases on
+    the int32 accumulator grid (``fold_fake_quant(int32_bias=True)``); see
+    ``docs/deployment.md``.
     """
     observe = _where(_options(weights=weights, activations=activations), scope, skip)
+    if for_onnxruntime:
+        observe["residual_adds"] = "separate"
     return [
         "fuse_conv_bn",
         ("insert_observers", observe) if observe else "insert_observers",
         _entry("calibrate", num_batches=num_batches),
-        "fold_fake_quant",
+        ("fold_fake_quant", {"int32_bias": True}) if for_onnxruntime else "fold_fake_quant",
         # The reference backend is portable by choice and never timed: no option to carry.
         _entry("lower", backend=backend, only_if_faster=None if backend == "reference" else only_if_faster,
                if_slower=None if if_slower == "warn" else if_slower),
