@@ -71,11 +71,14 @@ def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
+def similarities(e: torch.Tensor) -> torch.Tensor:
+    """Each sentence's cosine to every other sentence (itself set below any other: -2)."""
+    return (e @ e.T).fill_diagonal_(-2.0)
+
+
 def nearest(e: torch.Tensor) -> torch.Tensor:
     """Each sentence's nearest other sentence (cosine)."""
-    sim = e @ e.T
-    sim.fill_diagonal_(-2.0)
-    return sim.argmax(dim=1)
+    return similarities(e).argmax(dim=1)
 
 
 def nearest_agreement(ref: torch.Tensor, emb: torch.Tensor, first: int | None = None) -> float:
@@ -88,9 +91,7 @@ def nearest_agreement(ref: torch.Tensor, emb: torch.Tensor, first: int | None = 
 def nearest_margin(e: torch.Tensor) -> float:
     """The smallest gap, over sentences, between the cosine to the nearest and to the
     second-nearest other sentence: how close the closest nearest-neighbour call is."""
-    sim = e @ e.T
-    sim.fill_diagonal_(-2.0)
-    top = sim.topk(2, dim=1).values
+    top = similarities(e).topk(2, dim=1).values
     return (top[:, 0] - top[:, 1]).min().item()
 
 

@@ -111,9 +111,21 @@ def add_dequantized(y: torch.Tensor, r: torch.Tensor, scale: float, zero_point: 
 # The zero point is added first, on its own, so that ``x * inv + zp`` is rounded to
 # float32 before it is rounded to an integer, as the kernels and qparams.quantize do.
 _MAGIC = float(1 << 23)
-# Large inputs are quantized in chunks through a cache-sized scratch buffer: one full
-# float temporary of a batch-32 image batch (19 MB) cost more in page faults than the math.
+# Large inputs are quantized in chunks through a cache-sized scratch buffer (``_scratch``, one
+# per thread, reused across calls): one full float temporary of a batch-32 image batch (19 MB)
+# cost more in page faults than the math.
 _CHUNK = 1 << 18
+
+_THREAD = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A float32 buffer of at least ``numel`` values, this thread's own (reused across calls)."""
+    buf = getattr(_THREAD, "scratch", None)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            buf = _THREAD.scratch = torch.empty(max(numel, _CHUNK), dtype=torch.float32)
+    return buf
 
 
 @functools.lru_cache(maxsize=4096)
@@ -147,7 +159,7 @@ def _round_clamp_(y: torch.Tensor, zero_point: int) -> torch.Tensor:
 
 def _quantize_flat(x: torch.Tensor, out: torch.Tensor, inverse: float, zero_point: int,
                    post_op: str, post_op_args: Sequence[float]) -> None:
-    scratch = torch.empty(min(_CHUNK, x.numel()), dtype=torch.float32)
+    scratch = _scratch(min(_CHUNK, x.numel()))
     bits = scratch.view(torch.int32)
     for start in range(0, x.numel(), _CHUNK):
         stop = min(start + _CHUNK, x.numel())
@@ -209,7 +221,7 @@ def quantize_product_uint8(x: torch.Tensor, gains: torch.Tensor, scale: float, z
     out_rows = out.permute(0, 2, 3, 1).reshape(n, h * w, c)
     gain_rows = gains.reshape(n, 1, c)
     step = max(1, _CHUNK // c)
-    scratch = torch.empty(min(step, h * w) * c, dtype=torch.float32)
+    scratch = _scratch(min(step, h * w) * c)
     for i in range(n):
         for start in range(0, h * w, step):
             stop = min(start + step, h * w)
@@ -266,8 +278,8 @@ def quantize_per_token_uint8(x: torch.Tensor, zero_point: int = 128) -> tuple[to
     x = x.detach()  # integer codes carry no gradient; the row blocks are written with out=
     # max(hi, 0) and min(lo, 0) need no clamps: a row's hi and -lo cannot both be negative,
     # and the larger, non-negative one is the scale.
-    hi = x.amax(dim=-1, keepdim=True).mul_(_scalar(_reciprocal(255 - zero_point)))
-    lo = x.amin(dim=-1, keepdim=True).mul_(_scalar(-_reciprocal(zero_point)))
+    hi = x.amax(dim=-1, keepdim=True).mul_(_scalar(_inverse(float(255 - zero_point))))
+    lo = x.amin(dim=-1, keepdim=True).mul_(_scalar(-_inverse(float(zero_point))))
     scale = torch.maximum(hi, lo).clamp_min_(_scalar(1e-12))
     # |x * (1 / scale)| stays within a few float32 ulps of the codes' reach (255 - zp above,
     # zp below), far from a half, so adding zp and the magic number (one exact add: both are
@@ -275,10 +287,10 @@ def quantize_per_token_uint8(x: torch.Tensor, zero_point: int = 128) -> tuple[to
     k = x.shape[-1]
     rows, inverse = x.reshape(-1, k), scale.reciprocal().reshape(-1, 1)
     q = torch.empty(rows.shape, dtype=torch.uint8)
-    # Row blocks of at most _CHUNK values through one cache-sized scratch buffer, kept per
-    # thread: a temporary as large as x, allocated per call, cost more in page faults than
-    # the arithmetic (MiniLM's 1050 x 384 linears, 1 thread: 0.70 -> 0.53 ms a call with
-    # glibc's allocator told to keep freed memory, i.e. no faults).
+    # Row blocks of at most _CHUNK values through the thread's scratch buffer: a temporary as
+    # large as x, allocated per call, cost more in page faults than the arithmetic (MiniLM's
+    # 1050 x 384 linears, 1 thread: 0.70 -> 0.53 ms a call with glibc's allocator told to keep
+    # freed memory, i.e. no faults).
     step = max(1, _CHUNK // k)
     scratch = _scratch(min(step, rows.shape[0]) * k)
     offset = _scalar(_MAGIC + zero_point)
@@ -288,23 +300,6 @@ def quantize_per_token_uint8(x: torch.Tensor, zero_point: int = 128) -> tuple[to
         torch.mul(rows[start:stop], inverse[start:stop], out=buf).add_(offset)
         q[start:stop].copy_(buf.view(torch.int32))
     return q.view(x.shape), scale
-
-
-_THREAD = threading.local()
-
-
-def _scratch(numel: int) -> torch.Tensor:
-    """A float32 buffer of at least ``numel`` values, this thread's own (reused across calls)."""
-    buf = getattr(_THREAD, "scratch", None)
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):  # usable in and out of inference mode
-            buf = _THREAD.scratch = torch.empty(max(numel, _CHUNK), dtype=torch.float32)
-    return buf
-
-
-@functools.lru_cache(maxsize=512)
-def _reciprocal(n: int) -> float:
-    return float(torch.tensor(1.0 / n, dtype=torch.float32))
 
 
 _POST_OPS = {
