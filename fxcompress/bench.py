@@ -184,8 +184,10 @@ def compare(
     ``GraphModule`` is captured with :func:`fxcompress.trace`).  Both models
     must be in eval mode, since measuring a model in training mode would
     update its BatchNorm statistics.  With ``compiled=True`` both models are
-    also timed under ``torch.compile`` (inductor; lowered models compile
-    through :mod:`fxcompress.oplib`), reported as ``compiled_latency``.
+    also timed under ``torch.compile`` (inductor, with freezing: weights are
+    constants, packed once, as for deployment; a lowered model's int8 layers
+    become direct oneDNN calls, :mod:`fxcompress.oplib.frozen`), reported as
+    ``compiled_latency``.
     """
     args, kwargs = normalize_inputs(inputs)
     for role, model in (("original", original), ("compressed", compressed)):
@@ -210,7 +212,7 @@ def compare(
                          f"{lat_b.median * 1e3:.3f} ms vs {lat_a.median * 1e3:.3f} ms "
                          f"(speedup {lat_a.median / lat_b.median:.2f}x)")
     if compiled and threads:
-        fast = [torch.compile(m) for m in (original, compressed)]
+        fast = [_compiled_frozen(m, args, kwargs) for m in (original, compressed)]
         for t, (lat_a, lat_b) in _latencies(*fast, args, kwargs, threads, min_run_time, rounds).items():
             figures[0].compiled_latency[t], figures[1].compiled_latency[t] = lat_a, lat_b
     if eval_fn is not None:
@@ -382,6 +384,17 @@ def _latencies(a: nn.Module, b: nn.Module, args: tuple, kwargs: dict, threads: t
     finally:
         torch.set_num_threads(saved)
     return results
+
+
+def _compiled_frozen(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
+    """``torch.compile(model)``, compiled now with inductor's freezing, in inference mode (where
+    it is timed: a call in another grad mode would compile again, without freezing)."""
+    import torch._inductor.config as inductor_config
+
+    fast = torch.compile(model)
+    with inductor_config.patch(freezing=True), torch.inference_mode():
+        fast(*clone_inputs(args), **clone_inputs(kwargs))
+    return fast
 
 
 def _caller(model: nn.Module, args: tuple, kwargs: dict) -> Callable[[], Any]:

@@ -14,8 +14,10 @@ What is here: the reference arithmetic the kernels are held to (:mod:`.arith`), 
 probe of this CPU's int8 kernel path (:mod:`.isa`), checked wrappers over oneDNN's and
 aten's integer kernels (:mod:`.kernels`), the rebuildable caches of packed weights
 (:mod:`.cache`), each operator's computation with its per-call choice of kernel or
-reference (:mod:`.impl`), and the operator schemas with fake implementations for the
-compilers (:mod:`.library`). fxcompress's lowered modules call the same functions, so a
+reference (:mod:`.impl`), the operator schemas with fake implementations for the
+compilers (:mod:`.library`), and what the operators are traced as under ``torch.compile``
+with inductor's freezing: direct oneDNN calls and elementwise code (:mod:`.frozen`, imported
+only while compiling). fxcompress's lowered modules call the same functions, so a
 model computes the same numbers eagerly, compiled, exported or loaded.
 """
 

@@ -40,8 +40,8 @@ from fxcompress.oplib.kernels import (
 
 __all__ = [
     "quantize", "quantize_product", "dequantize", "qconv", "qconv_add_", "qlinear", "max_pool2d",
-    "adaptive_avg_pool2d", "add", "dynamic_linear", "weight_only_linear", "weight_only_embedding", "conv_output_layout",
-    "WEIGHT_ONLY_KERNEL_MAX_ROWS",
+    "adaptive_avg_pool2d", "add", "dynamic_linear", "weight_only_linear", "weight_only_embedding", "prepack_qconv",
+    "conv_output_layout", "nonfinite_input_message", "WEIGHT_ONLY_KERNEL_MAX_ROWS",
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -66,12 +66,17 @@ def quantize_layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def nonfinite_input_message(name: str) -> str:
+    """What the NaN/Inf check of graph input ``name`` says when it fails."""
+    return (f"input {name!r} holds NaN or Inf values: a lowered int8 model cannot represent them "
+            f"(the float model would return NaN or Inf); check or clean the input")
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, activation: str = "none",
              activation_args: Sequence[float] = (), guard: str = "") -> torch.Tensor:
     """``quantize_uint8(activation(x))``; with ``guard`` (the graph input's name), NaN/Inf refused."""
     if guard and x.is_floating_point() and not bool(torch.isfinite(x.sum())):
-        fail("input", f"input {guard!r} holds NaN or Inf values: a lowered int8 model cannot represent them "
-                      f"(the float model would return NaN or Inf); check or clean the input")
+        fail("input", nonfinite_input_message(guard))
     q = quantize_uint8(x, *_q(scale, zero_point), activation, activation_args)
     return q.contiguous(memory_format=quantize_layout(x))
 
@@ -169,6 +174,17 @@ def qconv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bia
         return kernel(x)
     return _conv_reference(x, weight, weight_scale, bias, xs, xzp, os_, ozp, stride, padding, dilation, groups,
                            post_op, post_op_args)
+
+
+def prepack_qconv(weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: float, input_zero_point: int,
+                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                  input_shape: Sequence[int] | None) -> torch.Tensor:
+    """oneDNN's packed copy of an int8 conv weight, for inputs of ``input_shape`` (the
+    implementation of ``torch.ops.fxcompress.prepack_qconv``, whose fake implementation gives
+    compilers the weight's logical shape: oneDNN's own prepack op has none)."""
+    return torch.ops.onednn.qconv_prepack(weight.contiguous(), weight_scale.contiguous(), float(input_scale),
+                                          int(input_zero_point), list(stride), list(padding), list(dilation),
+                                          groups, None if input_shape is None else list(input_shape))
 
 
 def qconv_add_(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,

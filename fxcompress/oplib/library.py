@@ -4,8 +4,10 @@ Each operator is one lowered module's computation with every parameter explicit:
 (codes, int8 weights, float32 scales, int32 zero points, as the module stores them) and
 constants (geometry, post-op names, ``use_kernels``). Nothing about them is data-dependent
 at trace time, so ``torch.compile`` treats them as opaque calls (inductor fuses the float
-ops around them) and ``torch.export`` records them by name: an exported program needs
-``import fxcompress.oplib`` to run, and nothing else from fxcompress.
+ops around them; with freezing on, the lowered modules trace most of them as direct oneDNN
+calls instead: :mod:`fxcompress.oplib.frozen`) and ``torch.export`` records them by name:
+an exported program needs ``import fxcompress.oplib`` to run, and nothing else from
+fxcompress.
 
 The fake implementations give the exact output shape, dtype and strides the CPU
 implementation returns (:mod:`fxcompress.oplib.impl` fixes the layouts), with symbolic
@@ -52,6 +54,10 @@ SCHEMAS: dict[str, str] = {
                           "int in_features, str compute_dtype, bool cache_dequantized, bool use_kernels) -> Tensor",
     "weight_only_embedding": "(Tensor indices, Tensor weight, Tensor scale, Tensor? zero_point, int bits, "
                              "int embedding_dim) -> Tensor",
+    # oneDNN's packed conv weight (an opaque tensor), made under torch.compile with freezing
+    # (:mod:`fxcompress.oplib.frozen`) and folded into a constant there; never in a saved program.
+    "prepack_qconv": "(Tensor weight, Tensor weight_scale, float input_scale, int input_zero_point, int[] stride, "
+                     "int[] padding, int[] dilation, int groups, int[]? input_shape) -> Tensor",
 }
 
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
@@ -156,6 +162,12 @@ def _dynamic_linear_fake(x, weight, weight_scale, bias, granularity, use_kernels
 def _weight_only_linear_fake(x, weight, scale, zero_point, bias, bits, in_features, compute_dtype,
                              cache_dequantized, use_kernels):
     return x.new_empty((*x.shape[:-1], scale.shape[0]))
+
+
+@_fake("prepack_qconv")
+def _prepack_qconv_fake(weight, weight_scale, input_scale, input_zero_point, stride, padding, dilation, groups,
+                        input_shape):
+    return weight.new_empty(weight.shape)  # the logical shape, which inductor's conv lowering reads
 
 
 @_fake("weight_only_embedding")

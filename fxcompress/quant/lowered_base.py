@@ -41,11 +41,18 @@ _IMPLEMENTATIONS = {name: getattr(fxcompress.oplib.impl, name) for name in fxcom
 
 
 def run_op(name: str, *args: Any) -> Any:
-    """Operator ``name`` of the library on ``args``: the registered ``torch.ops.fxcompress``
-    operator while a compiler or tracer records the call (``torch.compile``, ``torch.export``,
-    ``torch.jit.trace``), its implementation itself otherwise (the same computation)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    """Operator ``name`` of the library on ``args``: its implementation itself when run
+    eagerly; the registered ``torch.ops.fxcompress`` operator while a compiler or tracer
+    records the call (``torch.export``, ``torch.jit.trace``, ``torch.compile``), except under
+    ``torch.compile`` with inductor's freezing on, where the int8 layers and the quantize
+    steps are traced as the oneDNN calls and elementwise ops they run
+    (:mod:`fxcompress.oplib.frozen`). The same computation every way."""
+    if torch.jit.is_tracing():
         return getattr(torch.ops.fxcompress, name)(*args)
+    if torch.compiler.is_compiling():
+        from fxcompress.oplib import frozen  # imports torch._dynamo, loaded by now
+
+        return frozen.operator(name)(*args)
     return _IMPLEMENTATIONS[name](*args)
 
 
