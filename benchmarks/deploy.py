@@ -177,7 +177,7 @@ def measure(name: str, images: torch.Tensor, calibration: torch.Tensor, weights:
     # With inductor's freezing, as PT2E compiles: the int8 layers become direct oneDNN calls with
     # weights packed at compile time (fxcompress.oplib.frozen). A copy: a second torch.compile of
     # the same module would reuse the first one's graph (its guards do not cover freezing).
-    frozen = torch.compile(copy.deepcopy(ours))
+    frozen = torch.compile(copy.deepcopy(ours), dynamic=False)  # a static graph per batch size
     with inductor_config.patch(freezing=True), torch.inference_mode():
         frozen(x)
         same_frozen = sameness(ours, frozen, (x, *images.split(32)))

@@ -28,7 +28,7 @@ Python between kernels:
 
 Everything else (pools, uint8 adds, dynamic and weight-only layers), and every call whose
 preconditions do not hold at compile time (the reference backend, weights this CPU's kernels
-could overflow on, a symbolic channel or spatial size), stays the opaque operator, which
+could overflow on, a symbolic channel or spatial size, a 1-channel input), stays the opaque operator, which
 computes as it does eagerly. The NaN/Inf check of a graph input's quantize is kept, with
 the same message, but raised by the compiled graph as a ``RuntimeError`` (a graph raises
 no Python exception type).
@@ -133,7 +133,10 @@ def qconv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bia
           post_op: str = "none", post_op_args: Sequence[float] = (), use_kernels: bool = True) -> torch.Tensor:
     opaque = (x, weight, weight_scale, bias, input_scale, input_zero_point, output_scale, output_zero_point, stride,
               padding, dilation, groups, pre_padding, padding_mode, post_op, post_op_args, use_kernels)
-    if not use_kernels or x.dim() != 4 or not _static(x.shape[1:]):
+    # A 1-channel input is contiguous and channels-last at once, and inductor's lowering of the
+    # oneDNN conv may then expect a contiguous output where oneDNN writes channels-last (seen
+    # with a dynamic batch: its run-time layout check fails). Such a conv stays opaque.
+    if not use_kernels or x.dim() != 4 or x.shape[1] == 1 or not _static(x.shape[1:]):
         return torch.ops.fxcompress.qconv(*opaque)
     xs, xzp = _qparams(input_scale, input_zero_point)
     os_, ozp = _qparams(output_scale, output_zero_point) if output_scale is not None else (None, 0)
@@ -141,10 +144,9 @@ def qconv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bia
     geometry = (tuple(stride), tuple(padding), tuple(dilation))
     if not _conv_runs_kernel(weight, (1, *x.shape[1:]), *geometry, groups, post_op, (xs, xzp, os_, ozp)):
         return torch.ops.fxcompress.qconv(*opaque)
-    # The eager kernel packs for the call's shape; a symbolic batch packs for any.
-    shape = list(x.shape) if _static(x.shape) else None
+    # Packed for the call's shape, as the eager kernel is (for any batch where it is symbolic).
     packed = torch.ops.fxcompress.prepack_qconv(weight, weight_scale, xs, xzp, stride, padding, dilation, groups,
-                                                shape)
+                                                list(x.shape) if _static(x.shape) else None)
     name, scalars, algorithm = _onednn_post_op(post_op, post_op_args)
     uint8_out = os_ is not None
     return torch.ops.onednn.qconv_pointwise.default(

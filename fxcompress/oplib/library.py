@@ -167,7 +167,9 @@ def _weight_only_linear_fake(x, weight, scale, zero_point, bias, bits, in_featur
 @_fake("prepack_qconv")
 def _prepack_qconv_fake(weight, weight_scale, input_scale, input_zero_point, stride, padding, dilation, groups,
                         input_shape):
-    return weight.new_empty(weight.shape)  # the logical shape, which inductor's conv lowering reads
+    # The logical shape (inductor's conv lowering reads it) and the strides oneDNN's opaque
+    # tensor reports, (1, 0, ...): compiled graphs check them where the op runs at run time.
+    return weight.new_empty_strided(weight.shape, (1,) + (0,) * (weight.dim() - 1))
 
 
 @_fake("weight_only_embedding")
