@@ -28,8 +28,8 @@ Python between kernels:
 
 Everything else (pools, uint8 adds, dynamic and weight-only layers), and every call whose
 preconditions do not hold at compile time (the reference backend, weights this CPU's kernels
-could overflow on, a symbolic channel or spatial size, a 1-channel input), stays the opaque operator, which
-computes as it does eagerly. The NaN/Inf check of a graph input's quantize is kept, with
+could overflow on, a conv of a 1-channel input), stays the opaque operator, which computes
+as it does eagerly. A dynamic batch is tested (tests/oplib/test_compile_frozen.py). The NaN/Inf check of a graph input's quantize is kept, with
 the same message, but raised by the compiled graph as a ``RuntimeError`` (a graph raises
 no Python exception type).
 
@@ -92,6 +92,8 @@ def _conv_runs_kernel(weight: torch.Tensor, shape: tuple[int, ...], stride: tupl
 
 
 def _static(dims: Sequence[Any]) -> bool:
+    """Whether ``dims`` are plain ints. Note that dynamo, tracing this, answers yes for its
+    symbolic sizes as well: a guard against sizes only known at run time, not a test for them."""
     return all(isinstance(d, int) for d in dims)
 
 
@@ -144,7 +146,7 @@ def qconv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bia
     geometry = (tuple(stride), tuple(padding), tuple(dilation))
     if not _conv_runs_kernel(weight, (1, *x.shape[1:]), *geometry, groups, post_op, (xs, xzp, os_, ozp)):
         return torch.ops.fxcompress.qconv(*opaque)
-    # Packed for the call's shape, as the eager kernel is (for any batch where it is symbolic).
+    # Packed for the call's shape, as the eager kernel is.
     packed = torch.ops.fxcompress.prepack_qconv(weight, weight_scale, xs, xzp, stride, padding, dilation, groups,
                                                 list(x.shape) if _static(x.shape) else None)
     name, scalars, algorithm = _onednn_post_op(post_op, post_op_args)
