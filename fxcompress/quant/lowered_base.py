@@ -46,7 +46,9 @@ def run_op(name: str, *args: Any) -> Any:
     records the call (``torch.export``, ``torch.jit.trace``, ``torch.compile``), except under
     ``torch.compile`` with inductor's freezing on, where the int8 layers and the quantize
     steps are traced as the oneDNN calls and elementwise ops they run
-    (:mod:`fxcompress.oplib.frozen`). The same computation every way."""
+    (:mod:`fxcompress.oplib.frozen`). The same computation every way, but for a fused residual
+    sum compiled with freezing: the reference arithmetic there, within one code of an x86
+    kernel that rounds its own way (AMX)."""
     if torch.jit.is_tracing():
         return getattr(torch.ops.fxcompress, name)(*args)
     if torch.compiler.is_compiling():
