@@ -46,7 +46,9 @@ import torch._dynamo  # loaded already: this module is imported while dynamo tra
 
 from fxcompress.oplib import impl
 from fxcompress.oplib.arith import _inverse, apply_post_op
-from fxcompress.oplib.kernels import _check_qparams, _onednn_post_op, int8_weight_support, supports_qconv
+from fxcompress.oplib.kernels import (
+    _check_qparams, _onednn_post_op, int8_weight_support, supports_qconv, supports_qlinear,
+)
 
 __all__ = ["FORMS", "applies", "operator"]
 
@@ -61,7 +63,7 @@ def _freezing() -> bool:
 def applies() -> bool:
     """Whether a call being traced now takes the forms of this module: compiling (not
     exporting: an exported program keeps the portable operators) with freezing on."""
-    return not (torch.compiler.is_exporting() or torch.jit.is_tracing()) and _freezing()
+    return not torch.compiler.is_exporting() and _freezing()
 
 
 def operator(name: str) -> Callable[..., Any]:
@@ -91,10 +93,9 @@ def _conv_runs_kernel(weight: torch.Tensor, shape: tuple[int, ...], stride: tupl
                 and _check_qparams(xs, xzp, "input") and (os_ is None or _check_qparams(os_, ozp, "output")))
 
 
-def _static(dims: Sequence[Any]) -> bool:
-    """Whether ``dims`` are plain ints. Note that dynamo, tracing this, answers yes for its
-    symbolic sizes as well: a guard against sizes only known at run time, not a test for them."""
-    return all(isinstance(d, int) for d in dims)
+@torch._dynamo.assume_constant_result
+def _linear_runs_kernel(weight: torch.Tensor, post_op: str) -> bool:
+    return bool(supports_qlinear(weight.shape[1], post_op) and int8_weight_support(weight))
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, activation: str = "none",
@@ -138,7 +139,7 @@ def qconv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bia
     # A 1-channel input is contiguous and channels-last at once, and inductor's lowering of the
     # oneDNN conv may then expect a contiguous output where oneDNN writes channels-last (seen
     # with a dynamic batch: its run-time layout check fails). Such a conv stays opaque.
-    if not use_kernels or x.dim() != 4 or x.shape[1] == 1 or not _static(x.shape[1:]):
+    if not use_kernels or x.dim() != 4 or x.shape[1] == 1:
         return torch.ops.fxcompress.qconv(*opaque)
     xs, xzp = _qparams(input_scale, input_zero_point)
     os_, ozp = _qparams(output_scale, output_zero_point) if output_scale is not None else (None, 0)
@@ -148,7 +149,7 @@ def qconv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bia
         return torch.ops.fxcompress.qconv(*opaque)
     # Packed for the call's shape, as the eager kernel is.
     packed = torch.ops.fxcompress.prepack_qconv(weight, weight_scale, xs, xzp, stride, padding, dilation, groups,
-                                                list(x.shape) if _static(x.shape) else None)
+                                                list(x.shape))
     name, scalars, algorithm = _onednn_post_op(post_op, post_op_args)
     uint8_out = os_ is not None
     return torch.ops.onednn.qconv_pointwise.default(
@@ -199,13 +200,6 @@ def qlinear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, b
         torch.zeros(weight.shape[0], dtype=torch.int64), bias, os_ if uint8_out else 1.0, ozp,
         torch.uint8 if uint8_out else torch.float32, name, scalars, algorithm)
     return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-@torch._dynamo.assume_constant_result
-def _linear_runs_kernel(weight: torch.Tensor, post_op: str) -> bool:
-    from fxcompress.oplib.kernels import supports_qlinear
-
-    return bool(supports_qlinear(weight.shape[1], post_op) and int8_weight_support(weight))
 
 
 #: Operator name -> its form under freezing (the operators not named stay opaque).
