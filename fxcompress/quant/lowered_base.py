@@ -115,6 +115,20 @@ class LoweredModule(nn.Module):
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
 
+    #: The kernel call chosen for the last eager input (:mod:`fxcompress.quant.eager_plan`), if any.
+    _eager_plan: Any = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Any configuration or state change may change which kernel a call takes: choose again.
+        if name != "_eager_plan":
+            self.__dict__.pop("_eager_plan", None)
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_eager_plan", None)  # holds oneDNN's opaque packed weight: never copied or saved
+        return state
+
     def config(self) -> dict[str, Any]:
         """The constructor keyword arguments (JSON-serialisable) that rebuild this module."""
         raise NotImplementedError(f"{type(self).__name__} must define config()")
@@ -150,6 +164,7 @@ class LoweredModule(nn.Module):
         """Forget this module's packed weights; the next call rebuilds them. Edits through
         ``load_state_dict`` or in place (outside inference mode) are seen without it."""
         fxcompress.oplib.forget(*self.buffers(recurse=False))
+        self.__dict__.pop("_eager_plan", None)
 
     def register_qparams(self, prefix: str) -> None:
         """Register ``{prefix}_scale`` (float32, 0-d) and ``{prefix}_zero_point`` (int32, 0-d)."""

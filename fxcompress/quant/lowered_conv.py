@@ -17,9 +17,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+import fxcompress.oplib
 from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, Support, int8_weight_support, supports_qconv
+from fxcompress.quant.eager_plan import EagerPlan, may_plan
 from fxcompress.quant.lowered_base import LoweredModule, run_op, summarize
 
 __all__ = ["PADDING_MODES", "QuantConvNd", "QuantConv1d", "QuantConv2d", "QuantConv3d", "conv_padding"]
@@ -193,6 +195,19 @@ class QuantConvNd(LoweredModule):
                              f"(quantized upstream), got {x.dim()}-D {x.dtype}; put a Quantize module in front")
         if residual is not None and not self.residual:
             raise InputError(f"this {type(self).__name__} has no fused residual; build it with residual=True")
+        if may_plan():
+            plan = self._eager_plan
+            if plan is None or not plan.holds(x, self._buffers):
+                plan = self._plan(x)
+            if plan.call is not None:
+                if not self.residual:
+                    return plan.call(x)
+                r = self._check_residual(x, residual, torch.uint8 if self.output == "uint8" else torch.float32,
+                                         plan.output_shape)
+                if not (self.consume_residual and r.is_contiguous(memory_format=torch.channels_last)):
+                    r = r.clone(memory_format=torch.channels_last)  # the kernel writes into it
+                plan.call(x, r)
+                return r
         uint8_out = self.output == "uint8"
         head = (x, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
                 self.output_scale if uint8_out else None, self.output_zero_point if uint8_out else None)
@@ -207,6 +222,21 @@ class QuantConvNd(LoweredModule):
         run_op("qconv_add_", *head, r, self.residual_scale if uint8_out else None,
                self.residual_zero_point if uint8_out else None, *tail)
         return r
+
+    def _plan(self, x: torch.Tensor) -> EagerPlan:
+        """Choose the kernel for inputs shaped like ``x`` now and remember the choice
+        (:mod:`fxcompress.quant.eager_plan`)."""
+        uint8_out = self.output == "uint8"
+        call = fxcompress.oplib.impl.conv_plan(
+            x.shape, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
+            self.output_scale if uint8_out else None, self.output_zero_point if uint8_out else None,
+            self.residual_scale if uint8_out and self.residual else None,
+            self.residual_zero_point if uint8_out and self.residual else None, self.stride, self.padding,
+            self.dilation, self.groups, self.pre_padding, self.padding_mode, self.post_op, self.post_op_args,
+            self.residual, self.use_kernels)
+        plan = EagerPlan.make(x, self._buffers, call, self._out_shape(self.padded_shape(x.shape)))
+        self.__dict__["_eager_plan"] = plan  # a plain attribute: nn.Module.__setattr__ has nothing to register
+        return plan
 
     def _out_shape(self, shape: Sequence[int]) -> torch.Size:
         """``(C_out, *spatial)`` of the output for a padded input of ``shape``."""
