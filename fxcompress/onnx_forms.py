@@ -45,6 +45,7 @@ from fxcompress.quant.lowered import (
     QuantizeProduct,
     QuantLinear,
     QuantMaxPool2d,
+    WeightOnlyConv,
     WeightOnlyLinear,
 )
 from fxcompress.quant.layers import FoldedLayer, weighted_forward
@@ -303,6 +304,27 @@ class OnnxWeightOnlyLinear(nn.Module):
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
 
+class OnnxWeightOnlyConv(nn.Module):
+    """``DequantizeLinear`` of the int8 weight (per output channel), then the float ``Conv``
+    (a pad by the mode first, as ``nn.Conv*d``): the file keeps the codes."""
+
+    def __init__(self, m: WeightOnlyConv) -> None:
+        super().__init__()
+        self.register_buffer("weight", m.weight.detach().clone())
+        self.register_buffer("weight_scale", m.weight_scale.detach().float().clone())
+        self.register_buffer("weight_zero_point", torch.zeros(m.weight.shape[0], dtype=torch.int8))
+        self.register_buffer("bias", None if m.bias is None else m.bias.detach().clone())
+        self.dims, self.padding_mode, self.reversed_padding = m.spatial_dims, m.padding_mode, m._reversed_padding
+        self.geometry = (m.stride, m.padding, m.dilation, m.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = _dequantize(self.weight, self.weight_scale, self.weight_zero_point, axis=0)
+        stride, padding, dilation, groups = self.geometry
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self.reversed_padding, mode=self.padding_mode), 0
+        return _CONV[self.dims](x, w, self.bias, stride, padding, dilation, groups)
+
+
 class OnnxFoldedLayer(nn.Module):
     """A folded (fake-quantized) layer as its float simulation: the layer with its
     dequantized weight. The folded layer's integer-exact branch picks itself per input (a
@@ -362,6 +384,7 @@ FORMS: dict[type, Callable[[nn.Module], nn.Module | str]] = {
     QuantAdd: OnnxQuantAdd,
     DynamicQuantLinear: OnnxDynamicLinear,
     WeightOnlyLinear: _weight_only,
+    WeightOnlyConv: OnnxWeightOnlyConv,
     WeightOnlyEmbedding: OnnxWeightOnlyEmbedding,
     FoldedLayer: OnnxFoldedLayer,
 }

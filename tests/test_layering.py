@@ -50,6 +50,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("fxcompress.quant.lowered_linear", "WeightOnlyLinear.from_float"): _ARGUMENT_CHECK,
     ("fxcompress.quant.lowered_pool", "QuantMaxPool2d.from_float"): _ARGUMENT_CHECK,
     ("fxcompress.quant.lowered_embedding", "WeightOnlyEmbedding.from_float"): _ARGUMENT_CHECK,
+    ("fxcompress.quant.lowered_weight_only_conv", "WeightOnlyConv.from_float"): _ARGUMENT_CHECK,
 }
 
 # nn names that say "a module" or "a tensor", not what a module computes.

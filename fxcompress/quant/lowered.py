@@ -10,8 +10,9 @@ and why. ``backend="reference"`` runs the same arithmetic with portable torch op
 Static int8 activations stay uint8 channels-last between ops: :class:`QuantConv2d`
 requantizes inside the kernel, so consecutive int8 ops never round-trip through float.
 This module defines the (de)quantization modules and the static linear; it re-exports the
-static convs (:mod:`.lowered_conv`), the dynamic/weight-only linears, the uint8 pools and
-the uint8 add so that callers import everything from here. Each class registers its MACs
+static convs (:mod:`.lowered_conv`), the dynamic/weight-only linears, the weight-only conv
+(a conv kept float, stored as int8 codes), the uint8 pools and the uint8 add so that callers
+import everything from here. Each class registers its MACs
 counter in its own file (its artifact codec is registered by :class:`LoweredModule`).
 """
 
@@ -30,6 +31,7 @@ from fxcompress.quant.lowered_conv import QuantConv1d, QuantConv2d, QuantConv3d,
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
 from fxcompress.quant.lowered_add import QuantAdd
 from fxcompress.quant.lowered_pool import QuantAdaptiveAvgPool2d, QuantMaxPool2d
+from fxcompress.quant.lowered_weight_only_conv import WeightOnlyConv
 
 __all__ = [
     "LoweredModule",
@@ -43,6 +45,7 @@ __all__ = [
     "QuantLinear",
     "DynamicQuantLinear",
     "WeightOnlyLinear",
+    "WeightOnlyConv",
     "QuantMaxPool2d",
     "QuantAdaptiveAvgPool2d",
     "QuantAdd",

@@ -34,7 +34,7 @@ NEVER_IN_A_GRAPH = {
     **{f"fxcompress.onnx_forms.{name}": "an ONNX export twin, never in a returned graph" for name in (
         "_QParams", "OnnxQuantize", "OnnxQuantizeProduct", "OnnxDequantize", "OnnxQuantConv", "OnnxQuantLinear",
         "OnnxMaxPool", "OnnxAdaptiveAvgPool", "OnnxQuantAdd", "OnnxDynamicLinear", "OnnxWeightOnlyLinear",
-        "OnnxFoldedLayer")},
+        "OnnxWeightOnlyConv", "OnnxFoldedLayer")},
     **{f"fxcompress.onnx_integer.{name}": "an ONNX export twin (integer form), never in a returned graph"
        for name in ("_Requant", "_Rescale", "IntegerQuantConv", "IntegerQuantLinear", "IntegerQuantize",
                     "IntegerQuantizeProduct", "IntegerAdaptiveAvgPool", "IntegerQuantAdd")},

@@ -26,7 +26,7 @@ from fxcompress.quant.kernels import onednn_int8_support
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import (
     Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear,
-    QuantMaxPool2d, Quantize,
+    QuantMaxPool2d, Quantize, WeightOnlyConv,
 )
 from fxcompress.quant.spec import QuantSpec, portable_weight_spec
 from fxcompress.verify import stage_of
@@ -407,7 +407,7 @@ def test_only_if_faster_times_each_layer_and_keeps_the_contract(resnet18, resnet
     assert stats["int8_ops"].get("conv", 0) + stats["int8_ops"].get("linear", 0) == \
         choices.get("int8", 0) + choices.get("separate add", 0)
     by_name = {n.name: n for n in low.graph.nodes}
-    assert all(type(low.get_submodule(by_name[n].target)) in (nn.Conv2d, nn.Linear) for n in kept)
+    assert all(type(low.get_submodule(by_name[n].target)) in (WeightOnlyConv, nn.Linear) for n in kept)
     assert set(stats["speed"]) == {"lowered_ms", "float_ms"}
     # Int8 and separate-add layers compute what the folded graph does; a layer kept float
     # accumulates in float32, a rounding away from its exact integer result.

@@ -5,8 +5,9 @@ zero points; :func:`layer_problem` says whether the x86 int8 kernels can take it
 2- or 3-D conv with any padding, or a linear; signed symmetric weights of at most 8 bits
 per tensor or per output channel, zero points 0), and :func:`quant_conv` / :func:`quant_linear` build the lowered
 module with the activation qparams the graph gives. :func:`float_twin` is the float
-module computing what a folded layer computes (its dequantized weight): what a layer
-becomes when int8 is slower, and what the speed check compares against.
+module computing what a folded layer computes (its dequantized weight): what the speed
+check compares against; :func:`kept_float` is what a layer becomes when int8 is slower (the
+same float conv, its weight stored as the int8 codes).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from fxcompress.quant.activations import QDQ
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import (
     QuantAdaptiveAvgPool2d, QuantAdd, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvNd, QuantLinear, QuantMaxPool2d,
+    WeightOnlyConv,
 )
 
-__all__ = ["QParams", "STATS_KIND", "uint8_qparams", "layer_problem", "float_twin", "quant_conv", "quant_linear"]
+__all__ = ["QParams", "STATS_KIND", "uint8_qparams", "layer_problem", "float_twin", "kept_float", "quant_conv",
+           "quant_linear"]
 
 # The ops of the layers the x86 int8 kernels compute (what a folded layer's ``op`` names).
 _KERNEL_OPS = ("conv1d", "conv2d", "conv3d", "linear")
@@ -82,6 +85,16 @@ def float_twin(layer: FoldedLayer) -> nn.Module:
     """A copy of the layer's float module computing with its dequantized weight."""
     twin = copy.deepcopy(layer.module)  # holds no weight: the copy is of bias and hyperparameters
     twin.weight = nn.Parameter(layer.dequantized_weight().detach(), requires_grad=False)
+    return twin
+
+
+def kept_float(layer: FoldedLayer, backend: str) -> nn.Module:
+    """The module of a layer the lowering keeps float: :func:`float_twin`'s computation, bit for
+    bit, with a conv's weight stored as its int8 codes (:class:`WeightOnlyConv`, a quarter of the
+    bytes); a linear stays :func:`float_twin`."""
+    twin = float_twin(layer)
+    if layer.op in ("conv1d", "conv2d", "conv3d") and layer_problem(layer) is None:
+        return WeightOnlyConv.from_float(twin, _weight_scale(layer), backend=backend)
     return twin
 
 

@@ -15,7 +15,7 @@ from fxcompress.ops import describe
 from fxcompress.quant.activations import grid_padding
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import LoweredModule
-from fxcompress.quant.lowering.build import QParams, float_twin, quant_conv, quant_linear
+from fxcompress.quant.lowering.build import QParams, float_twin, kept_float, quant_conv, quant_linear
 from fxcompress.quant.fusion import FusedChain
 from fxcompress.quant.lowering.choice import Candidates
 from fxcompress.quant.lowering.state import LoweringState
@@ -134,10 +134,11 @@ class LayerEmitter:
             post_op=chain.post_op, post_op_args=chain.post_op_args)
 
     def _emit_float_chain(self, node: fx.Node, chain: FusedChain, layer: FoldedLayer) -> None:
-        """The chain computed in float, its layer a float module with the dequantized weight."""
+        """The chain computed in float, its layer computing with the dequantized weight (a conv's
+        stored as the int8 codes: :func:`~fxcompress.quant.lowering.build.kept_float`)."""
         twin = self.twins.get(id(layer))
         if twin is None:  # one float module serves every call site kept float
-            twin = self.twins[id(layer)] = float_twin(layer)
+            twin = self.twins[id(layer)] = kept_float(layer, self.low.backend)
         self.low.floats[node] = self.low.call(node, twin, (self.low.float(node.args[0]),), target=str(node.target))
         self._copy_chain_rest(chain)
 
