@@ -3,8 +3,9 @@
 Eagerly, a lowered int8 conv spends nearly as long choosing its kernel as a small kernel
 takes to run: reading six qparam tensors, stamping and looking up the packed weight in the
 operator cache (:mod:`fxcompress.oplib.cache`), building the cache key, checking
-preconditions. Measured on one thread: about 30 us per call against 75 us for the oneDNN
-call of a 160-channel 7x7 1x1 conv, a fifth of an int8 mobilenet_v2 forward. The choice
+preconditions. Measured on one thread (AMD EPYC): about 30 us per call against 75 us for
+the oneDNN call of a 160-channel 7x7 1x1 conv; with plans an int8 mobilenet_v2 forward takes
+0.88x the time (``benchmarks/eager_plan.py``). The choice
 depends only on the module's configuration, its state tensors and the input's per-sample
 shape, so a module remembers it as an :class:`EagerPlan` and calls the kernel directly
 while those are unchanged.
