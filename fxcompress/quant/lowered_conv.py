@@ -202,10 +202,7 @@ class QuantConvNd(LoweredModule):
             if plan.call is not None:
                 if not self.residual:
                     return plan.call(x)
-                r = self._check_residual(x, residual, torch.uint8 if self.output == "uint8" else torch.float32,
-                                         plan.output_shape)
-                if not (self.consume_residual and r.is_contiguous(memory_format=torch.channels_last)):
-                    r = r.clone(memory_format=torch.channels_last)  # the kernel writes into it
+                r = self._accumulator(x, residual, plan.output_shape)
                 plan.call(x, r)
                 return r
         uint8_out = self.output == "uint8"
@@ -215,12 +212,17 @@ class QuantConvNd(LoweredModule):
                 self.post_op, self.post_op_args, self.use_kernels)
         if not self.residual:
             return run_op("qconv", *head, *tail)
-        r = self._check_residual(x, residual, torch.uint8 if uint8_out else torch.float32,
-                                 self._out_shape(self.padded_shape(x.shape)))
-        if not (self.consume_residual and r.is_contiguous(memory_format=torch.channels_last)):
-            r = r.clone(memory_format=torch.channels_last)  # the operator writes into it
+        r = self._accumulator(x, residual, self._out_shape(self.padded_shape(x.shape)))
         run_op("qconv_add_", *head, r, self.residual_scale if uint8_out else None,
                self.residual_zero_point if uint8_out else None, *tail)
+        return r
+
+    def _accumulator(self, x: torch.Tensor, residual: torch.Tensor | None, out_shape: torch.Size) -> torch.Tensor:
+        """The checked residual as the tensor the fused sum writes into: itself where it is
+        consumed and channels-last, else a channels-last copy."""
+        r = self._check_residual(x, residual, torch.uint8 if self.output == "uint8" else torch.float32, out_shape)
+        if not (self.consume_residual and r.is_contiguous(memory_format=torch.channels_last)):
+            r = r.clone(memory_format=torch.channels_last)
         return r
 
     def _plan(self, x: torch.Tensor) -> EagerPlan:
