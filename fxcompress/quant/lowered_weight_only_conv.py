@@ -15,9 +15,10 @@ channel and computes the float conv with ``codes * scale``:
   traced as ops: inductor's freezing folds it into a constant weight; an exported program
   keeps the int8 codes (without freezing, a compiled model dequantizes on every call).
 
-Only symmetric per-output-channel codes of at most 8 bits (the static lowering's weights)
-are taken (:meth:`WeightOnlyConv.from_folded` says why not otherwise); transposed convs stay
-float modules.
+The lowering makes one for a conv whose folded weights the int8 kernels could take
+(symmetric, at most 8 bits, per tensor or per output channel:
+:func:`fxcompress.quant.lowering.build.kept_float`); transposed convs stay folded layers and
+linears kept float stay ``nn.Linear``.
 """
 
 from __future__ import annotations
