@@ -207,23 +207,21 @@ def qconv_add_(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                                    groups, post_op, post_op_args, residual, rs, rzp))
 
 
-def conv_plan(x_shape: torch.Size, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+def conv_plan(padded_shape: torch.Size, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
               input_scale: torch.Tensor, input_zero_point: torch.Tensor, output_scale: torch.Tensor | None,
               output_zero_point: torch.Tensor | None, residual_scale: torch.Tensor | None,
               residual_zero_point: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
               dilation: Sequence[int], groups: int, pre_padding: Sequence[int] = (), padding_mode: str = "zeros",
               post_op: str = "none", post_op_args: Sequence[float] = (), residual: bool = False,
               use_kernels: bool = True) -> Callable | None:
-    """The kernel call :func:`qconv` (with ``residual``, :func:`qconv_add_`) makes for inputs of
-    ``x_shape`` with these tensors as they hold now, as ``call(x)`` (``call(x, accum)``, written
-    into ``accum``); None where the operator takes the reference arithmetic. Valid while the
-    tensors are unchanged (:mod:`fxcompress.quant.eager_plan` holds it to that)."""
+    """The kernel call :func:`qconv` (with ``residual``, :func:`qconv_add_`) makes for inputs
+    whose shape after ``pre_padding`` is ``padded_shape``, with these tensors as they hold now:
+    ``call(x)`` (``call(x, accum)``, written into ``accum``); None where the operator takes the
+    reference arithmetic. Valid while the tensors are unchanged (:mod:`fxcompress.quant.eager_plan`
+    holds it to that)."""
     (xs, xzp), (os_, ozp) = _q(input_scale, input_zero_point), _q(output_scale, output_zero_point)
     rs, rzp = _q(residual_scale, residual_zero_point) if residual and os_ is not None else (None, 0)
-    shape = list(x_shape)
-    for i in range(len(pre_padding) // 2):  # F.pad's spec: last dim first
-        shape[-1 - i] += pre_padding[2 * i] + pre_padding[2 * i + 1]
-    kernel = _conv_kernel(weight, weight_scale, bias, torch.Size(shape), xs, xzp, os_, ozp, rs, rzp, stride,
+    kernel = _conv_kernel(weight, weight_scale, bias, torch.Size(padded_shape), xs, xzp, os_, ozp, rs, rzp, stride,
                           padding, dilation, groups, post_op, post_op_args, residual, use_kernels)
     if kernel is None:
         return None

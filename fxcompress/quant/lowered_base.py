@@ -183,14 +183,19 @@ class LoweredModule(nn.Module):
         """Fill this module from the float conv/linear ``layer``: its weight quantized to int8 by
         ``weight_scale`` (one per output channel), its bias, and the uint8 input and (unless
         None: a float32 output) output qparams."""
+        self.load_float_weights(layer, weight_scale)
+        self.set_qparams("input", *input_qparams)
+        if output_qparams is not None:
+            self.set_qparams("output", *output_qparams)
+
+    def load_float_weights(self, layer: nn.Module, weight_scale: torch.Tensor) -> None:
+        """Fill ``weight`` (int8 codes by ``weight_scale``, one per output channel),
+        ``weight_scale`` and ``bias`` from the float conv/linear ``layer``."""
         q, scale = quantize_weight_int8(layer.weight, weight_scale)
         self.weight.copy_(q)
         self.weight_scale.copy_(scale)
         if layer.bias is not None:
             self.bias.copy_(layer.bias.detach())
-        self.set_qparams("input", *input_qparams)
-        if output_qparams is not None:
-            self.set_qparams("output", *output_qparams)
 
     def qparams(self, prefix: str) -> tuple[float, int]:
         """A registered qparam pair as Python scalars."""

@@ -228,15 +228,15 @@ class QuantConvNd(LoweredModule):
     def _plan(self, x: torch.Tensor) -> EagerPlan:
         """Choose the kernel for inputs shaped like ``x`` now and remember the choice
         (:mod:`fxcompress.quant.eager_plan`)."""
-        uint8_out = self.output == "uint8"
+        uint8_out, padded = self.output == "uint8", self.padded_shape(x.shape)
         call = fxcompress.oplib.impl.conv_plan(
-            x.shape, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
+            padded, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
             self.output_scale if uint8_out else None, self.output_zero_point if uint8_out else None,
             self.residual_scale if uint8_out and self.residual else None,
             self.residual_zero_point if uint8_out and self.residual else None, self.stride, self.padding,
             self.dilation, self.groups, self.pre_padding, self.padding_mode, self.post_op, self.post_op_args,
             self.residual, self.use_kernels)
-        plan = EagerPlan.make(x, self._buffers, call, self._out_shape(self.padded_shape(x.shape)))
+        plan = EagerPlan.make(x, self._buffers, call, self._out_shape(padded))
         self.__dict__["_eager_plan"] = plan  # a plain attribute: nn.Module.__setattr__ has nothing to register
         return plan
 

@@ -32,7 +32,7 @@ from torch import nn
 from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError
 from fxcompress.oplib import cache
-from fxcompress.quant.lowered_base import LoweredModule, quantize_weight_int8, summarize
+from fxcompress.quant.lowered_base import LoweredModule, summarize
 
 __all__ = ["WeightOnlyConv"]
 
@@ -51,7 +51,7 @@ class WeightOnlyConv(LoweredModule):
         super().__init__(backend)
         if spatial_dims not in _CONV:
             raise ConfigError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-        padding = padding if isinstance(padding, str) else (padding if isinstance(padding, int) else tuple(padding))
+        padding = tuple(padding) if isinstance(padding, (list, tuple)) else padding  # a config's list
         try:  # torch's own checks and padding arithmetic, on a weightless (meta) twin
             like = getattr(nn, f"Conv{spatial_dims}d")(in_channels, out_channels, kernel_size, stride, padding, dilation,
                                              groups, bias, padding_mode, device="meta")
@@ -75,11 +75,7 @@ class WeightOnlyConv(LoweredModule):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, padding_mode=conv.padding_mode,
                 spatial_dims=len(conv.kernel_size), backend=backend)
-        codes, scale = quantize_weight_int8(conv.weight, weight_scale)
-        m.weight.copy_(codes)
-        m.weight_scale.copy_(scale)
-        if conv.bias is not None:
-            m.bias.copy_(conv.bias.detach())
+        m.load_float_weights(conv, weight_scale)
         return m
 
     def config(self) -> dict[str, Any]:
