@@ -54,7 +54,7 @@ def layer_rows(model: torch.nn.Module, x: torch.Tensor, workdir: Path) -> list[l
             f"[{module.post_op}]" if getattr(module, "post_op", "none") != "none" else "")
         if out.dtype == torch.uint8:
             diff = (theirs.int() - out.int()).abs()
-            rows.append([kind, path, int(diff.max()), f"{(diff > 0).float().mean().item():.4f}", "uint8"])
+            rows.append([kind, path, int(diff.max()), f"{(diff > 0).float().mean().item():.1e}", "uint8"])
         else:
             rel = ((theirs - out.float()).abs().max() / out.float().abs().max().clamp_min(1e-30)).item()
             rows.append([kind, path, f"{rel:.2e} (rel)", "", "float"])
@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     parser.add_argument("--n", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--for-onnxruntime", action="store_true",
+                        help="lower with recipes.int8_static(for_onnxruntime=True)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -73,7 +75,7 @@ def main() -> None:
     x, calibration = photo_crops(args.n, args.size, seed=0), photo_crops(16, args.size, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            ours = lowered(build(name), calibration, weights)
+            ours = lowered(build(name), calibration, weights, for_onnxruntime=args.for_onnxruntime)
             print(f"\n## {name} (teacher-forced, {args.n} inputs, {args.size} px)\n")
             print(markdown_table(layer_rows(ours, x, Path(tmp)),
                                  ["op", "path", "max code diff", "fraction differing", "out"]), flush=True)

@@ -19,7 +19,10 @@ What differs from the lowered model, by construction (docs/deployment.md): Quant
 divides by the scale where fxcompress multiplies by its float32 inverse, biases are rounded to
 the int32 grid, pools average in float; each moves a code now and then (measured: SQNR of
 onnxruntime vs fxcompress in benchmarks/deploy.py; :mod:`fxcompress.onnx_integer` is the
-form without these differences). The NaN/Inf input guard of
+form without these differences). A module lowered with ``arithmetic="onnxruntime"`` rounds
+as onnxruntime does (:mod:`fxcompress.oplib.arith_onnxruntime`): its twin is exact there, its
+ReLU / hardtanh written as a ``Clip`` of the uint8 codes after ``QuantizeLinear`` (onnxruntime
+keeps the conv one ``QLinearConv``). The NaN/Inf input guard of
 :class:`~fxcompress.quant.lowered.Quantize` has no ONNX counterpart and is left out.
 
 :func:`onnx_form` maps a module to its twin, or returns a reason why it has none.
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxcompress.oplib.arith import apply_post_op, unpack_unsigned
+from fxcompress.oplib.arith_onnxruntime import bias_codes, code_bounds
 from fxcompress.quant.lowered import (
     Dequantize,
     DynamicQuantLinear,
@@ -95,8 +99,7 @@ class _QParams(nn.Module):
             self.bias_codes = None
             return
         bias_scale = (input_scale.float() * weight_scale.float()).detach()
-        codes = torch.round(bias.detach().float() / bias_scale).clamp(-(2 ** 31), 2 ** 31 - 1).to(torch.int32)
-        self.register_buffer("bias_codes", codes)
+        self.register_buffer("bias_codes", bias_codes(bias, input_scale, weight_scale))
         self.register_buffer("bias_scale", bias_scale)
         self.register_buffer("bias_zero_point", torch.zeros(weight.shape[0], dtype=torch.int32))
 
@@ -156,6 +159,10 @@ class OnnxQuantConv(_QParams):
         self.pre_padding, self.padding_mode = list(m.pre_padding), m.padding_mode
         self.pad_code = int(m.input_zero_point)  # a Python int: the exporter must see a constant
         self.post_op, self.post_op_args = m.post_op, m.post_op_args
+        # onnxruntime's arithmetic: the post-op is a clamp of the codes after QuantizeLinear, so
+        # that onnxruntime keeps DQ -> Conv -> Q one QLinearConv (a float Relu/Clip would split it).
+        self.code_bounds = (code_bounds(m.post_op, m.post_op_args, *m.qparams("output"))
+                            if m.arithmetic == "onnxruntime" else None)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.pre_padding:
@@ -171,6 +178,9 @@ class OnnxQuantConv(_QParams):
         if self.residual and residual is not None:
             y = y + (_dequantize(residual, self.residual_scale, self.residual_zero_point) if self.uint8_out
                      else residual)
+        if self.code_bounds is not None:
+            q = _quantize(y, self.output_scale, self.output_zero_point)
+            return q if self.code_bounds == (0, 255) else q.clamp(*self.code_bounds)
         y = apply_post_op(y, self.post_op, self.post_op_args)
         return _quantize(y, self.output_scale, self.output_zero_point) if self.uint8_out else y
 
@@ -230,10 +240,15 @@ class OnnxQuantAdd(_QParams):
         super().__init__()
         self.take(m, "input", "other", "output")
         self.relu = m.relu
+        # onnxruntime's arithmetic: the ReLU is the clamp at the code of 0.0 after QLinearAdd.
+        self.relu_code = int(m.output_zero_point) if m.relu and m.arithmetic == "onnxruntime" else None
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         y = _dequantize(a, self.input_scale, self.input_zero_point) + _dequantize(b, self.other_scale,
                                                                                   self.other_zero_point)
+        if self.relu_code is not None:
+            q = _quantize(y, self.output_scale, self.output_zero_point)
+            return q.clamp(min=self.relu_code) if self.relu_code > 0 else q
         return _quantize(F.relu(y) if self.relu else y, self.output_scale, self.output_zero_point)
 
 

@@ -192,7 +192,11 @@ INTEGER_FORMS: dict[type, type[nn.Module]] = {
 
 def integer_form(module: nn.Module) -> nn.Module | None:
     """The integer twin of a lowered module, or None where it has none (it then takes its QDQ
-    twin, :func:`fxcompress.onnx_forms.onnx_form`): circular padding stays QDQ."""
+    twin, :func:`fxcompress.onnx_forms.onnx_form`): circular padding stays QDQ, and so does an
+    op computing onnxruntime's arithmetic (``arithmetic="onnxruntime"``: onnxruntime's own
+    QLinear kernels compute its QDQ twin exactly)."""
+    if getattr(module, "arithmetic", "onednn") == "onnxruntime":
+        return None
     twin = next((t for cls, t in INTEGER_FORMS.items() if type(module) is cls or (
         cls is QuantConvNd and isinstance(module, QuantConvNd))), None)
     if twin is None or (isinstance(module, QuantConvNd) and module.padding_mode == "circular"):

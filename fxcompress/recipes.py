@@ -99,8 +99,9 @@ def int8_static(
     ``for_onnxruntime=True`` builds the model the way onnxruntime's QDQ kernels compute, for a
     model to be exported with ``export_onnx``: residual adds separate from their convs
     (``insert_observers(residual_adds="separate")``: QLinearConv + QLinearAdd) and biases on
-    the int32 accumulator grid (``fold_fake_quant(int32_bias=True)``); see
-    ``docs/deployment.md``.
+    the int32 accumulator grid (``fold_fake_quant(int32_bias=True)``), and the lowered ops
+    rounding as onnxruntime's kernels do (``lower(arithmetic="onnxruntime")``), so that
+    onnxruntime computes the model's own codes; see ``docs/deployment.md``.
     """
     observe = _where(_options(weights=weights, activations=activations), scope, skip)
     if for_onnxruntime:
@@ -112,7 +113,8 @@ def int8_static(
         ("fold_fake_quant", {"int32_bias": True}) if for_onnxruntime else "fold_fake_quant",
         # The reference backend is portable by choice and never timed: no option to carry.
         _entry("lower", backend=backend, only_if_faster=None if backend == "reference" else only_if_faster,
-               if_slower=None if if_slower == "warn" else if_slower),
+               if_slower=None if if_slower == "warn" else if_slower,
+               arithmetic="onnxruntime" if for_onnxruntime else None),
         "eliminate_dead_nodes",
     ]
 

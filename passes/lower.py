@@ -19,6 +19,8 @@ from fxcompress.quant.lowering.build import uint8_qparams
 from fxcompress.quant.lowering.state import LoweringStats
 from fxcompress.quant.lowering.static import StaticLowering
 from fxcompress.quant.lowering.choice import choose
+from fxcompress.quant.lowering.onnxruntime import use_onnxruntime_arithmetic
+from fxcompress.quant.lowered_base import ARITHMETICS
 from fxcompress.quant.lowering.timing import best_medians, float_reference
 
 __all__ = ["IF_SLOWER", "Lower"]
@@ -83,6 +85,13 @@ class Lower(Pass):
     ``dequantize`` (float boundaries), ``choices`` (layers per way, with ``only_if_faster``),
     ``speed`` (when measured), ``kept_float`` (with ``if_slower="keep_float"``: the int8
     model's and the float model's milliseconds, and what was discarded, when float won).
+
+    ``arithmetic="onnxruntime"`` makes the quantize steps, uint8 adds and the convs
+    onnxruntime fuses into ``QLinearConv`` round as onnxruntime's kernels do, so that the
+    model's QDQ export (``fxcompress.export_onnx``) computes the same codes there
+    (:mod:`fxcompress.quant.lowering.onnxruntime`); each such op stays within one code of
+    the default (oneDNN's) order. Stats: ``onnxruntime_arithmetic`` (switched per module
+    type) and ``onednn_arithmetic`` (module path -> why it keeps oneDNN's order).
     """
 
     name = "lower"
@@ -94,9 +103,11 @@ class Lower(Pass):
     if_slower: str = "warn"
     strict: bool = False
     approximate_post_ops: bool = True
+    arithmetic: str = "onednn"
 
     def __post_init__(self) -> None:
         check_backend_option(self.backend)
+        check_choice("arithmetic", self.arithmetic, ARITHMETICS)
         check_choice("if_slower", self.if_slower, IF_SLOWER)
         if self.strict and self.if_slower == "keep_float":
             raise ConfigError("strict=True (every layer int8) and if_slower='keep_float' (float when "
@@ -119,6 +130,7 @@ class Lower(Pass):
         lowering = StaticLowering(gm, ctx, backend, choose if measured else None,
                                   approximate_post_ops=self.approximate_post_ops)
         stats = lowering.run()
+        switched, kept_onednn = use_onnxruntime_arithmetic(gm) if self.arithmetic == "onnxruntime" else ({}, {})
         args, kwargs = ctx.example_inputs()
         propagate_shapes(gm, args, kwargs)  # annotates the new nodes (and fills the kernel caches)
         fallbacks = _fallbacks(stats, backend) + [
@@ -136,6 +148,12 @@ class Lower(Pass):
         if measured:
             out["choices"] = dict(stats.choices)
         notes.append(_summary(stats, fallbacks, backend))
+        if self.arithmetic == "onnxruntime":
+            out["onnxruntime_arithmetic"], out["onednn_arithmetic"] = switched, kept_onednn
+            notes.append(f"onnxruntime arithmetic: {', '.join(f'{n} {k}' for k, n in sorted(switched.items()))}"
+                         + (f"; {len(kept_onednn)} ops keep oneDNN's order (onnxruntime runs them in float), "
+                            f"e.g. {next(iter(kept_onednn))}: {next(iter(kept_onednn.values()))}"
+                            if kept_onednn else ""))
         overflow = [f for f in fallbacks if "could overflow" in f["reason"]]
         if overflow:
             notes.append(f"this CPU's int8 kernels ({int8_arithmetic().describe()}) could overflow with the "

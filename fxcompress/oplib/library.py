@@ -54,6 +54,15 @@ SCHEMAS: dict[str, str] = {
                           "int in_features, str compute_dtype, bool cache_dequantized, bool use_kernels) -> Tensor",
     "weight_only_embedding": "(Tensor indices, Tensor weight, Tensor scale, Tensor? zero_point, int bits, "
                              "int embedding_dim) -> Tensor",
+    # onnxruntime's QLinear arithmetic (fxcompress.oplib.arith_onnxruntime): the default ops' arguments
+    "quantize_onnxruntime": "(Tensor x, Tensor scale, Tensor zero_point, str activation, float[] activation_args, "
+                            "str guard) -> Tensor",
+    "quantize_product_onnxruntime": "(Tensor x, Tensor gains, Tensor scale, Tensor zero_point) -> Tensor",
+    "qconv_onnxruntime": f"(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, {_QPARAMS_IO}, "
+                         f"{_CONV_TAIL}) -> Tensor",
+    "add_onnxruntime": "(Tensor a, Tensor b, Tensor a_scale, Tensor a_zero_point, Tensor b_scale, "
+                       "Tensor b_zero_point, Tensor output_scale, Tensor output_zero_point, bool relu, "
+                       "bool use_kernels) -> Tensor",
     # oneDNN's packed conv weight (an opaque tensor), made under torch.compile with freezing
     # (:mod:`fxcompress.oplib.frozen`) and folded into a constant there; never in a saved program.
     "prepack_qconv": "(Tensor weight, Tensor weight_scale, float input_scale, int input_zero_point, int[] stride, "
@@ -84,11 +93,17 @@ def _quantize_fake(x, scale, zero_point, activation, activation_args, guard):
     return torch.empty(x.shape, dtype=torch.uint8, device=x.device, memory_format=impl.quantize_layout(x))
 
 
+torch.library.register_fake(f"{NAMESPACE}::quantize_onnxruntime")(_quantize_fake)
+
+
 @_fake("quantize_product")
 def _quantize_product_fake(x, gains, scale, zero_point):
     shape = torch.broadcast_shapes(x.shape, gains.shape)
     layout = impl.quantize_layout(x) if shape == x.shape else torch.contiguous_format
     return torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=layout)
+
+
+torch.library.register_fake(f"{NAMESPACE}::quantize_product_onnxruntime")(_quantize_product_fake)
 
 
 @_fake("dequantize")
@@ -118,6 +133,9 @@ def _conv_out(x, weight, output_scale, stride, padding, dilation, pre_padding) -
 def _qconv_fake(x, weight, weight_scale, bias, input_scale, input_zero_point, output_scale, output_zero_point,
                 stride, padding, dilation, groups, pre_padding, padding_mode, post_op, post_op_args, use_kernels):
     return _conv_out(x, weight, output_scale, stride, padding, dilation, pre_padding)
+
+
+torch.library.register_fake(f"{NAMESPACE}::qconv_onnxruntime")(_qconv_fake)
 
 
 @_fake("qconv_add_")
@@ -151,6 +169,9 @@ def _adaptive_avg_pool2d_fake(x, input_scale, input_zero_point, output_scale, ou
 def _add_fake(a, b, a_scale, a_zero_point, b_scale, b_zero_point, output_scale, output_zero_point, relu,
               use_kernels):
     return _empty(torch.broadcast_shapes(a.shape, b.shape), torch.uint8, a)
+
+
+torch.library.register_fake(f"{NAMESPACE}::add_onnxruntime")(_add_fake)
 
 
 @_fake("dynamic_linear")

@@ -26,7 +26,7 @@ from torch import nn
 from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import LINEAR_POST_OPS, POST_OPS, Support, int8_weight_support, supports_qlinear
-from fxcompress.quant.lowered_base import LoweredModule, run_op, summarize
+from fxcompress.quant.lowered_base import LoweredModule, check_arithmetic, run_op, summarize
 from fxcompress.quant.lowered_conv import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvNd
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
 from fxcompress.quant.lowered_add import QuantAdd
@@ -86,63 +86,78 @@ class Quantize(LoweredModule):
     """
 
     def __init__(self, *, activation: str = "none", activation_args: Sequence[float] = (),
-                 guard: str = "", backend: str = "x86") -> None:
+                 guard: str = "", backend: str = "x86", arithmetic: str = "onednn") -> None:
         super().__init__(backend)
         self.activation = activation
         self.activation_args = _check_post_op(activation, activation_args, POST_OPS)
         self.guard = str(guard)
+        self.arithmetic = check_arithmetic(arithmetic)
         self.register_qparams("output")
 
     @classmethod
     def from_qparams(cls, scale: float | torch.Tensor, zero_point: int | torch.Tensor, *,
                      activation: str = "none", activation_args: Sequence[float] = (), guard: str = "",
-                     backend: str = "x86") -> Quantize:
-        m = cls(activation=activation, activation_args=activation_args, guard=guard, backend=backend)
+                     backend: str = "x86", arithmetic: str = "onednn") -> Quantize:
+        m = cls(activation=activation, activation_args=activation_args, guard=guard, backend=backend,
+                arithmetic=arithmetic)
         m.set_qparams("output", scale, zero_point)
         return m
 
     def config(self) -> dict[str, Any]:
         return {"activation": self.activation, "activation_args": list(self.activation_args),
-                "guard": self.guard, "backend": self.backend}
+                "guard": self.guard, "backend": self.backend, "arithmetic": self.arithmetic}
+
+    def onnxruntime_problem(self) -> str | None:
+        """Why this quantize cannot round as ONNX ``QuantizeLinear`` does: never."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The NaN/Inf guard runs inside the operator: compiled and exported programs keep it.
-        return run_op("quantize", x, self.output_scale, self.output_zero_point, self.activation,
-                      self.activation_args, self.guard)
+        # arithmetic="onnxruntime" divides by the scale, as QuantizeLinear does.
+        op = "quantize_onnxruntime" if self.arithmetic == "onnxruntime" else "quantize"
+        return run_op(op, x, self.output_scale, self.output_zero_point, self.activation, self.activation_args,
+                      self.guard)
 
     def extra_repr(self) -> str:
         act = f"activation={self.activation}, " if self.activation != "none" else ""
         guard = f"guard={self.guard!r}, " if self.guard else ""
         return (f"{act}{guard}bits=8, scale={summarize(self.output_scale)}, zp={int(self.output_zero_point)}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}" + (f", arithmetic={self.arithmetic}" if self.arithmetic != "onednn" else ""))
 
 
 class QuantizeProduct(LoweredModule):
     """``x * gains`` -> uint8 affine per tensor, for a channels-last ``(N, C, H, W)`` ``x``
     and ``(N, C, 1, 1)`` gains (squeeze-excitation), without the float product in memory
     (:func:`~fxcompress.quant.uint8.quantize_product_uint8`); bit for bit a float
-    multiply followed by :class:`Quantize`."""
+    multiply followed by :class:`Quantize` (with ``arithmetic="onnxruntime"``, by a
+    ``QuantizeLinear``: the product divided by the scale)."""
 
-    def __init__(self, *, backend: str = "x86") -> None:
+    def __init__(self, *, backend: str = "x86", arithmetic: str = "onednn") -> None:
         super().__init__(backend)
+        self.arithmetic = check_arithmetic(arithmetic)
         self.register_qparams("output")
 
     @classmethod
     def from_qparams(cls, scale: float | torch.Tensor, zero_point: int | torch.Tensor, *,
-                     backend: str = "x86") -> QuantizeProduct:
-        m = cls(backend=backend)
+                     backend: str = "x86", arithmetic: str = "onednn") -> QuantizeProduct:
+        m = cls(backend=backend, arithmetic=arithmetic)
         m.set_qparams("output", scale, zero_point)
         return m
 
     def config(self) -> dict[str, Any]:
-        return {"backend": self.backend}
+        return {"backend": self.backend, "arithmetic": self.arithmetic}
+
+    def onnxruntime_problem(self) -> str | None:
+        """Why this quantize cannot round as ONNX ``QuantizeLinear`` does: never."""
+        return None
 
     def forward(self, x: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-        return run_op("quantize_product", x, gains, self.output_scale, self.output_zero_point)
+        op = "quantize_product_onnxruntime" if self.arithmetic == "onnxruntime" else "quantize_product"
+        return run_op(op, x, gains, self.output_scale, self.output_zero_point)
 
     def extra_repr(self) -> str:
         return (f"bits=8, scale={summarize(self.output_scale)}, zp={int(self.output_zero_point)}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}" + (f", arithmetic={self.arithmetic}" if self.arithmetic != "onednn" else ""))
 
 
 class Dequantize(LoweredModule):

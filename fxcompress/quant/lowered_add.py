@@ -15,7 +15,7 @@ import torch
 
 from fxcompress.errors import InputError
 from fxcompress.quant.kernels import Support, supports_qconv
-from fxcompress.quant.lowered_base import LoweredModule, run_op, summarize
+from fxcompress.quant.lowered_base import LoweredModule, check_arithmetic, run_op, summarize
 
 __all__ = ["QuantAdd"]
 
@@ -28,11 +28,15 @@ class QuantAdd(LoweredModule):
     Same-shape 4-D inputs run as a oneDNN depthwise 1x1 int8 conv of ``a`` (weights 1)
     with ``b`` fused as ``sum``; ``b`` is copied first because that kernel writes into it.
     Other shapes (broadcasting, other ranks) take the float reference.
+
+    ``arithmetic="onnxruntime"`` computes onnxruntime's ``QLinearAdd`` instead (a ReLU as the
+    clamp at the code of 0.0; :mod:`fxcompress.oplib.arith_onnxruntime`).
     """
 
-    def __init__(self, *, relu: bool = False, backend: str = "x86") -> None:
+    def __init__(self, *, relu: bool = False, backend: str = "x86", arithmetic: str = "onednn") -> None:
         super().__init__(backend)
         self.relu = bool(relu)
+        self.arithmetic = check_arithmetic(arithmetic)
         self.register_qparams("input")
         self.register_qparams("other")
         self.register_qparams("output")
@@ -40,16 +44,20 @@ class QuantAdd(LoweredModule):
     @classmethod
     def from_qparams(cls, input_qparams: tuple[float, int], other_qparams: tuple[float, int],
                      output_qparams: tuple[float, int], *, relu: bool = False,
-                     backend: str = "x86") -> QuantAdd:
+                     backend: str = "x86", arithmetic: str = "onednn") -> QuantAdd:
         """Build from ``(scale, zero_point)`` pairs of ``a``, ``b`` and the result."""
-        m = cls(relu=relu, backend=backend)
+        m = cls(relu=relu, backend=backend, arithmetic=arithmetic)
         m.set_qparams("input", *input_qparams)
         m.set_qparams("other", *other_qparams)
         m.set_qparams("output", *output_qparams)
         return m
 
     def config(self) -> dict[str, Any]:
-        return {"relu": self.relu, "backend": self.backend}
+        return {"relu": self.relu, "backend": self.backend, "arithmetic": self.arithmetic}
+
+    def onnxruntime_problem(self) -> str | None:
+        """Why this add cannot compute onnxruntime's QLinearAdd arithmetic: never."""
+        return None
 
     def kernel_support(self, a_shape: Sequence[int], b_shape: Sequence[int]) -> Support:
         """Whether the fused depthwise-conv kernel runs for these input shapes, or why not."""
@@ -64,11 +72,13 @@ class QuantAdd(LoweredModule):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.dtype != torch.uint8 or b.dtype != torch.uint8:
             raise InputError(f"QuantAdd expects uint8 activations, got {a.dtype} and {b.dtype}")
-        return run_op("add", a, b, self.input_scale, self.input_zero_point, self.other_scale,
+        op = "add_onnxruntime" if self.arithmetic == "onnxruntime" else "add"
+        return run_op(op, a, b, self.input_scale, self.input_zero_point, self.other_scale,
                       self.other_zero_point, self.output_scale, self.output_zero_point, self.relu,
                       self.use_kernels)
 
     def extra_repr(self) -> str:
         return (f"relu={self.relu}, bits=8, a=({summarize(self.input_scale)}, {int(self.input_zero_point)}), "
                 f"b=({summarize(self.other_scale)}, {int(self.other_zero_point)}), "
-                f"out=({summarize(self.output_scale)}, {int(self.output_zero_point)}), backend={self.backend}")
+                f"out=({summarize(self.output_scale)}, {int(self.output_zero_point)}), backend={self.backend}"
+                + (f", arithmetic={self.arithmetic}" if self.arithmetic != "onednn" else ""))

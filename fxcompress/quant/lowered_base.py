@@ -32,12 +32,26 @@ import fxcompress.oplib
 from fxcompress.artifact.modules import assign_state, register_module
 from fxcompress.errors import ArtifactError, ConfigError, LoweringError
 
-__all__ = ["BACKENDS", "LoweredModule", "as_pair", "check_qparams", "quantize_weight_int8", "run_op", "summarize"]
+__all__ = ["ARITHMETICS", "BACKENDS", "LoweredModule", "as_pair", "check_arithmetic", "check_qparams", "quantize_weight_int8", "run_op", "summarize"]
 
 #: ``x86``: oneDNN/aten integer kernels where their preconditions hold, reference elsewhere.
 #: ``reference``: portable torch ops only (dequantize, float compute, requantize).
 BACKENDS = ("x86", "reference")
+#: How the ops that have a choice round: ``onednn`` (the default: oneDNN's kernels' order,
+#: :mod:`fxcompress.oplib.arith`) or ``onnxruntime`` (its QLinear kernels' order, so that a QDQ
+#: export computes the same codes there: :mod:`fxcompress.oplib.arith_onnxruntime`).
+ARITHMETICS = ("onednn", "onnxruntime")
 _IMPLEMENTATIONS = {name: getattr(fxcompress.oplib.impl, name) for name in fxcompress.oplib.library.SCHEMAS}
+
+
+def check_arithmetic(arithmetic: str, problem: str | None = None) -> str:
+    """``arithmetic`` if it is one of :data:`ARITHMETICS` and ``problem`` (why this module cannot
+    compute onnxruntime's arithmetic) does not forbid it; else a :class:`ConfigError`."""
+    if arithmetic not in ARITHMETICS:
+        raise ConfigError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
+    if arithmetic == "onnxruntime" and problem is not None:
+        raise ConfigError(f"arithmetic='onnxruntime' is not available here: {problem}")
+    return arithmetic
 
 
 def run_op(name: str, *args: Any) -> Any:

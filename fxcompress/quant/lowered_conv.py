@@ -22,7 +22,8 @@ from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, Support, int8_weight_support, supports_qconv
 from fxcompress.quant.eager_plan import EagerPlan, may_plan
-from fxcompress.quant.lowered_base import LoweredModule, run_op, summarize
+from fxcompress.oplib.arith_onnxruntime import CLAMP_POST_OPS
+from fxcompress.quant.lowered_base import LoweredModule, check_arithmetic, run_op, summarize
 
 __all__ = ["PADDING_MODES", "QuantConvNd", "QuantConv1d", "QuantConv2d", "QuantConv3d", "conv_padding"]
 
@@ -71,6 +72,11 @@ class QuantConvNd(LoweredModule):
     none/relu): ``forward(x, residual)``. The kernel writes into the residual tensor; unless
     ``consume_residual`` is set (the caller guarantees nothing reads the residual afterwards)
     the module copies it first.
+
+    ``arithmetic="onnxruntime"`` (uint8 output, no residual, post-op none / relu / hardtanh)
+    requantizes as onnxruntime's ``QLinearConv`` does: the int32 bias on the accumulator
+    grid, one float32 multiplier per channel, the post-op as a clamp of the codes
+    (:mod:`fxcompress.oplib.arith_onnxruntime`); its QDQ export runs bit for bit there.
     """
 
     spatial_dims: int = 2
@@ -81,7 +87,7 @@ class QuantConvNd(LoweredModule):
                  padding_mode: str = "zeros", pre_padding: Sequence[int] = (),
                  post_op: str = "none", post_op_args: Sequence[float] = (), output: str = "uint8",
                  residual: bool = False, consume_residual: bool = False,
-                 backend: str = "x86") -> None:
+                 backend: str = "x86", arithmetic: str = "onednn") -> None:
         super().__init__(backend)
         dims = self.spatial_dims
         if in_channels % groups or out_channels % groups:
@@ -106,6 +112,7 @@ class QuantConvNd(LoweredModule):
         if residual and post_op not in ("none", "relu"):
             raise ConfigError(f"a fused residual add combines only with post_op none/relu, got {post_op!r}")
         self.output, self.residual, self.consume_residual = output, residual, consume_residual
+        self.arithmetic = check_arithmetic(arithmetic, self.onnxruntime_problem())
         self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups,
                                                    *self.kernel_size, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_channels))
@@ -124,7 +131,7 @@ class QuantConvNd(LoweredModule):
                    post_op_args: Sequence[float] = (), residual: bool = False,
                    residual_scale: float | torch.Tensor | None = None,
                    residual_zero_point: int | torch.Tensor = 0, consume_residual: bool = False,
-                   backend: str = "x86") -> QuantConvNd:
+                   backend: str = "x86", arithmetic: str = "onednn") -> QuantConvNd:
         """Quantize a float conv of this dimensionality (weights by ``weight_scale``, one per
         output channel), with whatever padding it has.
 
@@ -139,7 +146,7 @@ class QuantConvNd(LoweredModule):
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding,
                 conv.dilation, conv.groups, conv.bias is not None, padding_mode=conv.padding_mode,
                 pre_padding=pre_padding, post_op=post_op, post_op_args=post_op_args, output=output,
-                residual=residual, consume_residual=consume_residual, backend=backend)
+                residual=residual, consume_residual=consume_residual, backend=backend, arithmetic=arithmetic)
         m.load_float_layer(conv, weight_scale, (input_scale, input_zero_point),
                            None if output_scale is None else (output_scale, output_zero_point))
         if output == "uint8" and residual:
@@ -162,7 +169,17 @@ class QuantConvNd(LoweredModule):
                 "pre_padding": list(self.pre_padding), "post_op": self.post_op,
                 "post_op_args": list(self.post_op_args), "output": self.output,
                 "residual": self.residual, "consume_residual": self.consume_residual,
-                "backend": self.backend}
+                "backend": self.backend, "arithmetic": self.arithmetic}
+
+    def onnxruntime_problem(self) -> str | None:
+        """Why this conv cannot compute onnxruntime's QLinearConv arithmetic, or None."""
+        if self.output != "uint8":
+            return "a float32 output (onnxruntime runs such a conv in float)"
+        if self.residual:
+            return "a fused residual add (QLinearConv has none: build with residual_adds='separate')"
+        if self.post_op not in CLAMP_POST_OPS:
+            return f"post-op {self.post_op!r} (QLinearConv fuses only {', '.join(CLAMP_POST_OPS)})"
+        return None
 
     def add_pre_padding(self, pad: Sequence[int]) -> None:
         """Pad the codes by ``pad`` more (an ``F.pad`` spec, last dim first) before the kernel:
@@ -200,6 +217,8 @@ class QuantConvNd(LoweredModule):
             if plan is None or not plan.holds(x, self._buffers):
                 plan = self._plan(x)
             if plan.call is not None:
+                if self.arithmetic == "onnxruntime":
+                    return plan.call(x)
                 if not self.residual:
                     return plan.call(x)
                 r = self._accumulator(x, residual, plan.output_shape)
@@ -210,6 +229,8 @@ class QuantConvNd(LoweredModule):
                 self.output_scale if uint8_out else None, self.output_zero_point if uint8_out else None)
         tail = (self.stride, self.padding, self.dilation, self.groups, self.pre_padding, self.padding_mode,
                 self.post_op, self.post_op_args, self.use_kernels)
+        if self.arithmetic == "onnxruntime":
+            return run_op("qconv_onnxruntime", *head, *tail)
         if not self.residual:
             return run_op("qconv", *head, *tail)
         r = self._accumulator(x, residual, self._out_shape(self.padded_shape(x.shape)))
@@ -229,13 +250,19 @@ class QuantConvNd(LoweredModule):
         """Choose the kernel for inputs shaped like ``x`` now and remember the choice
         (:mod:`fxcompress.quant.eager_plan`)."""
         uint8_out, padded = self.output == "uint8", self.padded_shape(x.shape)
-        call = fxcompress.oplib.impl.conv_plan(
-            padded, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
-            self.output_scale if uint8_out else None, self.output_zero_point if uint8_out else None,
-            self.residual_scale if uint8_out and self.residual else None,
-            self.residual_zero_point if uint8_out and self.residual else None, self.stride, self.padding,
-            self.dilation, self.groups, self.pre_padding, self.padding_mode, self.post_op, self.post_op_args,
-            self.residual, self.use_kernels)
+        if self.arithmetic == "onnxruntime":
+            call = fxcompress.oplib.impl.qconv_onnxruntime_plan(
+                padded, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
+                self.output_scale, self.output_zero_point, self.stride, self.padding, self.dilation, self.groups,
+                self.pre_padding, self.padding_mode, self.post_op, self.post_op_args, self.use_kernels)
+        else:
+            call = fxcompress.oplib.impl.conv_plan(
+                padded, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
+                self.output_scale if uint8_out else None, self.output_zero_point if uint8_out else None,
+                self.residual_scale if uint8_out and self.residual else None,
+                self.residual_zero_point if uint8_out and self.residual else None, self.stride, self.padding,
+                self.dilation, self.groups, self.pre_padding, self.padding_mode, self.post_op, self.post_op_args,
+                self.residual, self.use_kernels)
         plan = EagerPlan.make(x, self._buffers, call, self._out_shape(padded))
         self.__dict__["_eager_plan"] = plan  # a plain attribute: nn.Module.__setattr__ has nothing to register
         return plan
@@ -266,7 +293,8 @@ class QuantConvNd(LoweredModule):
                 f"stride={self.stride}, padding={self.padding}{pad}, dilation={self.dilation}, "
                 f"groups={self.groups}, post_op={self.post_op}{extra}, bits=8, "
                 f"w_scale={summarize(self.weight_scale)}, in=({summarize(self.input_scale)}, "
-                f"{int(self.input_zero_point)}), {out}, backend={self.backend}")
+                f"{int(self.input_zero_point)}), {out}, backend={self.backend}"
+                + (f", arithmetic={self.arithmetic}" if self.arithmetic != "onednn" else ""))
 
 
 def _check_post_op(post_op: str, args: Sequence[float], dims: int) -> tuple[float, ...]:
