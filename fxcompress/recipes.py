@@ -76,7 +76,7 @@ def int8_static(
     activations: Any = None,
     num_batches: int | None = None,
     backend: str | None = None,
-    only_if_faster: bool = True,
+    only_if_faster: bool | None = None,
     if_slower: str = "warn",
     scope: Sequence[str] = (),
     skip: Sequence[str] = (),
@@ -101,8 +101,12 @@ def int8_static(
     (``insert_observers(residual_adds="separate")``: QLinearConv + QLinearAdd) and biases on
     the int32 accumulator grid (``fold_fake_quant(int32_bias=True)``), and the lowered ops
     rounding as onnxruntime's kernels do (``lower(arithmetic="onnxruntime")``), so that
-    onnxruntime computes the model's own codes; see ``docs/deployment.md``.
+    onnxruntime computes the model's own codes; see ``docs/deployment.md``. ``only_if_faster``
+    left out is on, but off with ``for_onnxruntime`` (this CPU's timings say nothing of what
+    is fast in onnxruntime, which runs every layer the QDQ format makes int8 on its kernels).
     """
+    if only_if_faster is None:
+        only_if_faster = not for_onnxruntime
     observe = _where(_options(weights=weights, activations=activations), scope, skip)
     if for_onnxruntime:
         observe["residual_adds"] = "separate"

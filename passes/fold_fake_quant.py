@@ -13,7 +13,12 @@ from fxcompress.quant.activations import QDQ, ActivationFakeQuant, ActivationObs
 from fxcompress.quant.layers import FakeQuantLayer, FoldedLayer, ObservedLayer
 from fxcompress.rewrite import replace_modules
 
-__all__ = ["FoldFakeQuant"]
+__all__ = ["FoldFakeQuant", "BIAS_CODE_LIMIT"]
+
+#: The largest magnitude a folded layer's bias may take on its int32 accumulator grid: below
+#: 2**31 by more than any 8-bit accumulator of up to 16,000 inputs per output (2**30), so an
+#: int32 runtime adding the two cannot overflow.
+BIAS_CODE_LIMIT = 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,14 @@ class FoldFakeQuant(Pass):
     as QDQ runtimes store it (onnxruntime's QLinearConv): the folded graph then differs from
     the fake-quant graph by that rounding (at most half an accumulator step per output), and
     a model exported to onnxruntime agrees with it more closely (benchmarks/deploy.py).
-    Stats: ``layers`` (per bit
-    width), ``qdq`` (modules), ``removed_qdq`` (redundant nodes), ``integer_exact``
-    (layers computing as the kernels do), and ``weight_bytes`` before/after for the
-    folded layers.
+    Every bias fits its int32 accumulator grid: a channel whose bias would exceed
+    :data:`BIAS_CODE_LIMIT` there (a nearly dead channel: weights ~1e-6 under a bias of
+    units) gets the smallest weight scale that fits it, and its weight is requantized (it
+    moves by at most half that step; the folded graph then differs from the fake-quant
+    graph in that channel).  Stats: ``layers`` (per bit width), ``qdq`` (modules),
+    ``removed_qdq`` (redundant nodes), ``integer_exact`` (layers computing as the kernels
+    do), ``weight_bytes`` before/after for the folded layers, and
+    ``bias_widened_channels``.
     """
 
     name = "fold_fake_quant"
@@ -71,9 +80,11 @@ class FoldFakeQuant(Pass):
         replaced = replace_modules(gm, fold)
         qdq = replaced - sum(bits.values())
         removed = _remove_redundant(gm)
-        exact = _record_input_scales(gm)
+        site_scales = _input_scales(gm)
+        widened = _fit_biases_in_int32(site_scales)
+        exact = _record_input_scales(site_scales)
         stats = {"layers": dict(bits), "qdq": qdq, "removed_qdq": removed, "integer_exact": exact,
-                 "weight_bytes": sizes}
+                 "weight_bytes": sizes, "bias_widened_channels": widened}
         if self.int32_bias:
             stats["int32_bias"] = _bias_on_accumulator_grid(gm)
         return PassResult(gm, bool(bits or qdq or removed), stats)
@@ -126,13 +137,9 @@ def _remove_redundant(gm: fx.GraphModule) -> int:
     return removed
 
 
-def _record_input_scales(gm: fx.GraphModule) -> int:
-    """Give each folded layer fed by a QDQ (possibly through grid-keeping ops) that QDQ's
-    scale; the number of layers that then compute as the int8 kernels do.
-
-    A layer called at several sites whose inputs have different scales gets none: it
-    computes in float (its sites still lower to int8 kernels, each with its own qparams).
-    """
+def _input_scales(gm: fx.GraphModule) -> list[tuple[FoldedLayer, list[torch.Tensor | None]]]:
+    """Each folded layer with the scale of the input at each of its call sites: the per-tensor
+    scale of the QDQ feeding it (possibly through grid-keeping ops), None where there is none."""
     scales: dict[int, tuple[FoldedLayer, list]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -144,8 +151,47 @@ def _record_input_scales(gm: fx.GraphModule) -> int:
         quantizer = gm.get_submodule(str(source.target)) if source is not None else None
         per_tensor = isinstance(quantizer, QDQ) and quantizer.scale.numel() == 1
         scales.setdefault(id(layer), (layer, []))[1].append(quantizer.scale.reshape(()) if per_tensor else None)
+    return list(scales.values())
+
+
+def _fit_biases_in_int32(site_scales: list[tuple[FoldedLayer, list]]) -> int:
+    """Widen, in place, the weight scale of each channel whose bias on its accumulator grid
+    (``bias / (input_scale * weight_scale)``, at the smallest input scale of the layer's sites)
+    exceeds :data:`BIAS_CODE_LIMIT`, to the scale that brings it to the limit; the number of
+    channels widened.
+
+    Integer runtimes (onnxruntime's QLinearConv, a QDQ file's int32 bias) add the bias to the
+    int32 accumulator: a clamped bias silently changes the layer, and onnxruntime's int32 sum
+    wraps around.  The channels this finds are nearly dead (a BatchNorm fold that left
+    weights of ~1e-6 under a bias of several units: EfficientNet-Lite0's stem has two), so
+    the wider step moves their weights by less than 1e-7."""
+    widened = 0
+    for layer, found in site_scales:
+        scales = [s for s in found if s is not None]
+        bias = layer.bias
+        if (bias is None or not scales or layer.weight_scale.dim() > 1 or layer.spec.axis != 0
+                or layer.op not in ("linear", "conv1d", "conv2d", "conv3d")):
+            continue
+        input_scale = torch.stack(scales).min().float()
+        needed = bias.detach().float().abs() / (input_scale * BIAS_CODE_LIMIT)
+        if layer.weight_scale.dim() == 0:
+            needed = needed.max()
+        wider = needed > layer.weight_scale
+        if bool(wider.any()):
+            layer.widen_weight_scale(torch.where(wider, needed, layer.weight_scale))
+            widened += int(wider.sum())
+    return widened
+
+
+def _record_input_scales(site_scales: list[tuple[FoldedLayer, list]]) -> int:
+    """Give each folded layer whose sites all see one per-tensor scale that scale; the number
+    of layers that then compute as the int8 kernels do.
+
+    A layer called at several sites whose inputs have different scales gets none: it
+    computes in float (its sites still lower to int8 kernels, each with its own qparams).
+    """
     exact = 0
-    for layer, found in scales.values():
+    for layer, found in site_scales:
         same = all(s is not None for s in found) and all(torch.equal(s, found[0]) for s in found)
         layer.set_input_scale(found[0] if same else None)
         exact += layer.integer_exact

@@ -5,7 +5,8 @@ export give the same codes in fxcompress and in onnxruntime, where onnxruntime f
 ``DequantizeLinear -> Conv -> QuantizeLinear`` group into ``QLinearConv`` and each
 ``DequantizeLinear -> Add -> QuantizeLinear`` into ``QLinearAdd`` (its CPU provider, MLAS
 kernels). The default arithmetic of fxcompress is oneDNN's (:mod:`fxcompress.oplib.arith`);
-the two differ at about one output code in 10^5, which deep networks amplify.
+teacher forced, the two differ at about one output code in 10^6 with int32 biases (26 M
+conv outputs of mobilenet_v2; one in 10^3 with float biases), which deep networks amplify.
 
 **QLinearConv** (MLAS ``MlasRequantizeOutput``): the int32 accumulator plus the int32 bias,
 converted to float32, times one float32 multiplier per output channel
@@ -24,15 +25,17 @@ fxcompress's default multiplies by the float32 inverse of the scale).
 ``rb = b_scale / out_scale`` (float32) and the constant
 ``k = out_zp - fma(ra, a_zp, rb * b_zp)``, the output is
 ``round_half_even(fma(a, ra, fma(b, rb, k)))`` clamped, ``a`` and ``b`` the raw codes. The
-fused multiply-adds are computed in float64 from exact products and rounded once to
+output is a function of two bytes, so it is tabulated once per qparams for all 65536 code
+pairs, the fused multiply-adds computed in float64 from exact products and rounded once to
 float32. Measured equal to onnxruntime 1.32 on 7.5 M random same-shape codes (AMD EPYC,
 AVX512-VNNI); onnxruntime selects its add kernel by ISA (a fixed-point one on some CPUs) and
 takes other steps for a broadcast scalar operand, where the two may differ at about one
 output in 10^6.
 
-Exactness bound: the conv's ``acc + bias`` is exact in float32 below 2**24 (any 8-bit conv
-with at most 514 products per output, and every conv of the zoo models measured); above it
-the oneDNN kernel rounds the accumulator before adding the bias, onnxruntime after.
+Exactness bound: the conv's ``acc + bias`` is exact in float32 below 2**24 (no 8-bit conv of
+at most 514 products per output reaches it; mobilenet_v2's largest on four
+photos is about 2**18); above it the oneDNN kernel rounds the accumulator before adding the
+bias, onnxruntime after.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ import functools
 from typing import Sequence
 
 import torch
+
+from fxcompress.oplib.errors import fail
 
 __all__ = ["bias_codes", "qlinearconv_multiplier", "code_bounds", "requantize_accumulator",
            "quantize_linear_uint8", "qlinear_add_uint8", "CLAMP_POST_OPS"]
@@ -53,11 +58,23 @@ CLAMP_POST_OPS = ("none", "relu", "hardtanh")
 # point after that is exact, so the low byte of the int32 view is the uint8 code.
 _MAGIC = 12582912.0
 
+
 def bias_codes(bias: torch.Tensor, input_scale: torch.Tensor | float, weight_scale: torch.Tensor) -> torch.Tensor:
     """The int32 bias on the accumulator grid: ``round(bias / (input_scale * weight_scale))``,
-    the product rounded to float32 (what a QDQ file's bias ``DequantizeLinear`` holds)."""
+    the product rounded to float32 (what a QDQ file's bias ``DequantizeLinear`` holds).
+    A code beyond int32 raises: clamping it would silently change the layer (and
+    onnxruntime's int32 sum with the accumulator wraps around); ``fold_fake_quant`` widens
+    the weight scale of such channels, so a layer it folded always fits."""
     grid = torch.as_tensor(input_scale, dtype=torch.float32) * weight_scale.float()
-    return torch.round(bias.detach().float() / grid).clamp(-(2 ** 31), 2 ** 31 - 1).to(torch.int32)
+    codes = torch.round(bias.detach().float() / grid)
+    too_large = codes.abs() > 2 ** 31 - 1
+    if bool(too_large.any()):
+        channels = too_large.reshape(-1).nonzero().reshape(-1).tolist()
+        fail("config", f"the bias of output channel(s) {channels[:8]} does not fit int32 on the accumulator "
+                       f"grid (|bias / (input_scale * weight_scale)| up to {float(codes.abs().max()):.3g} > 2**31 - 1): "
+                       f"their weight scale is too small for their bias; fold the model with fold_fake_quant "
+                       f"(which widens such weight scales) or raise those weight scales")
+    return codes.to(torch.int32)
 
 
 def qlinearconv_multiplier(input_scale: float, weight_scale: torch.Tensor, output_scale: float) -> torch.Tensor:

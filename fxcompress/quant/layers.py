@@ -306,6 +306,19 @@ class FoldedLayer(nn.Module):
         return (self.input_scale is not None and self.weight_scale.dim() <= 1 and self.spec.axis == 0
                 and self.op in _INTEGER_EXACT_OPS)
 
+    def widen_weight_scale(self, scale: torch.Tensor) -> None:
+        """Store the weight on ``scale`` (``weight_scale``'s shape, no entry smaller): the
+        dequantized weight requantized with the same zero point, so each weight moves by at
+        most half a step of ``scale`` and stays in the spec's range."""
+        scale = scale.detach().to(torch.float32)
+        if scale.shape != self.weight_scale.shape or bool((scale < self.weight_scale).any()):
+            raise ConfigError(f"widen_weight_scale takes a scale of shape {tuple(self.weight_scale.shape)} "
+                              f"no smaller than the current one, got {tuple(scale.shape)}")
+        with torch.no_grad():
+            q = quantize(self.dequantized_weight(), scale, self.weight_zero_point, self.spec)
+            self.weight.copy_(pack_int(q.reshape(-1), self.spec.bits) if self.packed else q)
+            self.weight_scale.copy_(scale)
+
     def set_input_scale(self, scale: torch.Tensor | float | None) -> None:
         """Record the per-tensor scale of the quantized input (None forgets it)."""
         self.input_scale = None if scale is None else torch.as_tensor(scale, dtype=torch.float32).detach().clone()

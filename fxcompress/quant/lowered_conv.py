@@ -22,7 +22,7 @@ from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, Support, int8_weight_support, supports_qconv
 from fxcompress.quant.eager_plan import EagerPlan, may_plan
-from fxcompress.oplib.arith_onnxruntime import CLAMP_POST_OPS
+from fxcompress.oplib.arith_onnxruntime import CLAMP_POST_OPS, bias_codes
 from fxcompress.quant.lowered_base import LoweredModule, check_arithmetic, run_op, summarize
 
 __all__ = ["PADDING_MODES", "QuantConvNd", "QuantConv1d", "QuantConv2d", "QuantConv3d", "conv_padding"]
@@ -149,6 +149,8 @@ class QuantConvNd(LoweredModule):
                 residual=residual, consume_residual=consume_residual, backend=backend, arithmetic=arithmetic)
         m.load_float_layer(conv, weight_scale, (input_scale, input_zero_point),
                            None if output_scale is None else (output_scale, output_zero_point))
+        if m.arithmetic == "onnxruntime" and m.bias is not None:
+            bias_codes(m.bias, m.input_scale, m.weight_scale)  # an int32 bias that cannot hold it raises now
         if output == "uint8" and residual:
             if residual_scale is None:
                 raise LoweringError(f"a uint8 {cls.__name__} with a residual needs residual_scale")

@@ -17,6 +17,7 @@ from fxcompress.errors import ConfigError
 from fxcompress.examples.digits import accuracy, load_digits_data, pretrained_digits_cnn
 from fxcompress.quant import QuantSpec, quantize
 from fxcompress.quant.activations import QDQ, quant_source
+from fxcompress.passes.fold_fake_quant import BIAS_CODE_LIMIT
 from fxcompress.quant.layers import FoldedLayer, ObservedLayer
 from fxcompress.verify import stage_of
 
@@ -213,3 +214,28 @@ def test_folded_weights_equal_their_fake_quant_for_any_spec(spec: dict) -> None:
                                                         else torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(folded(DATA.test_x), fake(DATA.test_x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_nearly_dead_channel_is_requantized_on_the_scale_its_bias_needs() -> None:
+    """A BatchNorm with a gamma of ~0 and a beta of 5 folds into a conv channel of weights ~1e-9
+    under a bias of 5: on its observed scale the bias is beyond int32 on the accumulator grid,
+    so that channel (and only it) gets the scale that fits and its weights are requantized; the
+    other channels keep theirs bit for bit, and the outputs barely move."""
+    model = pretrained_digits_cnn()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.weight[0] = 1e-8
+        bn.bias[0] = 5.0
+    observed = _run(STATIC[:3], model).model
+    result = _run(STATIC, model)
+    assert result.report.rows[-1].stats["bias_widened_channels"] == 1
+    path, before = next((p, m) for p, m in observed.named_modules() if isinstance(m, ObservedLayer))
+    after = result.model.get_submodule(path)
+    assert after.weight_scale[0] > before.weight_scale[0]
+    assert torch.equal(after.weight_scale[1:], before.weight_scale[1:]) and torch.equal(after.weight[1:], quantize(
+        before.module.weight, before.weight_scale, before.weight_zero_point, before.spec)[1:])
+    step = float(after.input_scale) * float(after.weight_scale[0])
+    assert abs(float(after.bias[0].detach()) / step) <= BIAS_CODE_LIMIT * (1 + 1e-6)
+    with torch.no_grad():
+        assert (after.dequantized_weight()[0] - before.module.weight[0]).abs().max() <= after.weight_scale[0] / 2
+        assert sqnr_db(observed(DATA.test_x), result.model(DATA.test_x)) > 25

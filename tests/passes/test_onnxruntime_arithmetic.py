@@ -237,3 +237,54 @@ def test_the_arithmetic_survives_save_load_export_and_compile(for_ort, data, tmp
     compiled = torch.compile(copy.deepcopy(for_ort.model))  # the new ops are opaque calls for inductor
     with torch.inference_mode():
         assert torch.equal(compiled(x), ours)
+
+
+def test_the_recipe_builds_for_onnxruntime_without_this_cpus_timings() -> None:
+    def lower_options(**kwargs) -> dict:
+        entry = next(e for e in fxcompress.recipes.int8_static(**kwargs) if (e if isinstance(e, str) else e[0]) == "lower")
+        return {} if isinstance(entry, str) else entry[1]
+
+    assert lower_options(for_onnxruntime=True) == {"only_if_faster": False, "arithmetic": "onnxruntime"}
+    assert lower_options() == {"only_if_faster": True}
+    assert lower_options(for_onnxruntime=True, only_if_faster=True)["only_if_faster"] is True
+
+
+def _nearly_dead_stem() -> torch.nn.Module:
+    """A stem whose channel 2 is nearly dead, as BatchNorm folding leaves some pretrained
+    stems (EfficientNet-Lite0 has two): weights of ~1e-7 under a bias of -6."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        model[0].weight[2].mul_(1e-6)
+        model[0].bias[2] = -6.0
+    return model.eval()
+
+
+def test_a_nearly_dead_channel_gets_a_weight_scale_its_int32_bias_fits(tmp_path: Path) -> None:
+    """Its observed weight scale (~1e-8, floored at float32's eps) puts the bias near -2**32 on
+    the accumulator grid: fold_fake_quant widens that channel's scale, so the bias fits int32 and
+    onnxruntime (whose int32 sum would wrap around) computes our codes."""
+    torch.manual_seed(1)
+    x, calibration = torch.randn(2, 3, 32, 32), [torch.randn(4, 3, 32, 32) for _ in range(4)]
+    result = fxcompress.run(_nearly_dead_stem(), FOR_ORT, x, calibration_data=calibration, progress=False)
+    fold = next(r.stats for r in result.report.rows if r.name == "fold_fake_quant")
+    assert fold["bias_widened_channels"] == 1
+    stem = next(m for m in result.model.modules() if isinstance(m, QuantConv2d))
+    assert stem.arithmetic == "onnxruntime"
+    codes = stem.bias.double() / (float(stem.input_scale) * stem.weight_scale.double())
+    assert float(codes.abs().max() / 2 ** 30) == pytest.approx(1.0, abs=1e-6) == float(codes[2].abs() / 2 ** 30)
+    session = _session(fxcompress.export_onnx(result, tmp_path / "stem.onnx"))
+    theirs = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.inference_mode():
+        ours = result.model(x)
+    assert torch.allclose(theirs, ours, rtol=1e-5, atol=1e-5 * float(ours.abs().max()))
+
+
+def test_a_bias_beyond_int32_on_its_grid_is_refused_not_clamped() -> None:
+    conv = _conv(3, 4, 3)
+    scale = _weight_scale(conv)
+    scale[1] = 1e-9  # bias / (0.02 * 1e-9): beyond 2**31
+    with pytest.raises(ConfigError, match=r"channel\(s\) \[1\] does not fit int32.*fold_fake_quant"):
+        QuantConv2d.from_float(conv, scale, 0.02, 128, 0.05, 0, arithmetic="onnxruntime")
