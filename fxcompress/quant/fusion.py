@@ -20,7 +20,8 @@ Every node of a chain but its end must have one user: its value disappears.
 :func:`is_eval_noop`) compute nothing at inference; ``through_noops=True`` looks through
 them, so EfficientNet's ``conv -> stochastic_depth -> add`` fuses like ResNet's
 ``conv -> add``. Lowering looks through them; observer placement does not (it matches the
-chain as written, and ``eliminate_dead_nodes`` before ``insert_observers`` removes them).
+chain as written, and ``eliminate_dead_nodes`` before ``insert_observers`` removes them),
+but for the separate residual adds of ``residual_adds="separate"``, which fuse nothing.
 The two still agree: a chain placement matched is a prefix of the one lowering matches,
 and lowering fuses a residual add only where the residual holds integer codes, else it
 drops the add from the chain (:meth:`~fxcompress.quant.lowering.static.StaticLowering.plan`).

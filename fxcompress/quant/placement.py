@@ -41,7 +41,8 @@ def find_chains(gm: fx.GraphModule, ops: list[OpInfo], residual_adds: str = "fus
     An add both operands of which are fusable conv outputs is fused into the first conv
     in graph order; the other conv's chain ends before it. With ``residual_adds="separate"``
     no add is fused: the conv's chain ends at the conv, and the add (with the ReLU after it)
-    becomes a chain of its own, keyed by the add, whose ``data`` is the conv's output and
+    becomes a chain of its own, keyed by the add, whose ``data`` is the conv's output (or the
+    eval-mode no-ops after it: EfficientNet's stochastic depth, which keep its codes) and
     ``residual`` the other operand: both are then consumed quantized.
     """
     chains: dict[fx.Node, FusedChain] = {}
@@ -51,17 +52,22 @@ def find_chains(gm: fx.GraphModule, ops: list[OpInfo], residual_adds: str = "fus
         if info.kind is Kind.EMBEDDING:
             chains[op] = FusedChain(op, op, (op,))
             continue
+        if residual_adds == "separate":
+            # A separate add may follow eval-mode no-ops (EfficientNet's stochastic depth):
+            # they keep the conv's codes, so the add still takes two quantized operands.
+            reach = match_chain(info, gm, through_noops=True)
+            if reach.add is not None and reach.add not in claimed:
+                claimed.add(add := reach.add)
+                own = next(a for a in add.args if isinstance(a, fx.Node) and a is not reach.residual)
+                chains[add] = FusedChain(add, reach.end, reach.nodes[reach.nodes.index(add):], own, add,
+                                         reach.residual, reach.post_op, reach.post_op_args)
+            chains[op] = match_chain(info, gm, through_noops=False, allow_add=False)
+            continue
         chain = match_chain(info, gm, through_noops=False)
         if chain.add in claimed:
             chain = match_chain(info, gm, through_noops=False, allow_add=False)
         if chain.add is not None:
             claimed.add(chain.add)
-            if residual_adds == "separate":
-                add = chain.add
-                own = next(a for a in add.args if isinstance(a, fx.Node) and a is not chain.residual)
-                chains[add] = FusedChain(add, chain.end, chain.nodes[chain.nodes.index(add):], own, add,
-                                         chain.residual, chain.post_op, chain.post_op_args)
-                chain = match_chain(info, gm, through_noops=False, allow_add=False)
         chains[op] = chain
     return chains
 

@@ -54,6 +54,21 @@ def test_separate_adds_are_uint8_adds_and_reference_lowering_equals_the_folded_g
     assert adds(fused.model) == 0  # the default fuses every residual add into its conv
 
 
+def test_separate_adds_follow_stochastic_depth() -> None:
+    """EfficientNet's ``conv -> stochastic_depth -> add``: the eval-mode no-op keeps the conv's
+    codes, so each of its 9 residual adds is a uint8 add too, and no conv fuses one."""
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_b0(num_classes=10).eval()
+    gen = torch.Generator().manual_seed(1)
+    x, cal = torch.randn(1, 3, 64, 64, generator=gen), [torch.randn(2, 3, 64, 64, generator=gen)]
+    folded = fxcompress.run(model, FOLD, (x,), calibration_data=cal, progress=False).model
+    low = fxcompress.run(model, FOLD + [("lower", {"backend": "reference"})], (x,), calibration_data=cal,
+                         progress=False).model
+    assert adds(low) == 9 and not any(getattr(m, "residual", False) for m in low.modules())
+    with torch.inference_mode():
+        assert torch.equal(low(x), folded(x))
+
+
 def test_separate_adds_export_to_qlinearconv_and_qlinearadd(resnet, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
