@@ -6,7 +6,7 @@ know. Its twin here holds the same integer state and writes the computation the 
 onnxruntime's QDQ format spells it: ``DequantizeLinear`` (uint8 activations per tensor, int8
 weights per output channel, int32 biases at ``input_scale * weight_scale``) in front of the
 float op (``Conv``, ``Gemm``/``MatMul``, ``Add``, ``GlobalAveragePool``), the post-op, and
-``QuantizeLinear`` after it. onnxruntime fuses such groups into its int8 kernels
+``QuantizeLinear`` after it; a uint8 activation table is a ``Gather`` of its codes. onnxruntime fuses such groups into its int8 kernels
 (``QLinearConv``, ``QGemm``/``QLinearMatMul``, ``QLinearAdd``, ...). The Q/DQ nodes are
 emitted with ``torch.onnx.ops.symbolic``; everything else is ordinary torch code the exporter
 translates. Dynamic int8 linears become ``DynamicQuantizeLinear`` + ``MatMulInteger``
@@ -49,6 +49,7 @@ from fxcompress.quant.lowered import (
     QuantizeProduct,
     QuantLinear,
     QuantMaxPool2d,
+    QuantTable,
     WeightOnlyConv,
     WeightOnlyLinear,
 )
@@ -252,6 +253,18 @@ class OnnxQuantAdd(_QParams):
         return _quantize(F.relu(y) if self.relu else y, self.output_scale, self.output_zero_point)
 
 
+class OnnxQuantTable(nn.Module):
+    """``Gather`` of the 256 output codes by the input codes (onnxruntime computes it exactly):
+    the same table as the module, in the integer form too."""
+
+    def __init__(self, m: QuantTable) -> None:
+        super().__init__()
+        self.register_buffer("table", m.table.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _symbolic("Gather", (self.table, x.to(torch.int32)), {"axis": 0}, dtype=torch.uint8, shape=x.shape)
+
+
 class OnnxDynamicLinear(nn.Module):
     """``DynamicQuantizeLinear`` + ``MatMulInteger`` (``per_tensor``: fxcompress's own uint8
     range, zero included), or per-row uint8 codes from float ops around the layer's token
@@ -397,6 +410,7 @@ FORMS: dict[type, Callable[[nn.Module], nn.Module | str]] = {
     QuantMaxPool2d: OnnxMaxPool,
     QuantAdaptiveAvgPool2d: OnnxAdaptiveAvgPool,
     QuantAdd: OnnxQuantAdd,
+    QuantTable: OnnxQuantTable,
     DynamicQuantLinear: OnnxDynamicLinear,
     WeightOnlyLinear: _weight_only,
     WeightOnlyConv: OnnxWeightOnlyConv,

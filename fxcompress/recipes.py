@@ -98,7 +98,9 @@ def int8_static(
     dead-node elimination last because lowering leaves the float weights behind.
     ``for_onnxruntime=True`` builds the model the way onnxruntime's QDQ kernels compute, for a
     model to be exported with ``export_onnx``: residual adds separate from their convs
-    (``insert_observers(residual_adds="separate")``: QLinearConv + QLinearAdd) and biases on
+    (``insert_observers(residual_adds="separate")``: QLinearConv + QLinearAdd), activations
+    other than ReLU/ReLU6 as uint8 tables after their convs (``post_ops="tables"``: QLinearConv
+    + ``Gather``) and biases on
     the int32 accumulator grid (``fold_fake_quant(int32_bias=True)``), and the lowered ops
     rounding as onnxruntime's kernels do (``lower(arithmetic="onnxruntime")``), so that
     onnxruntime computes the model's own codes; see ``docs/deployment.md``. ``only_if_faster``
@@ -109,7 +111,7 @@ def int8_static(
         only_if_faster = not for_onnxruntime
     observe = _where(_options(weights=weights, activations=activations), scope, skip)
     if for_onnxruntime:
-        observe["residual_adds"] = "separate"
+        observe.update(residual_adds="separate", post_ops="tables")
     return [
         "fuse_conv_bn",
         ("insert_observers", observe) if observe else "insert_observers",

@@ -14,7 +14,7 @@ from fxcompress.quant.activations import ActivationObserver, preserves_qparams, 
 from fxcompress.quant.layers import ObservedLayer, layer_support
 from fxcompress.quant.observers import make_observer
 from fxcompress.quant.fusion import FusedChain, is_float_value
-from fxcompress.quant.placement import RESIDUAL_ADDS, consumed_quantized, find_chains, is_cat, is_separate_add
+from fxcompress.quant.placement import POST_OP_PLACEMENTS, RESIDUAL_ADDS, consumed_quantized, find_chains, is_cat
 from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
 from fxcompress.rewrite import replace_modules
 from fxcompress.verify import role_of
@@ -64,7 +64,12 @@ class InsertObservers(Pass):
     with the reason.  ``residual_adds="separate"`` fuses no add into its conv: the conv's output
     and the add's result are observed on their own, so ``lower`` makes the add a uint8 add
     (the structure onnxruntime's QDQ fusion takes: QLinearConv + QLinearAdd); the default
-    ``"fuse"`` places what x86's fused ``sum`` needs.  Stats: ``layers_quantized``, ``observers`` (modules),
+    ``"fuse"`` places what x86's fused ``sum`` needs.  ``post_ops="tables"`` fuses only
+    ReLU and ReLU6/hardtanh into a conv or linear (what QLinearConv fuses): any other
+    activation after one (SiLU, hardswish, GELU, tanh, leaky ReLU) is observed at its input
+    too, when its output is consumed quantized, and ``lower`` computes it on the codes as a
+    256-entry table (:class:`~fxcompress.quant.lowered.QuantTable`, ONNX ``Gather``); the default
+    ``"fuse"`` fuses every activation the x86 kernel fuses.  Stats: ``layers_quantized``, ``observers`` (modules),
     ``observer_calls`` (nodes), ``kept_float`` (module path -> reason).
     """
 
@@ -75,6 +80,7 @@ class InsertObservers(Pass):
     activations: QuantSpec | dict | None = field(default_factory=default_activation_spec)
     ops: tuple[str, ...] = ("conv", "linear")
     residual_adds: str = "fuse"
+    post_ops: str = "fuse"
 
     def __post_init__(self) -> None:
         weights = as_spec(self.weights, "weights")
@@ -87,6 +93,7 @@ class InsertObservers(Pass):
             raise ConfigError(f"activations must be quantized per_tensor (the int8 kernels "
                               f"take one activation scale), got granularity={activations.granularity!r}")
         check_choice("residual_adds", self.residual_adds, RESIDUAL_ADDS)
+        check_choice("post_ops", self.post_ops, POST_OP_PLACEMENTS)
         unknown = [k for k in self.ops if k not in OP_KINDS]
         if unknown or not self.ops:
             raise ConfigError(f"ops must be a non-empty subset of {tuple(OP_KINDS)}, "
@@ -105,7 +112,7 @@ class InsertObservers(Pass):
                                       if id(m) in chosen else None)
         calls = 0
         if self.activations is not None:
-            calls = _Placer(gm, self.activations).place(find_chains(gm, quantized, self.residual_adds))
+            calls = _Placer(gm, self.activations).place(find_chains(gm, quantized, self.residual_adds, self.post_ops))
         modules = len(_observer_modules(gm))
         stats: dict[str, Any] = {"layers_quantized": len({id(i.module) for i in quantized}),
                                  "observers": modules, "observer_calls": calls, "kept_float": kept}
@@ -186,8 +193,8 @@ class _Placer:
         for node in list(self.graph.nodes):
             chain = chains.get(node)
             if chain is not None and chain.data is not None and is_float_value(chain.data) \
-                    and (not is_separate_add(chain) or chain.end in wanted):
-                self._ensure(node, chain.data)  # a separate add's own operand: for a quantized sum only
+                    and (not chain.standalone or chain.end in wanted):
+                self._ensure(node, chain.data)  # a standalone chain's operand: for a quantized result only
             if node in by_add and by_add[node].end in wanted:
                 self._ensure(node, by_add[node].residual)
             elif node in wanted and is_cat(node, self.gm):

@@ -51,3 +51,25 @@ def seed() -> int:
 def rel_err() -> Callable[[torch.Tensor, torch.Tensor], float]:
     """``rel_err(a, b)``: ‖a − b‖ / ‖a‖ in float64 (the manager's own measure)."""
     return relative_error
+
+
+@pytest.fixture
+def onnxruntime_run(tmp_path) -> Callable:
+    """``run(path, *inputs) -> (output, ops)``: onnxruntime's CPU provider on an ONNX file (all
+    graph optimizations, one thread), its first output as a tensor, and the op types of the
+    graph onnxruntime optimized it into (what it fused: ``QLinearConv``, ``Gather``, ...)."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from collections import Counter
+
+    def run(path, *inputs: torch.Tensor) -> tuple[torch.Tensor, Counter]:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        optimized = tmp_path / f"{path.stem}_optimized.onnx"
+        options.optimized_model_filepath = str(optimized)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feeds = {i.name: t.contiguous().numpy() for i, t in zip(session.get_inputs(), inputs)}
+        ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+        return torch.from_numpy(session.run(None, feeds)[0]), ops
+
+    return run

@@ -63,7 +63,7 @@ def test_int8_static_order_and_options() -> None:
     # Left out, options keep the passes' own defaults: plain names, no empty dicts.
     assert recipes.int8_static()[1:3] == ["insert_observers", "calibrate"]
     built = recipes.int8_static(for_onnxruntime=True, skip=["fc"])
-    assert _options(built, "insert_observers") == {"skip": ["fc"], "residual_adds": "separate"}
+    assert _options(built, "insert_observers") == {"skip": ["fc"], "residual_adds": "separate", "post_ops": "tables"}
     assert _options(built, "fold_fake_quant") == {"int32_bias": True}
 
 

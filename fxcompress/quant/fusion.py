@@ -36,6 +36,7 @@ they are fused only with ``approximate=True``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 from torch import fx
@@ -62,7 +63,8 @@ class FusedChain:
     ``data`` is the op's activation input (None for an embedding, whose input is
     indices); ``add`` the fused residual add and ``residual`` its other operand (None
     without one); ``post_op``/``post_op_args`` name the fused activation in the
-    kernels' terms.
+    kernels' terms. ``standalone`` marks a chain that is no conv or linear but computes on
+    codes on its own (a separate residual add, an activation table: :mod:`.placement`).
     """
 
     op: fx.Node
@@ -73,6 +75,7 @@ class FusedChain:
     residual: fx.Node | None = None
     post_op: str = "none"
     post_op_args: tuple[float, ...] = ()
+    standalone: bool = False
 
 
 def only_user(node: fx.Node) -> fx.Node | None:
@@ -156,10 +159,11 @@ def residual_operand(add: fx.Node, value: fx.Node, gm: fx.GraphModule) -> fx.Nod
 
 
 def match_chain(info: OpInfo, gm: fx.GraphModule, *, through_noops: bool, allow_add: bool = True,
-                approximate: bool = True) -> FusedChain:
+                approximate: bool = True, post_ops: Collection[str] | None = None) -> FusedChain:
     """The longest fusable chain after the conv or linear ``info`` (see the module docstring):
     looking through eval-mode no-ops when ``through_noops``, without a residual add when
-    ``allow_add`` is False, with approximated post-ops when ``approximate``."""
+    ``allow_add`` is False, with approximated post-ops when ``approximate``, and only the
+    post-ops in ``post_ops`` when given."""
     data = info.inputs[0] if info.inputs and isinstance(info.inputs[0], fx.Node) else None
     taken = [info.node]
 
@@ -176,6 +180,8 @@ def match_chain(info: OpInfo, gm: fx.GraphModule, *, through_noops: bool, allow_
         end = skip(add)
         user = only_user(end)
     table = _AFTER_SUM if residual is not None else fusable_post_ops(info, approximate=approximate)
+    if post_ops is not None:
+        table = {name: n for name, n in table.items() if name in post_ops}
     post = None
     if user is not None and user.args and user.args[0] is end:
         act = describe(user, gm)

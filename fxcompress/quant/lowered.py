@@ -11,7 +11,7 @@ Static int8 activations stay uint8 channels-last between ops: :class:`QuantConv2
 requantizes inside the kernel, so consecutive int8 ops never round-trip through float.
 This module defines the (de)quantization modules and the static linear; it re-exports the
 static convs (:mod:`.lowered_conv`), the dynamic/weight-only linears, the weight-only conv
-(a conv kept float, stored as int8 codes), the uint8 pools and the uint8 add so that callers
+(a conv kept float, stored as int8 codes), the uint8 pools, the uint8 add and the uint8 activation table so that callers
 import everything from here. Each class registers its MACs
 counter in its own file (its artifact codec is registered by :class:`LoweredModule`).
 """
@@ -26,11 +26,12 @@ from torch import nn
 from fxcompress import macs
 from fxcompress.errors import ConfigError, InputError, LoweringError
 from fxcompress.quant.kernels import LINEAR_POST_OPS, POST_OPS, Support, int8_weight_support, supports_qlinear
-from fxcompress.quant.lowered_base import LoweredModule, check_arithmetic, run_op, summarize
+from fxcompress.quant.lowered_base import LoweredModule, check_arithmetic, check_post_op, run_op, summarize
 from fxcompress.quant.lowered_conv import QuantConv1d, QuantConv2d, QuantConv3d, QuantConvNd
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
 from fxcompress.quant.lowered_add import QuantAdd
 from fxcompress.quant.lowered_pool import QuantAdaptiveAvgPool2d, QuantMaxPool2d
+from fxcompress.quant.lowered_table import QuantTable
 from fxcompress.quant.lowered_weight_only_conv import WeightOnlyConv
 
 __all__ = [
@@ -49,17 +50,10 @@ __all__ = [
     "QuantMaxPool2d",
     "QuantAdaptiveAvgPool2d",
     "QuantAdd",
+    "QuantTable",
 ]
 
 _REFERENCE_ONLY = Support(False, "backend='reference' was requested")
-
-
-def _check_post_op(post_op: str, args: Sequence[float], table: dict[str, int]) -> tuple[float, ...]:
-    if post_op not in table:
-        raise ConfigError(f"post_op must be one of {', '.join(table)}; got {post_op!r}")
-    if len(args) != table[post_op]:
-        raise ConfigError(f"post_op {post_op!r} takes {table[post_op]} arguments, got {tuple(args)}")
-    return tuple(float(a) for a in args)
 
 
 def _check_uint8(x: torch.Tensor, where: str) -> None:
@@ -89,7 +83,7 @@ class Quantize(LoweredModule):
                  guard: str = "", backend: str = "x86", arithmetic: str = "onednn") -> None:
         super().__init__(backend)
         self.activation = activation
-        self.activation_args = _check_post_op(activation, activation_args, POST_OPS)
+        self.activation_args = check_post_op(activation, activation_args, POST_OPS)
         self.guard = str(guard)
         self.arithmetic = check_arithmetic(arithmetic)
         self.register_qparams("output")
@@ -197,7 +191,7 @@ class QuantLinear(LoweredModule):
             raise ConfigError(f"output must be 'uint8' or 'float32', got {output!r}")
         self.in_features, self.out_features, self.output = in_features, out_features, output
         self.post_op = post_op
-        self.post_op_args = _check_post_op(post_op, post_op_args, LINEAR_POST_OPS)
+        self.post_op_args = check_post_op(post_op, post_op_args, LINEAR_POST_OPS)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)

@@ -32,7 +32,7 @@ import fxcompress.oplib
 from fxcompress.artifact.modules import assign_state, register_module
 from fxcompress.errors import ArtifactError, ConfigError, LoweringError
 
-__all__ = ["ARITHMETICS", "BACKENDS", "LoweredModule", "as_pair", "check_arithmetic", "check_qparams", "quantize_weight_int8", "run_op", "summarize"]
+__all__ = ["ARITHMETICS", "BACKENDS", "LoweredModule", "as_pair", "check_arithmetic", "check_post_op", "check_qparams", "quantize_weight_int8", "run_op", "summarize"]
 
 #: ``x86``: oneDNN/aten integer kernels where their preconditions hold, reference elsewhere.
 #: ``reference``: portable torch ops only (dequantize, float compute, requantize).
@@ -52,6 +52,16 @@ def check_arithmetic(arithmetic: str, problem: str | None = None) -> str:
     if arithmetic == "onnxruntime" and problem is not None:
         raise ConfigError(f"arithmetic='onnxruntime' is not available here: {problem}")
     return arithmetic
+
+
+def check_post_op(post_op: str, args: Sequence[float], table: dict[str, int]) -> tuple[float, ...]:
+    """``args`` as floats if ``post_op`` is in ``table`` (name -> number of scalars) and takes
+    that many; else a :class:`ConfigError`."""
+    if post_op not in table:
+        raise ConfigError(f"post_op must be one of {', '.join(table)}; got {post_op!r}")
+    if len(args) != table[post_op]:
+        raise ConfigError(f"post_op {post_op!r} takes {table[post_op]} arguments, got {tuple(args)}")
+    return tuple(float(a) for a in args)
 
 
 def run_op(name: str, *args: Any) -> Any:

@@ -24,29 +24,42 @@ from torch import fx
 
 from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.quant.activations import preserves_qparams
-from fxcompress.quant.fusion import FusedChain, is_float_value, match_chain
+from fxcompress.quant.fusion import FusedChain, is_float_value, match_chain, only_user, post_op_of
+from fxcompress.quant.kernels import POST_OPS
 
-__all__ = ["RESIDUAL_ADDS", "find_chains", "consumed_quantized", "is_cat", "is_separate_add"]
+__all__ = ["RESIDUAL_ADDS", "POST_OP_PLACEMENTS", "TABLE_FREE_POST_OPS", "find_chains", "consumed_quantized",
+           "is_cat"]
 
 
 #: What ``find_chains`` does with a conv's residual add: fuse it into the conv (x86's ``sum``),
 #: or quantize the conv's output and add the two uint8 values on their own (ONNX's
 #: QLinearConv + QLinearAdd, which onnxruntime fuses QDQ graphs into).
 RESIDUAL_ADDS = ("fuse", "separate")
+#: What ``find_chains`` does with an activation after a conv or linear: fuse every one the x86
+#: kernel fuses, or only :data:`TABLE_FREE_POST_OPS`, the others becoming uint8 tables
+#: (QLinearConv fuses only clamps; a table is ONNX ``Gather``).
+POST_OP_PLACEMENTS = ("fuse", "tables")
+#: The post-ops a chain keeps with ``post_ops="tables"``: clamps of the codes.
+TABLE_FREE_POST_OPS = ("none", "relu", "hardtanh")
 
 
-def find_chains(gm: fx.GraphModule, ops: list[OpInfo], residual_adds: str = "fuse") -> dict[fx.Node, FusedChain]:
+def find_chains(gm: fx.GraphModule, ops: list[OpInfo], residual_adds: str = "fuse",
+                post_ops: str = "fuse") -> dict[fx.Node, FusedChain]:
     """The fused chain of each quantized op (``ops`` in graph order), keyed by op node.
 
     An add both operands of which are fusable conv outputs is fused into the first conv
     in graph order; the other conv's chain ends before it. With ``residual_adds="separate"``
     no add is fused: the conv's chain ends at the conv, and the add (with the ReLU after it)
-    becomes a chain of its own, keyed by the add, whose ``data`` is the conv's output (or the
+    becomes a standalone chain, keyed by the add, whose ``data`` is the conv's output (or the
     eval-mode no-ops after it: EfficientNet's stochastic depth, which keep its codes) and
-    ``residual`` the other operand: both are then consumed quantized.
+    ``residual`` the other operand. With ``post_ops="tables"`` a chain ends before an
+    activation other than :data:`TABLE_FREE_POST_OPS` (fusable or not: GELU after a conv), which
+    becomes a standalone chain keyed by the activation, whose ``data`` is the op's output. A standalone chain's operands are
+    consumed quantized when its result is (:func:`consumed_quantized`).
     """
     chains: dict[fx.Node, FusedChain] = {}
     claimed: set[fx.Node] = set()  # adds already fused into an earlier op
+    kept = TABLE_FREE_POST_OPS if post_ops == "tables" else None
     for info in ops:
         op = info.node
         if info.kind is Kind.EMBEDDING:
@@ -60,16 +73,33 @@ def find_chains(gm: fx.GraphModule, ops: list[OpInfo], residual_adds: str = "fus
                 claimed.add(add := reach.add)
                 own = next(a for a in add.args if isinstance(a, fx.Node) and a is not reach.residual)
                 chains[add] = FusedChain(add, reach.end, reach.nodes[reach.nodes.index(add):], own, add,
-                                         reach.residual, reach.post_op, reach.post_op_args)
-            chains[op] = match_chain(info, gm, through_noops=False, allow_add=False)
-            continue
-        chain = match_chain(info, gm, through_noops=False)
-        if chain.add in claimed:
+                                         reach.residual, reach.post_op, reach.post_op_args, standalone=True)
             chain = match_chain(info, gm, through_noops=False, allow_add=False)
-        if chain.add is not None:
-            claimed.add(chain.add)
+        else:
+            chain = match_chain(info, gm, through_noops=False)
+            if chain.add in claimed:
+                chain = match_chain(info, gm, through_noops=False, allow_add=False)
+            if chain.add is not None:
+                claimed.add(chain.add)
+        if kept is not None:
+            chain = match_chain(info, gm, through_noops=False, allow_add=chain.add is not None, post_ops=kept)
+            act = only_user(chain.end)
+            post = _table_post_op(act, chain.end, gm) if act is not None else None
+            if post is not None:
+                chains[act] = FusedChain(act, act, (act,), chain.end, post_op=post[0], post_op_args=post[1],
+                                         standalone=True)
         chains[op] = chain
     return chains
+
+
+def _table_post_op(node: fx.Node, value: fx.Node, gm: fx.GraphModule) -> tuple[str, tuple[float, ...]] | None:
+    """The post-op (name, scalars) of ``node`` when it is an activation of ``value`` a table
+    computes (any one :data:`~fxcompress.quant.kernels.POST_OPS` names, but the clamps)."""
+    if not node.args or node.args[0] is not value:
+        return None
+    info = describe(node, gm)
+    post = post_op_of(info, POST_OPS) if info.kind is Kind.ACTIVATION else None
+    return post if post is not None and post[0] not in TABLE_FREE_POST_OPS else None
 
 
 def consumed_quantized(gm: fx.GraphModule, chains: dict[fx.Node, FusedChain]) -> set[fx.Node]:
@@ -85,7 +115,7 @@ def consumed_quantized(gm: fx.GraphModule, chains: dict[fx.Node, FusedChain]) ->
     def takes_quantized(user: fx.Node, value: fx.Node) -> bool:
         chain = data_of.get(user)
         if chain is not None and chain.data is value:
-            return not is_separate_add(chain) or chain.end in wanted  # a separate add: for a quantized sum only
+            return not chain.standalone or chain.end in wanted  # standalone: for a quantized result only
         chain = residual_of.get(user)
         if chain is not None and chain.residual is value:
             return chain.end in wanted
@@ -102,11 +132,6 @@ def consumed_quantized(gm: fx.GraphModule, chains: dict[fx.Node, FusedChain]) ->
                 continue
             wanted.add(node)
     return wanted
-
-
-def is_separate_add(chain: FusedChain) -> bool:
-    """Whether ``chain`` is a residual add of its own (``residual_adds="separate"``)."""
-    return chain.op is chain.add
 
 
 def is_cat(node: fx.Node, gm: fx.GraphModule) -> bool:

@@ -12,8 +12,8 @@ Switched: every :class:`~fxcompress.quant.lowered.Quantize` and
 without a fused residual whose post-op is none / ReLU / hardtanh (``QLinearConv``). The
 others keep oneDNN's order, each reported with the reason: convs onnxruntime runs in float
 (a fused residual add, SiLU, a float output), where no integer order would match it, and the
-ops whose onnxruntime kernels are not reproduced here (:data:`NOT_REPRODUCED`). Max pools
-and dequantization are exact in both.
+ops whose onnxruntime kernels are not reproduced here (:data:`NOT_REPRODUCED`). Max pools,
+dequantization and activation tables (``Gather``) are exact in both.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ When the value ``v`` under ``QDQ(v)`` is read by nothing else, the lowering asks
 :meth:`UInt8Producers.find` for an op that yields ``QDQ(v)``'s codes from ``v``'s inputs: a
 uint8 add (+ ReLU) of two uint8-able values (:class:`QuantAdd`), a uint8 adaptive average pool
 (:class:`QuantAdaptiveAvgPool2d`), a squeeze-excitation product ``x * gains``
-(:class:`QuantizeProduct`), or a :class:`Quantize` that applies ``v``'s activation chunk by
-chunk. Each computes what the folded graph's float op and quantization compute.
+(:class:`QuantizeProduct`), an activation of a uint8-able value as a table of its 256 output
+codes (:class:`QuantTable`), or a :class:`Quantize` that applies ``v``'s activation to a float
+value chunk by chunk. Each computes what the folded graph's float op and quantization compute.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import fx, nn
 
 from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.quant.kernels import POST_OPS
-from fxcompress.quant.lowered import QuantAdaptiveAvgPool2d, QuantAdd, Quantize, QuantizeProduct
+from fxcompress.quant.lowered import QuantAdaptiveAvgPool2d, QuantAdd, Quantize, QuantizeProduct, QuantTable
 from fxcompress.quant.lowering.build import STATS_KIND, QParams
 from fxcompress.quant.fusion import post_op_of
 from fxcompress.quant.lowering.state import LoweringState
@@ -63,7 +64,10 @@ class UInt8Producers:
             return lambda qdq, qp: self._product_quantize(value, *gated, qp)
         post = post_op_of(info, POST_OPS) if info.kind is Kind.ACTIVATION else None
         if post is not None and info.inputs and isinstance(info.inputs[0], fx.Node):
-            return lambda qdq, qp: self._activation_quantize(value, info.inputs[0], post, qp)
+            x = info.inputs[0]
+            if self.low.has_codes(x):
+                return lambda qdq, qp: self._table(value, x, post, qp)
+            return lambda qdq, qp: self._activation_quantize(value, x, post, qp)
         pooled = info.kind is Kind.POOL and info.op == "adaptive_avg_pool2d"
         size = info.params.get("output_size")
         if pooled and info.inputs and isinstance(info.inputs[0], fx.Node) and self.low.has_codes(info.inputs[0]) \
@@ -103,6 +107,15 @@ class UInt8Producers:
         module = Quantize.from_qparams(qp.scale, qp.zero_point, activation=post[0], activation_args=post[1],
                                        backend=self.low.backend)
         return self.low.call(value, module, (self.low.float(x),), name=f"quantize_{value.name}")
+
+    def _table(self, value: fx.Node, x: fx.Node, post: tuple[str, tuple[float, ...]], qp: QParams) -> fx.Node:
+        """``QDQ(act(x))`` for a uint8-able ``x``: the activation's 256 output codes, looked up."""
+        u, qx = self.low.uint8(x)  # type: ignore[misc]
+        module = QuantTable.from_activation(post[0], post[1], (qx.scale, qx.zero_point), (qp.scale, qp.zero_point),
+                                            backend=self.low.backend)
+        self.low.stats.int8_ops[STATS_KIND[QuantTable]] += 1
+        self.low.stats.lowered[value.name] = (module, (self.low.shape(x),))
+        return self.low.call(value, module, (u,))
 
     def _avg_pool(self, value: fx.Node, x: fx.Node, size: Any, qp: QParams) -> fx.Node:
         u, qx = self.low.uint8(x)  # type: ignore[misc]
