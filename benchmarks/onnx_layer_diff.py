@@ -3,11 +3,14 @@
 Each lowered module of the model sees its own inputs (recorded with forward hooks on
 fxcompress's lowered model); its QDQ twin (``fxcompress.onnx_forms.onnx_form``) is exported
 alone and run by onnxruntime with all graph optimizations on (so a conv runs as QLinearConv
-where onnxruntime fuses it) on exactly those inputs. The table: op, path, max code diff and
-fraction of differing codes (uint8 outputs), or the max relative diff (float outputs).
-Not measured here: end to end (each op fed ORT's own upstream codes).
+where onnxruntime fuses it) on exactly those inputs. Two builds of each model: the default
+``recipes.int8_static`` and ``recipes.int8_static(for_onnxruntime=True)`` (separate residual
+adds, activation tables after convs, int32 biases, ``lower(arithmetic="onnxruntime")``). The section: per build and op kind,
+how many uint8 output codes onnxruntime computes differently (and by how much at most), and
+the largest relative difference of float outputs. ``--detail`` prints every op.
+Not measured here: end to end (each op fed ORT's own upstream codes: benchmarks/deploy.py).
 
-``python benchmarks/onnx_layer_diff.py [--models resnet18 mobilenet_v2] [--n 2] [--size 224]``
+``python benchmarks/onnx_layer_diff.py [--models resnet18 mobilenet_v2] [--n 2] [--size 224] [--detail]``
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, weights_for_this_cpu  # noqa: E402
+from _common import markdown_table, weights_for_this_cpu, write_section  # noqa: E402
 from _photos import photo_crops  # noqa: E402
 from deploy import build, lowered  # noqa: E402
 
@@ -54,11 +57,30 @@ def layer_rows(model: torch.nn.Module, x: torch.Tensor, workdir: Path) -> list[l
             f"[{module.post_op}]" if getattr(module, "post_op", "none") != "none" else "")
         if out.dtype == torch.uint8:
             diff = (theirs.int() - out.int()).abs()
-            rows.append([kind, path, int(diff.max()), f"{(diff > 0).float().mean().item():.1e}", "uint8"])
+            rows.append([kind, path, int(diff.max()), int((diff > 0).sum()), out.numel()])
         else:
             rel = ((theirs - out.float()).abs().max() / out.float().abs().max().clamp_min(1e-30)).item()
-            rows.append([kind, path, f"{rel:.2e} (rel)", "", "float"])
+            rows.append([kind, path, rel, None, out.numel()])
     return rows
+
+
+def summary(rows: list[list]) -> list[list]:
+    """Per op kind: ops, uint8 outputs, differing codes, max code diff; float ops: max rel diff."""
+    kinds: dict[str, list] = {}
+    for kind, _, worst, differing, numel in rows:
+        if worst == "no form":
+            continue
+        k = kinds.setdefault(kind, [0, 0, 0, 0, 0.0, False])
+        k[0] += 1
+        if differing is None:
+            k[4], k[5] = max(k[4], worst), True
+        else:
+            k[1] += numel
+            k[2] += differing
+            k[3] = max(k[3], worst)
+    return [[kind, n, f"{codes:,}" if codes else "-", f"{diff:,}" if codes else "-",
+             (str(worst) if codes else "-"), f"{rel:.1e}" if is_float else "-"]
+            for kind, (n, codes, diff, worst, rel, is_float) in sorted(kinds.items())]
 
 
 def main() -> None:
@@ -66,19 +88,38 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     parser.add_argument("--n", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--for-onnxruntime", action="store_true",
-                        help="lower with recipes.int8_static(for_onnxruntime=True)")
+    parser.add_argument("--detail", action="store_true", help="print every op's row")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    _, weights = weights_for_this_cpu()
+    label, weights = weights_for_this_cpu()
     x, calibration = photo_crops(args.n, args.size, seed=0), photo_crops(16, args.size, seed=1)
+    table = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            ours = lowered(build(name), calibration, weights, for_onnxruntime=args.for_onnxruntime)
-            print(f"\n## {name} (teacher-forced, {args.n} inputs, {args.size} px)\n")
-            print(markdown_table(layer_rows(ours, x, Path(tmp)),
-                                 ["op", "path", "max code diff", "fraction differing", "out"]), flush=True)
+            for build_name, for_ort in (("default", False), ("built for ORT", True)):
+                ours = lowered(build(name), calibration, weights, for_onnxruntime=for_ort)
+                rows = layer_rows(ours, x, Path(tmp))
+                if args.detail:
+                    print(f"\n## {name}, {build_name}\n")
+                    print(markdown_table(rows, ["op", "path", "max diff", "differing codes", "outputs"]), flush=True)
+                table += [[name, build_name, *row] for row in summary(rows)]
+                print(table[-1], flush=True)
+    body = (f"Weights: {label}. Teacher forced: every lowered op of each model, fed the inputs it sees on "
+            f"{args.n} photo crops ({args.size} px), against its QDQ twin run alone by onnxruntime (all graph "
+            f"optimizations on, 1 thread).\n\n"
+            + markdown_table(table, ["model", "build", "op", "ops", "uint8 outputs", "differing codes",
+                                     "max code diff", "float out: max rel diff"])
+            + "\n\n*default*: `recipes.int8_static` (fused residual sums, oneDNN's rounding order); onnxruntime "
+              "runs its convs with a fused add in float and requantizes the others its own way. *built for ORT*: "
+              "`recipes.int8_static(for_onnxruntime=True)`: separate uint8 adds, SiLU/hardswish/GELU/sigmoid after "
+              "convs as uint8 tables (QuantTable: ONNX GatherElements), squeeze-excitation pools and products on codes, "
+              "int32 biases and `lower(arithmetic=\"onnxruntime\")`, whose QuantConv / QuantAdd / QuantMul / "
+              "QuantAdaptiveAvgPool2d / Quantize compute onnxruntime's QLinearConv / QLinearAdd / QLinearMul / "
+              "QLinearGlobalAveragePool / QuantizeLinear codes. Float outputs (a last conv, the classifier) run in "
+              "float in onnxruntime on both builds; so do the default build's convs with a fused SiLU.")
+    print(body)
+    write_section("onnx_layer_diff", "onnxruntime vs fxcompress per op (teacher forced)", body)
 
 
 if __name__ == "__main__":

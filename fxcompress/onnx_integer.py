@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcompress.oplib.arith import apply_post_op
+from fxcompress.oplib.arith import apply_post_op, mul_code_table
 from fxcompress.onnx_forms import OnnxAdaptiveAvgPool, OnnxQuantAdd, OnnxQuantize, OnnxQuantizeProduct
-from fxcompress.quant.lowered import QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd
+from fxcompress.quant.lowered import QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd, QuantMul
 from fxcompress.quant.lowered import Quantize, QuantizeProduct, QuantLinear
 
 __all__ = ["INTEGER_FORMS", "integer_form"]
@@ -179,6 +179,21 @@ class IntegerQuantAdd(_Requant, OnnxQuantAdd):
         return self.quantize(F.relu(y) if self.relu else y, "output")
 
 
+class IntegerQuantMul(nn.Module):
+    """The product's code-pair table (the reference's own, :func:`fxcompress.oplib.arith.mul_uint8`)
+    gathered by ``a * 256 + b``: exactly the lowered product."""
+
+    def __init__(self, m: QuantMul) -> None:
+        super().__init__()
+        qparams = [f(getattr(m, f"{p}_{q}")) for p in ("input", "other", "output")
+                   for f, q in ((float, "scale"), (int, "zero_point"))]
+        self.register_buffer("table", mul_code_table(*qparams).clone())
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        index = a.to(torch.int32) * 256 + b.to(torch.int32)
+        return _symbolic("Gather", (self.table, index), {"axis": 0}, dtype=torch.uint8, shape=index.shape)
+
+
 #: Lowered class -> its integer twin (classes not listed take their QDQ twin).
 INTEGER_FORMS: dict[type, type[nn.Module]] = {
     QuantConvNd: IntegerQuantConv,
@@ -187,6 +202,7 @@ INTEGER_FORMS: dict[type, type[nn.Module]] = {
     QuantizeProduct: IntegerQuantizeProduct,
     QuantAdaptiveAvgPool2d: IntegerAdaptiveAvgPool,
     QuantAdd: IntegerQuantAdd,
+    QuantMul: IntegerQuantMul,
 }
 
 

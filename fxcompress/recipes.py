@@ -100,7 +100,7 @@ def int8_static(
     model to be exported with ``export_onnx``: residual adds separate from their convs
     (``insert_observers(residual_adds="separate")``: QLinearConv + QLinearAdd), activations
     other than ReLU/ReLU6 as uint8 tables after their convs (``post_ops="tables"``: QLinearConv
-    + ``Gather``) and biases on
+    + ``GatherElements``) and biases on
     the int32 accumulator grid (``fold_fake_quant(int32_bias=True)``), and the lowered ops
     rounding as onnxruntime's kernels do (``lower(arithmetic="onnxruntime")``), so that
     onnxruntime computes the model's own codes; see ``docs/deployment.md``. ``only_if_faster``

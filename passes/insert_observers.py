@@ -14,7 +14,9 @@ from fxcompress.quant.activations import ActivationObserver, preserves_qparams, 
 from fxcompress.quant.layers import ObservedLayer, layer_support
 from fxcompress.quant.observers import make_observer
 from fxcompress.quant.fusion import FusedChain, is_float_value
-from fxcompress.quant.placement import POST_OP_PLACEMENTS, RESIDUAL_ADDS, consumed_quantized, find_chains, is_cat
+from fxcompress.quant.placement import (
+    POST_OP_PLACEMENTS, RESIDUAL_ADDS, consumed_quantized, find_chains, is_cat, residual_chains,
+)
 from fxcompress.quant.spec import QuantSpec, default_activation_spec, default_weight_spec
 from fxcompress.rewrite import replace_modules
 from fxcompress.verify import role_of
@@ -68,7 +70,7 @@ class InsertObservers(Pass):
     ReLU and ReLU6/hardtanh into a conv or linear (what QLinearConv fuses): any other
     activation after one (SiLU, hardswish, GELU, tanh, leaky ReLU) is observed at its input
     too, when its output is consumed quantized, and ``lower`` computes it on the codes as a
-    256-entry table (:class:`~fxcompress.quant.lowered.QuantTable`, ONNX ``Gather``); the default
+    256-entry table (:class:`~fxcompress.quant.lowered.QuantTable`, ONNX ``GatherElements``); the default
     ``"fuse"`` fuses every activation the x86 kernel fuses.  Stats: ``layers_quantized``, ``observers`` (modules),
     ``observer_calls`` (nodes), ``kept_float`` (module path -> reason).
     """
@@ -189,7 +191,7 @@ class _Placer:
         for chain in chains.values():
             if chain.end in wanted:
                 self._observe(chain.end, users=None)
-        by_add = {c.add: c for c in chains.values() if c.add is not None}
+        by_add = residual_chains(chains)
         for node in list(self.graph.nodes):
             chain = chains.get(node)
             if chain is not None and chain.data is not None and is_float_value(chain.data) \

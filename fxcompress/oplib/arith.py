@@ -54,6 +54,9 @@ __all__ = [
     "accumulate",
     "rescale",
     "add_dequantized",
+    "lookup_code_pairs",
+    "mul_uint8",
+    "mul_code_table",
     "quantize_uint8",
     "quantize_product_uint8",
     "dequantize_uint8",
@@ -311,9 +314,41 @@ _POST_OPS = {
     "gelu_tanh": lambda y, a: F.gelu(y, approximate="tanh"),
     "tanh": lambda y, a: torch.tanh(y),
     "leaky_relu": lambda y, a: F.leaky_relu(y, a[0]),
+    "sigmoid": lambda y, a: torch.sigmoid(y),  # no kernel fuses it; activation tables compute it
 }
 #: The post-op names :func:`apply_post_op` knows (besides ``none``).
 POST_OP_NAMES = tuple(_POST_OPS)
+
+
+def lookup_code_pairs(table: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``table[a * 256 + b]`` for uint8 codes ``a`` and ``b`` (broadcast): the output of a binary
+    op of two bytes, looked up in the table of all 65536 pairs. Keeps a 4-D channels-last layout."""
+    index = torch.add(b, a.to(torch.int32), alpha=256)  # int32: a * 256 + b, broadcast
+    # index_select on the memory order (measured 8x faster than advanced indexing here).
+    if index.dim() == 4 and index.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = index.shape
+        flat = index.permute(0, 2, 3, 1).reshape(-1)  # a view
+        return table.index_select(0, flat).view(n, h, w, c).permute(0, 3, 1, 2)
+    return table.index_select(0, index.reshape(-1)).view(index.shape)
+
+
+@functools.lru_cache(maxsize=256)
+def mul_code_table(a_scale: float, a_zero_point: int, b_scale: float, b_zero_point: int, output_scale: float,
+               output_zero_point: int) -> torch.Tensor:
+    """``quantize_uint8(dequantize_uint8(a) * dequantize_uint8(b))`` for every pair of codes."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+        product = (dequantize_uint8(codes, a_scale, a_zero_point).view(256, 1)
+                   * dequantize_uint8(codes, b_scale, b_zero_point).view(1, 256))
+        return quantize_uint8(product, output_scale, output_zero_point).reshape(-1).clone()
+
+
+def mul_uint8(a: torch.Tensor, b: torch.Tensor, a_scale: float, a_zero_point: int, b_scale: float,
+              b_zero_point: int, output_scale: float, output_zero_point: int) -> torch.Tensor:
+    """``quantize_uint8(dequantize_uint8(a) * dequantize_uint8(b))`` of uint8 codes (broadcast):
+    the folded graph's product of two quantized values, looked up by code pair."""
+    table = mul_code_table(a_scale, a_zero_point, b_scale, b_zero_point, output_scale, output_zero_point)
+    return lookup_code_pairs(table, a, b)
 
 
 def apply_post_op(y: torch.Tensor, post_op: str, args: Sequence[float] = ()) -> torch.Tensor:

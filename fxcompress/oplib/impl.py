@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from fxcompress.oplib import cache
 from fxcompress.oplib.arith import (
     accumulate, add_dequantized, apply_post_op, choose_qparams_uint8, dequantize_uint8, max_pool2d_uint8,
-    quantize_per_token_uint8, quantize_product_uint8, quantize_uint8, rescale, unpack_unsigned,
+    mul_uint8, quantize_per_token_uint8, quantize_product_uint8, quantize_uint8, rescale, unpack_unsigned,
 )
 from fxcompress.oplib import arith_onnxruntime as ort_arith
 from fxcompress.oplib.errors import fail
@@ -525,6 +525,33 @@ def qconv_onnxruntime_plan(padded_shape: torch.Size, weight: torch.Tensor, weigh
     if kernel is None:
         return None
     return lambda x: ort_arith.requantize_accumulator(kernel(x), multiplier, ozp, low, high)
+
+
+def mul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_zero_point: torch.Tensor, b_scale: torch.Tensor,
+        b_zero_point: torch.Tensor, output_scale: torch.Tensor, output_zero_point: torch.Tensor) -> torch.Tensor:
+    """``requant(deq(a) * deq(b))`` of uint8 codes (broadcast): the folded graph's product."""
+    (sa, za), (sb, zb), (so, zo) = _q(a_scale, a_zero_point), _q(b_scale, b_zero_point), _q(output_scale,
+                                                                                         output_zero_point)
+    return mul_uint8(a, b, sa, za, sb, zb, so, zo)
+
+
+def mul_onnxruntime(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_zero_point: torch.Tensor,
+                    b_scale: torch.Tensor, b_zero_point: torch.Tensor, output_scale: torch.Tensor,
+                    output_zero_point: torch.Tensor) -> torch.Tensor:
+    """:func:`mul` computed as onnxruntime's ``QLinearMul``."""
+    (sa, za), (sb, zb), (so, zo) = _q(a_scale, a_zero_point), _q(b_scale, b_zero_point), _q(output_scale,
+                                                                                         output_zero_point)
+    return ort_arith.qlinear_mul_uint8(a, b, sa, za, sb, zb, so, zo)
+
+
+def adaptive_avg_pool2d_onnxruntime(x: torch.Tensor, input_scale: torch.Tensor, input_zero_point: torch.Tensor,
+                                    output_scale: torch.Tensor, output_zero_point: torch.Tensor,
+                                    output_size: Sequence[int], use_kernels: bool = True) -> torch.Tensor:
+    """:func:`adaptive_avg_pool2d` to ``(1, 1)`` computed as onnxruntime's ``QLinearGlobalAveragePool``."""
+    if tuple(output_size) != (1, 1):
+        fail("config", f"onnxruntime's QLinearGlobalAveragePool arithmetic pools to (1, 1), got {tuple(output_size)}")
+    (xs, xzp), (os_, ozp) = _q(input_scale, input_zero_point), _q(output_scale, output_zero_point)
+    return ort_arith.qlinear_global_average_pool_uint8(x, xs, xzp, os_, ozp)
 
 
 def add_onnxruntime(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, a_zero_point: torch.Tensor,

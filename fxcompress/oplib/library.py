@@ -48,6 +48,8 @@ SCHEMAS: dict[str, str] = {
                            "Tensor output_zero_point, int[] output_size, bool use_kernels) -> Tensor",
     "add": "(Tensor a, Tensor b, Tensor a_scale, Tensor a_zero_point, Tensor b_scale, Tensor b_zero_point, "
            "Tensor output_scale, Tensor output_zero_point, bool relu, bool use_kernels) -> Tensor",
+    "mul": "(Tensor a, Tensor b, Tensor a_scale, Tensor a_zero_point, Tensor b_scale, Tensor b_zero_point, "
+           "Tensor output_scale, Tensor output_zero_point) -> Tensor",
     "dynamic_linear": "(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str granularity, "
                       "bool use_kernels, int token_zero_point=128) -> Tensor",
     "weight_only_linear": "(Tensor x, Tensor weight, Tensor scale, Tensor? zero_point, Tensor? bias, int bits, "
@@ -63,6 +65,10 @@ SCHEMAS: dict[str, str] = {
     "add_onnxruntime": "(Tensor a, Tensor b, Tensor a_scale, Tensor a_zero_point, Tensor b_scale, "
                        "Tensor b_zero_point, Tensor output_scale, Tensor output_zero_point, bool relu, "
                        "bool use_kernels) -> Tensor",
+    "mul_onnxruntime": "(Tensor a, Tensor b, Tensor a_scale, Tensor a_zero_point, Tensor b_scale, "
+                       "Tensor b_zero_point, Tensor output_scale, Tensor output_zero_point) -> Tensor",
+    "adaptive_avg_pool2d_onnxruntime": "(Tensor x, Tensor input_scale, Tensor input_zero_point, Tensor output_scale, "
+                                       "Tensor output_zero_point, int[] output_size, bool use_kernels) -> Tensor",
     # oneDNN's packed conv weight (an opaque tensor), made under torch.compile with freezing
     # (:mod:`fxcompress.oplib.frozen`) and folded into a constant there; never in a saved program.
     "prepack_qconv": "(Tensor weight, Tensor weight_scale, float input_scale, int input_zero_point, int[] stride, "
@@ -172,6 +178,15 @@ def _add_fake(a, b, a_scale, a_zero_point, b_scale, b_zero_point, output_scale, 
 
 
 torch.library.register_fake(f"{NAMESPACE}::add_onnxruntime")(_add_fake)
+torch.library.register_fake(f"{NAMESPACE}::adaptive_avg_pool2d_onnxruntime")(_adaptive_avg_pool2d_fake)
+
+
+@_fake("mul")
+def _mul_fake(a, b, a_scale, a_zero_point, b_scale, b_zero_point, output_scale, output_zero_point):
+    return _empty(torch.broadcast_shapes(a.shape, b.shape), torch.uint8, a)
+
+
+torch.library.register_fake(f"{NAMESPACE}::mul_onnxruntime")(_mul_fake)
 
 
 @_fake("dynamic_linear")

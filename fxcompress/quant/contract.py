@@ -40,7 +40,7 @@ from torch import fx, nn
 from fxcompress.errors import InputError
 from fxcompress.quant.lowered import (
     Dequantize, LoweredModule, QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd, QuantLinear, QuantMaxPool2d, Quantize,
-    QuantizeProduct, QuantTable, WeightOnlyConv,
+    QuantizeProduct, QuantMul, QuantTable, WeightOnlyConv,
 )
 
 __all__ = ["CODE_TOLERANCE", "FLOAT_TOLERANCE", "STATIC_MODULES", "OpAgreement", "ContractReport",
@@ -54,7 +54,7 @@ FLOAT_TOLERANCE = 2.0 ** -16
 #: The modules the contract covers: the static int8 graph's (uint8 activations).
 STATIC_MODULES: tuple[type[LoweredModule], ...] = (
     Quantize, QuantizeProduct, Dequantize, QuantConvNd, QuantLinear, QuantMaxPool2d, QuantAdaptiveAvgPool2d,
-    QuantAdd, QuantTable,
+    QuantAdd, QuantTable, QuantMul,
 )
 
 

@@ -42,11 +42,11 @@ import torch
 from torch import fx
 
 from fxcompress.ops import Kind, OpInfo, describe
-from fxcompress.quant.kernels import CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, LINEAR_POST_OPS
+from fxcompress.quant.kernels import CONV_POST_OPS, CONV_POST_OPS_BY_DIMS, LINEAR_POST_OPS, POST_OPS
 
 __all__ = [
     "FusedChain", "EXACT_POST_OPS", "match_chain", "fusable_post_ops", "post_op_of", "residual_operand",
-    "is_eval_noop", "only_user", "is_float_value",
+    "is_eval_noop", "only_user", "is_float_value", "TABLE_ACTIVATIONS",
 ]
 
 #: Kernel post-ops whose oneDNN arithmetic equals torch's bit for bit.
@@ -119,11 +119,16 @@ def post_op_of(info: OpInfo, table: dict[str, int]) -> tuple[str, tuple[float, .
         found = ("gelu_tanh" if p.get("approximate", "none") == "tanh" else "gelu", ())
     elif op == "leaky_relu":
         found = ("leaky_relu", (float(p.get("negative_slope", 0.01)),))
-    elif op in ("relu", "hardswish", "tanh"):
+    elif op in ("relu", "hardswish", "tanh", "sigmoid"):
         found = (op, ())
     else:
         return None
     return found if found[0] in table else None
+
+
+#: The activations a uint8 table computes (:class:`~fxcompress.quant.lowered.QuantTable`):
+#: every kernel post-op, and sigmoid, which no kernel fuses.
+TABLE_ACTIVATIONS: dict[str, int] = {**POST_OPS, "sigmoid": 0}
 
 
 def fusable_post_ops(info: OpInfo, *, approximate: bool = True) -> dict[str, int]:

@@ -11,7 +11,7 @@ Static int8 activations stay uint8 channels-last between ops: :class:`QuantConv2
 requantizes inside the kernel, so consecutive int8 ops never round-trip through float.
 This module defines the (de)quantization modules and the static linear; it re-exports the
 static convs (:mod:`.lowered_conv`), the dynamic/weight-only linears, the weight-only conv
-(a conv kept float, stored as int8 codes), the uint8 pools, the uint8 add and the uint8 activation table so that callers
+(a conv kept float, stored as int8 codes), the uint8 pools, the uint8 add and product and the uint8 activation table so that callers
 import everything from here. Each class registers its MACs
 counter in its own file (its artifact codec is registered by :class:`LoweredModule`).
 """
@@ -31,6 +31,7 @@ from fxcompress.quant.lowered_conv import QuantConv1d, QuantConv2d, QuantConv3d,
 from fxcompress.quant.lowered_linear import DynamicQuantLinear, WeightOnlyLinear
 from fxcompress.quant.lowered_add import QuantAdd
 from fxcompress.quant.lowered_pool import QuantAdaptiveAvgPool2d, QuantMaxPool2d
+from fxcompress.quant.lowered_mul import QuantMul
 from fxcompress.quant.lowered_table import QuantTable
 from fxcompress.quant.lowered_weight_only_conv import WeightOnlyConv
 
@@ -51,6 +52,7 @@ __all__ = [
     "QuantAdaptiveAvgPool2d",
     "QuantAdd",
     "QuantTable",
+    "QuantMul",
 ]
 
 _REFERENCE_ONLY = Support(False, "backend='reference' was requested")

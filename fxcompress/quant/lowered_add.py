@@ -15,14 +15,14 @@ import torch
 
 from fxcompress.errors import InputError
 from fxcompress.quant.kernels import Support, supports_qconv
-from fxcompress.quant.lowered_base import LoweredModule, check_arithmetic, run_op, summarize
+from fxcompress.quant.lowered_base import BinaryCodesModule, run_op, summarize
 
 __all__ = ["QuantAdd"]
 
 _REFERENCE_ONLY = Support(False, "backend='reference' was requested")
 
 
-class QuantAdd(LoweredModule):
+class QuantAdd(BinaryCodesModule):
     """``requant(deq(a) + deq(b))`` (optionally ReLU-ed) of two uint8 activations.
 
     Same-shape 4-D inputs run as a oneDNN depthwise 1x1 int8 conv of ``a`` (weights 1)
@@ -34,23 +34,8 @@ class QuantAdd(LoweredModule):
     """
 
     def __init__(self, *, relu: bool = False, backend: str = "x86", arithmetic: str = "onednn") -> None:
-        super().__init__(backend)
+        super().__init__(backend, arithmetic)
         self.relu = bool(relu)
-        self.arithmetic = check_arithmetic(arithmetic)
-        self.register_qparams("input")
-        self.register_qparams("other")
-        self.register_qparams("output")
-
-    @classmethod
-    def from_qparams(cls, input_qparams: tuple[float, int], other_qparams: tuple[float, int],
-                     output_qparams: tuple[float, int], *, relu: bool = False,
-                     backend: str = "x86", arithmetic: str = "onednn") -> QuantAdd:
-        """Build from ``(scale, zero_point)`` pairs of ``a``, ``b`` and the result."""
-        m = cls(relu=relu, backend=backend, arithmetic=arithmetic)
-        m.set_qparams("input", *input_qparams)
-        m.set_qparams("other", *other_qparams)
-        m.set_qparams("output", *output_qparams)
-        return m
 
     def config(self) -> dict[str, Any]:
         return {"relu": self.relu, "backend": self.backend, "arithmetic": self.arithmetic}

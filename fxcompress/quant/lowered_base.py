@@ -32,7 +32,8 @@ import fxcompress.oplib
 from fxcompress.artifact.modules import assign_state, register_module
 from fxcompress.errors import ArtifactError, ConfigError, LoweringError
 
-__all__ = ["ARITHMETICS", "BACKENDS", "LoweredModule", "as_pair", "check_arithmetic", "check_post_op", "check_qparams", "quantize_weight_int8", "run_op", "summarize"]
+__all__ = ["ARITHMETICS", "BACKENDS", "LoweredModule", "BinaryCodesModule", "as_pair", "check_arithmetic",
+           "check_post_op", "check_qparams", "quantize_weight_int8", "run_op", "summarize"]
 
 #: ``x86``: oneDNN/aten integer kernels where their preconditions hold, reference elsewhere.
 #: ``reference``: portable torch ops only (dequantize, float compute, requantize).
@@ -224,3 +225,26 @@ class LoweredModule(nn.Module):
     def qparams(self, prefix: str) -> tuple[float, int]:
         """A registered qparam pair as Python scalars."""
         return (float(getattr(self, f"{prefix}_scale")), int(getattr(self, f"{prefix}_zero_point")))
+
+
+class BinaryCodesModule(LoweredModule):
+    """Base of the lowered ops of two uint8 activations: qparams ``input`` (``a``), ``other``
+    (``b``) and ``output``, and the ``arithmetic`` they round with."""
+
+    def __init__(self, backend: str, arithmetic: str) -> None:
+        super().__init__(backend)
+        self.arithmetic = check_arithmetic(arithmetic)
+        self.register_qparams("input")
+        self.register_qparams("other")
+        self.register_qparams("output")
+
+    @classmethod
+    def from_qparams(cls, input_qparams: tuple[float, int], other_qparams: tuple[float, int],
+                     output_qparams: tuple[float, int], **config: Any) -> BinaryCodesModule:
+        """Build from ``(scale, zero_point)`` pairs of ``a``, ``b`` and the result (``config``:
+        the constructor's keywords)."""
+        m = cls(**config)
+        m.set_qparams("input", *input_qparams)
+        m.set_qparams("other", *other_qparams)
+        m.set_qparams("output", *output_qparams)
+        return m

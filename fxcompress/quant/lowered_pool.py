@@ -20,7 +20,7 @@ from torch import nn
 
 from fxcompress.errors import InputError, LoweringError
 from fxcompress.quant.kernels import Support, supports_qconv
-from fxcompress.quant.lowered_base import LoweredModule, as_pair, run_op, summarize
+from fxcompress.quant.lowered_base import LoweredModule, as_pair, check_arithmetic, run_op, summarize
 from fxcompress.quant.uint8 import supports_uint8_max_pool2d
 
 __all__ = ["QuantMaxPool2d", "QuantAdaptiveAvgPool2d"]
@@ -77,11 +77,15 @@ class QuantMaxPool2d(LoweredModule):
 
 
 class QuantAdaptiveAvgPool2d(LoweredModule):
-    """uint8 adaptive average pool with requantization to the output qparams."""
+    """uint8 adaptive average pool with requantization to the output qparams.
 
-    def __init__(self, output_size: int | Sequence[int], *, backend: str = "x86") -> None:
+    ``arithmetic="onnxruntime"`` (a global pool: output ``(1, 1)``) computes onnxruntime's
+    ``QLinearGlobalAveragePool`` instead (:mod:`fxcompress.oplib.arith_onnxruntime`)."""
+
+    def __init__(self, output_size: int | Sequence[int], *, backend: str = "x86", arithmetic: str = "onednn") -> None:
         super().__init__(backend)
         self.output_size = as_pair(output_size, "output_size")
+        self.arithmetic = check_arithmetic(arithmetic, self.onnxruntime_problem())
         self.register_qparams("input")
         self.register_qparams("output")
 
@@ -98,7 +102,14 @@ class QuantAdaptiveAvgPool2d(LoweredModule):
         return m
 
     def config(self) -> dict[str, Any]:
-        return {"output_size": list(self.output_size), "backend": self.backend}
+        return {"output_size": list(self.output_size), "backend": self.backend, "arithmetic": self.arithmetic}
+
+    def onnxruntime_problem(self) -> str | None:
+        """Why this pool cannot compute onnxruntime's arithmetic, or None (a global pool)."""
+        if tuple(self.output_size) != (1, 1):
+            return (f"output size {tuple(self.output_size)}: onnxruntime's quantized pool arithmetic is "
+                    f"reproduced for global pooling (QLinearGlobalAveragePool) only")
+        return None
 
     def _window(self, shape: Sequence[int]) -> tuple[int, int] | None:
         (oh, ow), (h, w) = self.output_size, shape[2:]
@@ -117,10 +128,12 @@ class QuantAdaptiveAvgPool2d(LoweredModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_uint8_4d(x, "QuantAdaptiveAvgPool2d")
-        return run_op("adaptive_avg_pool2d", x, self.input_scale, self.input_zero_point, self.output_scale,
+        op = "adaptive_avg_pool2d_onnxruntime" if self.arithmetic == "onnxruntime" else "adaptive_avg_pool2d"
+        return run_op(op, x, self.input_scale, self.input_zero_point, self.output_scale,
                       self.output_zero_point, self.output_size, self.use_kernels)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, bits=8, in=({summarize(self.input_scale)}, "
                 f"{int(self.input_zero_point)}), out=({summarize(self.output_scale)}, "
-                f"{int(self.output_zero_point)}), backend={self.backend}")
+                f"{int(self.output_zero_point)}), backend={self.backend}"
+                + (f", arithmetic={self.arithmetic}" if self.arithmetic != "onednn" else ""))

@@ -4,10 +4,10 @@ An elementwise activation between two quantizations (``QDQ(act(QDQ(x)))``) has 2
 inputs: its output codes are a table, computed once from the folded graph's own float ops
 (dequantize, the activation as torch computes it, the quantization the lowering would run),
 so the lowered model gives the folded graph's codes for every input code, on every CPU and in
-every runtime that can index a table (ONNX ``Gather``: onnxruntime computes it exactly). The
+every runtime that can index a table (ONNX ``GatherElements``: onnxruntime computes it exactly). The
 models built for onnxruntime (``insert_observers(post_ops="tables")``) run SiLU, hardswish,
-GELU, tanh and leaky ReLU this way between convs onnxruntime fuses into ``QLinearConv``,
-which fuses only clamps.
+GELU, tanh, leaky ReLU and sigmoid this way between convs onnxruntime fuses into
+``QLinearConv``, which fuses only clamps.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from fxcompress.errors import InputError
-from fxcompress.quant.kernels import POST_OPS, Support
+from fxcompress.quant.fusion import TABLE_ACTIVATIONS
+from fxcompress.quant.kernels import Support
 from fxcompress.quant.lowered_base import LoweredModule, check_post_op, run_op, summarize
 
 __all__ = ["QuantTable", "lookup_codes"]
@@ -46,7 +47,7 @@ class QuantTable(LoweredModule):
                  backend: str = "x86") -> None:
         super().__init__(backend)
         self.activation = activation
-        self.activation_args = check_post_op(activation, activation_args, POST_OPS)
+        self.activation_args = check_post_op(activation, activation_args, TABLE_ACTIVATIONS)
         self.register_qparams("input")
         self.register_qparams("output")
         self.register_buffer("table", torch.arange(256, dtype=torch.uint8))
@@ -54,7 +55,8 @@ class QuantTable(LoweredModule):
     @classmethod
     def from_activation(cls, activation: str, activation_args: Sequence[float], input_qparams: tuple[float, int],
                         output_qparams: tuple[float, int], *, backend: str = "x86") -> QuantTable:
-        """The table of ``activation`` (a post-op name: ``swish``, ``hardswish``, ``gelu``, ...)
+        """The table of ``activation`` (a post-op name: ``swish``, ``hardswish``, ``gelu``, ...,
+        or ``sigmoid``: :data:`~fxcompress.quant.fusion.TABLE_ACTIVATIONS`)
         from codes on ``input_qparams`` to codes on ``output_qparams``."""
         m = cls(activation=activation, activation_args=activation_args, backend=backend)
         m.set_qparams("input", *input_qparams)

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 from torch import fx
 
-from fxcompress.ops import Kind, OpInfo, describe
+from fxcompress.ops import Kind, OpInfo, describe, tensor_shape
 from fxcompress.quant.activations import preserves_qparams
-from fxcompress.quant.fusion import FusedChain, is_float_value, match_chain, only_user, post_op_of
-from fxcompress.quant.kernels import POST_OPS
+from fxcompress.quant.fusion import TABLE_ACTIVATIONS, FusedChain, is_float_value, match_chain, only_user, post_op_of
 
 __all__ = ["RESIDUAL_ADDS", "POST_OP_PLACEMENTS", "TABLE_FREE_POST_OPS", "find_chains", "consumed_quantized",
-           "is_cat"]
+           "residual_chains", "is_cat"]
 
 
 #: What ``find_chains`` does with a conv's residual add: fuse it into the conv (x86's ``sum``),
@@ -37,7 +36,7 @@ __all__ = ["RESIDUAL_ADDS", "POST_OP_PLACEMENTS", "TABLE_FREE_POST_OPS", "find_c
 RESIDUAL_ADDS = ("fuse", "separate")
 #: What ``find_chains`` does with an activation after a conv or linear: fuse every one the x86
 #: kernel fuses, or only :data:`TABLE_FREE_POST_OPS`, the others becoming uint8 tables
-#: (QLinearConv fuses only clamps; a table is ONNX ``Gather``).
+#: (QLinearConv fuses only clamps; a table is ONNX ``GatherElements``).
 POST_OP_PLACEMENTS = ("fuse", "tables")
 #: The post-ops a chain keeps with ``post_ops="tables"``: clamps of the codes.
 TABLE_FREE_POST_OPS = ("none", "relu", "hardtanh")
@@ -53,9 +52,11 @@ def find_chains(gm: fx.GraphModule, ops: list[OpInfo], residual_adds: str = "fus
     becomes a standalone chain, keyed by the add, whose ``data`` is the conv's output (or the
     eval-mode no-ops after it: EfficientNet's stochastic depth, which keep its codes) and
     ``residual`` the other operand. With ``post_ops="tables"`` a chain ends before an
-    activation other than :data:`TABLE_FREE_POST_OPS` (fusable or not: GELU after a conv), which
-    becomes a standalone chain keyed by the activation, whose ``data`` is the op's output. A standalone chain's operands are
-    consumed quantized when its result is (:func:`consumed_quantized`).
+    activation other than :data:`TABLE_FREE_POST_OPS` (fusable or not: GELU after a conv, the
+    sigmoid of a gate), which becomes a standalone chain keyed by the activation, whose
+    ``data`` is the op's output; so does each global average pool and squeeze-excitation
+    product (``residual``: the gains). A standalone chain's operands are consumed quantized
+    when its result is (:func:`consumed_quantized`).
     """
     chains: dict[fx.Node, FusedChain] = {}
     claimed: set[fx.Node] = set()  # adds already fused into an earlier op
@@ -89,16 +90,50 @@ def find_chains(gm: fx.GraphModule, ops: list[OpInfo], residual_adds: str = "fus
                 chains[act] = FusedChain(act, act, (act,), chain.end, post_op=post[0], post_op_args=post[1],
                                          standalone=True)
         chains[op] = chain
+    if post_ops == "tables":
+        chains.update(_gate_chains(gm, chains))
     return chains
+
+
+def _gate_chains(gm: fx.GraphModule, chains: dict[fx.Node, FusedChain]) -> dict[fx.Node, FusedChain]:
+    """With ``post_ops="tables"``: a standalone chain for each global average pool and each
+    squeeze-excitation product ``x * gains`` (``(N, C, H, W)`` by ``(N, C, 1, 1)``) of float
+    values, so that a gate computes on codes (onnxruntime's ``QLinearGlobalAveragePool`` and
+    ``QLinearMul``) when its result is consumed quantized."""
+    found: dict[fx.Node, FusedChain] = {}
+    for node in gm.graph.nodes:
+        if node in chains or node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        info = describe(node, gm)
+        inputs = [i for i in info.inputs if isinstance(i, fx.Node)]
+        if not inputs or len(inputs) != len(info.inputs) or not all(is_float_value(i) for i in inputs):
+            continue
+        size = info.params.get("output_size")
+        if info.kind is Kind.POOL and info.op == "adaptive_avg_pool2d" and size in (1, (1, 1), [1, 1]):
+            found[node] = FusedChain(node, node, (node,), inputs[0], standalone=True)
+        elif info.kind is Kind.ELEMENTWISE and info.op == "mul" and len(inputs) == 2:
+            shapes = [tuple(tensor_shape(i) or ()) for i in inputs]
+            for (x, sx), (gains, sg) in (((inputs[0], shapes[0]), (inputs[1], shapes[1])),
+                                         ((inputs[1], shapes[1]), (inputs[0], shapes[0]))):
+                if len(sx) == 4 and sg == (sx[0], sx[1], 1, 1):
+                    found[node] = FusedChain(node, node, (node,), x, residual=gains, standalone=True)
+                    break
+    return found
+
+
+def residual_chains(chains: dict[fx.Node, FusedChain]) -> dict[fx.Node, FusedChain]:
+    """The chains with a second operand, keyed by the node taking it: the fused add, or the
+    standalone chain's own node (a separate add, a gate product)."""
+    return {(c.op if c.standalone else c.add): c for c in chains.values() if c.residual is not None}
 
 
 def _table_post_op(node: fx.Node, value: fx.Node, gm: fx.GraphModule) -> tuple[str, tuple[float, ...]] | None:
     """The post-op (name, scalars) of ``node`` when it is an activation of ``value`` a table
-    computes (any one :data:`~fxcompress.quant.kernels.POST_OPS` names, but the clamps)."""
+    computes (:data:`~fxcompress.quant.fusion.TABLE_ACTIVATIONS`, but the clamps)."""
     if not node.args or node.args[0] is not value:
         return None
     info = describe(node, gm)
-    post = post_op_of(info, POST_OPS) if info.kind is Kind.ACTIVATION else None
+    post = post_op_of(info, TABLE_ACTIVATIONS) if info.kind is Kind.ACTIVATION else None
     return post if post is not None and post[0] not in TABLE_FREE_POST_OPS else None
 
 
@@ -109,7 +144,7 @@ def consumed_quantized(gm: fx.GraphModule, chains: dict[fx.Node, FusedChain]) ->
     and a fused add's chain end after the add's operands.
     """
     data_of = {c.op: c for c in chains.values() if c.data is not None}
-    residual_of = {c.add: c for c in chains.values() if c.add is not None}
+    residual_of = residual_chains(chains)
     wanted: set[fx.Node] = set()
 
     def takes_quantized(user: fx.Node, value: fx.Node) -> bool:

@@ -33,11 +33,11 @@ NEVER_IN_A_GRAPH = {
     # ONNX twins: built inside export_onnx on a private copy, handed to torch's exporter, dropped.
     **{f"fxcompress.onnx_forms.{name}": "an ONNX export twin, never in a returned graph" for name in (
         "_QParams", "OnnxQuantize", "OnnxQuantizeProduct", "OnnxDequantize", "OnnxQuantConv", "OnnxQuantLinear",
-        "OnnxMaxPool", "OnnxAdaptiveAvgPool", "OnnxQuantAdd", "OnnxQuantTable", "OnnxDynamicLinear", "OnnxWeightOnlyLinear",
-        "OnnxWeightOnlyConv", "OnnxFoldedLayer")},
+        "OnnxMaxPool", "OnnxAdaptiveAvgPool", "OnnxQuantAdd", "OnnxQuantTable", "OnnxQuantMul", "OnnxDynamicLinear",
+        "OnnxWeightOnlyLinear", "OnnxWeightOnlyConv", "OnnxFoldedLayer")},
     **{f"fxcompress.onnx_integer.{name}": "an ONNX export twin (integer form), never in a returned graph"
        for name in ("_Requant", "_Rescale", "IntegerQuantConv", "IntegerQuantLinear", "IntegerQuantize",
-                    "IntegerQuantizeProduct", "IntegerAdaptiveAvgPool", "IntegerQuantAdd")},
+                    "IntegerQuantizeProduct", "IntegerAdaptiveAvgPool", "IntegerQuantAdd", "IntegerQuantMul")},
     "fxcompress.onnx_embedding.OnnxWeightOnlyEmbedding": "an ONNX export twin, never in a returned graph",
 }
 

@@ -22,7 +22,7 @@ from fxcompress.quant.activations import QDQ
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import (
     QuantAdaptiveAvgPool2d, QuantAdd, QuantConv1d, QuantConv2d, QuantConv3d, QuantConvNd, QuantLinear, QuantMaxPool2d,
-    QuantTable, WeightOnlyConv,
+    QuantMul, QuantTable, WeightOnlyConv,
 )
 
 __all__ = ["QParams", "STATS_KIND", "uint8_qparams", "layer_problem", "float_twin", "kept_float", "quant_conv",
@@ -33,7 +33,7 @@ _KERNEL_OPS = ("conv1d", "conv2d", "conv3d", "linear")
 
 #: The stats kind (``int8_ops`` key) of each uint8 op made between int8 layers.
 STATS_KIND: dict[type, str] = {QuantMaxPool2d: "max_pool", QuantAdd: "add", QuantAdaptiveAvgPool2d: "avg_pool",
-                               QuantTable: "table"}
+                               QuantTable: "table", QuantMul: "mul"}
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,15 @@ onnxruntime will compute: what is validated in PyTorch is what runs there.
 
 Switched: every :class:`~fxcompress.quant.lowered.Quantize` and
 :class:`~fxcompress.quant.lowered.QuantizeProduct` (rounded as ``QuantizeLinear``), every
-:class:`~fxcompress.quant.lowered.QuantAdd` (``QLinearAdd``) and every uint8-output conv
-without a fused residual whose post-op is none / ReLU / hardtanh (``QLinearConv``). The
-others keep oneDNN's order, each reported with the reason: convs onnxruntime runs in float
-(a fused residual add, SiLU, a float output), where no integer order would match it, and the
-ops whose onnxruntime kernels are not reproduced here (:data:`NOT_REPRODUCED`). Max pools,
-dequantization and activation tables (``Gather``) are exact in both.
+:class:`~fxcompress.quant.lowered.QuantAdd` (``QLinearAdd``) and
+:class:`~fxcompress.quant.lowered.QuantMul` (``QLinearMul``), every global
+:class:`~fxcompress.quant.lowered.QuantAdaptiveAvgPool2d` (``QLinearGlobalAveragePool``) and
+every uint8-output conv without a fused residual whose post-op is none / ReLU / hardtanh
+(``QLinearConv``). The others keep oneDNN's order, each reported with the reason: convs
+onnxruntime runs in float (a fused residual add, SiLU, a float output), where no integer
+order would match it, pools to other sizes, and the ops whose onnxruntime kernels are not
+reproduced here (:data:`NOT_REPRODUCED`). Max pools,
+dequantization and activation tables (``GatherElements``) are exact in both.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections import Counter
 
 from torch import fx
 
-from fxcompress.quant.lowered import QuantAdaptiveAvgPool2d, QuantLinear
+from fxcompress.quant.lowered import QuantLinear
 from fxcompress.quant.lowered_base import LoweredModule, check_arithmetic
 
 __all__ = ["NOT_REPRODUCED", "use_onnxruntime_arithmetic"]
@@ -31,7 +34,6 @@ __all__ = ["NOT_REPRODUCED", "use_onnxruntime_arithmetic"]
 NOT_REPRODUCED: dict[type, str] = {
     QuantLinear: "onnxruntime's QGemm / MatMul requantization is not reproduced (a uint8 linear keeps oneDNN's "
                  "order; a float32-output one runs in float there)",
-    QuantAdaptiveAvgPool2d: "onnxruntime's quantized average pool rounds its own way (not reproduced)",
 }
 
 

@@ -2,8 +2,9 @@
 
 When the value ``v`` under ``QDQ(v)`` is read by nothing else, the lowering asks
 :meth:`UInt8Producers.find` for an op that yields ``QDQ(v)``'s codes from ``v``'s inputs: a
-uint8 add (+ ReLU) of two uint8-able values (:class:`QuantAdd`), a uint8 adaptive average pool
-(:class:`QuantAdaptiveAvgPool2d`), a squeeze-excitation product ``x * gains``
+uint8 add (+ ReLU) or product of two uint8-able values (:class:`QuantAdd`, :class:`QuantMul`),
+a uint8 adaptive average pool (:class:`QuantAdaptiveAvgPool2d`), a squeeze-excitation
+product ``x * gains`` of float values
 (:class:`QuantizeProduct`), an activation of a uint8-able value as a table of its 256 output
 codes (:class:`QuantTable`), or a :class:`Quantize` that applies ``v``'s activation to a float
 value chunk by chunk. Each computes what the folded graph's float op and quantization compute.
@@ -17,9 +18,9 @@ from torch import fx, nn
 
 from fxcompress.ops import Kind, OpInfo, describe
 from fxcompress.quant.kernels import POST_OPS
-from fxcompress.quant.lowered import QuantAdaptiveAvgPool2d, QuantAdd, Quantize, QuantizeProduct, QuantTable
+from fxcompress.quant.lowered import QuantAdaptiveAvgPool2d, QuantAdd, Quantize, QuantizeProduct, QuantMul, QuantTable
 from fxcompress.quant.lowering.build import STATS_KIND, QParams
-from fxcompress.quant.fusion import post_op_of
+from fxcompress.quant.fusion import TABLE_ACTIVATIONS, post_op_of
 from fxcompress.quant.lowering.state import LoweringState
 
 __all__ = ["UInt8Producers", "impure"]
@@ -59,15 +60,18 @@ class UInt8Producers:
         if found is not None:
             add, relu = found
             return lambda qdq, qp: self._add(value, add.inputs, relu, qp)
+        if self._product_of_codes(info):
+            return lambda qdq, qp: self._mul(value, info.inputs, qp)
         gated = self._gated(info)
         if gated is not None:
             return lambda qdq, qp: self._product_quantize(value, *gated, qp)
-        post = post_op_of(info, POST_OPS) if info.kind is Kind.ACTIVATION else None
+        post = post_op_of(info, TABLE_ACTIVATIONS) if info.kind is Kind.ACTIVATION else None
         if post is not None and info.inputs and isinstance(info.inputs[0], fx.Node):
             x = info.inputs[0]
             if self.low.has_codes(x):
                 return lambda qdq, qp: self._table(value, x, post, qp)
-            return lambda qdq, qp: self._activation_quantize(value, x, post, qp)
+            if post[0] in POST_OPS:
+                return lambda qdq, qp: self._activation_quantize(value, x, post, qp)
         pooled = info.kind is Kind.POOL and info.op == "adaptive_avg_pool2d"
         size = info.params.get("output_size")
         if pooled and info.inputs and isinstance(info.inputs[0], fx.Node) and self.low.has_codes(info.inputs[0]) \
@@ -80,6 +84,19 @@ class UInt8Producers:
         module = QuantAdd.from_qparams((qa.scale, qa.zero_point), (qb.scale, qb.zero_point),
                                        (qp.scale, qp.zero_point), relu=relu, backend=self.low.backend)
         self.low.stats.int8_ops[STATS_KIND[QuantAdd]] += 1
+        self.low.stats.lowered[value.name] = (module, (self.low.shape(inputs[0]), self.low.shape(inputs[1])))
+        return self.low.call(value, module, (ua, ub))
+
+    def _product_of_codes(self, info: OpInfo) -> bool:
+        """Whether ``info`` multiplies two uint8-able values (a gate built for onnxruntime)."""
+        return (info.kind is Kind.ELEMENTWISE and info.op == "mul" and len(info.inputs) == 2
+                and all(isinstance(i, fx.Node) and self.low.has_codes(i) for i in info.inputs))
+
+    def _mul(self, value: fx.Node, inputs: tuple, qp: QParams) -> fx.Node:
+        (ua, qa), (ub, qb) = self.low.uint8(inputs[0]), self.low.uint8(inputs[1])  # type: ignore[misc]
+        module = QuantMul.from_qparams((qa.scale, qa.zero_point), (qb.scale, qb.zero_point), (qp.scale, qp.zero_point),
+                                       backend=self.low.backend)
+        self.low.stats.int8_ops[STATS_KIND[QuantMul]] += 1
         self.low.stats.lowered[value.name] = (module, (self.low.shape(inputs[0]), self.low.shape(inputs[1])))
         return self.low.call(value, module, (ua, ub))
 

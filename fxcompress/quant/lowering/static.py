@@ -41,7 +41,7 @@ from fxcompress.quant.activations import QDQ, grid_padding, preserves_qparams
 from fxcompress.quant.layers import FoldedLayer
 from fxcompress.quant.lowered import (
     Dequantize, QuantAdaptiveAvgPool2d, QuantAdd, QuantConvNd, QuantMaxPool2d, Quantize,
-    QuantizeProduct, QuantTable,
+    QuantizeProduct, QuantMul, QuantTable,
 )
 from fxcompress.quant.lowering.build import STATS_KIND, QParams, layer_problem, uint8_qparams
 from fxcompress.quant.fusion import FusedChain, match_chain
@@ -55,7 +55,7 @@ __all__ = ["LOWERED_CONTAINER", "StaticLowering"]
 LOWERED_CONTAINER = "fxc_lowered"
 # Modules whose output is a fresh tensor: a fused residual add may write into it.
 _FRESH = (Quantize, QuantizeProduct, Dequantize, QuantConvNd, QuantAdd, QuantMaxPool2d, QuantAdaptiveAvgPool2d,
-          QuantTable)
+          QuantTable, QuantMul)
 
 class StaticLowering:
     """One lowering of ``gm`` (see the module docstring); :meth:`run` rewrites it in place."""
