@@ -197,3 +197,16 @@ def test_the_gate_ops_refuse_what_they_cannot_compute() -> None:
         QuantAdaptiveAvgPool2d((2, 2), arithmetic="onnxruntime")
     with pytest.raises(InputError, match="uint8"):
         QuantMul.from_qparams((0.1, 3), (0.2, 4), (0.3, 5))(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 1, 1))
+
+
+def test_the_integer_form_computes_the_reference_tables_and_products(effnet, onnxruntime_run, tmp_path: Path) -> None:
+    """Default arithmetic, ``form="integer"``: tables as GatherElements, products as a Gather of
+    their code-pair table, so onnxruntime computes what the reference lowering computes."""
+    model, x, cal = effnet
+    result = fxcompress.run(model, FOLD + [("lower", {"backend": "reference"})], (x,), calibration_data=cal,
+                            progress=False)
+    theirs, ops = onnxruntime_run(fxcompress.export_onnx(result, tmp_path / "i.onnx", form="integer"), x)
+    assert ops["GatherElements"] == 65 and ops["Gather"] >= 16 and ops["QLinearMul"] == 0
+    with torch.inference_mode():
+        ours = result.model(x)
+    assert torch.allclose(theirs, ours, rtol=1e-5, atol=1e-5 * float(ours.abs().max()))
