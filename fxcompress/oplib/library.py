@@ -18,14 +18,14 @@ the residual afterwards.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from fxcompress.oplib import impl
+from fxcompress.oplib import impl, impl_onnxruntime
 
-__all__ = ["NAMESPACE", "SCHEMAS"]
+__all__ = ["NAMESPACE", "SCHEMAS", "IMPLEMENTATIONS"]
 
 NAMESPACE = "fxcompress"
 _CONV_TAIL = ("int[] stride, int[] padding, int[] dilation, int groups, int[] pre_padding, str padding_mode, "
@@ -75,10 +75,14 @@ SCHEMAS: dict[str, str] = {
                      "int[] padding, int[] dilation, int groups, int[]? input_shape) -> Tensor",
 }
 
+#: Operator name -> its CPU implementation (:mod:`.impl`; onnxruntime's arithmetic: :mod:`.impl_onnxruntime`).
+IMPLEMENTATIONS: dict[str, Callable] = {
+    name: getattr(impl_onnxruntime if name.endswith("_onnxruntime") else impl, name) for name in SCHEMAS}
+
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 for _name, _schema in SCHEMAS.items():
     _LIBRARY.define(_name + _schema)
-    _LIBRARY.impl(_name, getattr(impl, _name), "CPU")
+    _LIBRARY.impl(_name, IMPLEMENTATIONS[_name], "CPU")
 
 
 def _empty(shape: Sequence, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ BACKENDS = ("x86", "reference")
 #: :mod:`fxcompress.oplib.arith`) or ``onnxruntime`` (its QLinear kernels' order, so that a QDQ
 #: export computes the same codes there: :mod:`fxcompress.oplib.arith_onnxruntime`).
 ARITHMETICS = ("onednn", "onnxruntime")
-_IMPLEMENTATIONS = {name: getattr(fxcompress.oplib.impl, name) for name in fxcompress.oplib.library.SCHEMAS}
+_IMPLEMENTATIONS = fxcompress.oplib.library.IMPLEMENTATIONS
 
 
 def check_arithmetic(arithmetic: str, problem: str | None = None) -> str:

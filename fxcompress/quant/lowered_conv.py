@@ -253,7 +253,7 @@ class QuantConvNd(LoweredModule):
         (:mod:`fxcompress.quant.eager_plan`)."""
         uint8_out, padded = self.output == "uint8", self.padded_shape(x.shape)
         if self.arithmetic == "onnxruntime":
-            call = fxcompress.oplib.impl.qconv_onnxruntime_plan(
+            call = fxcompress.oplib.impl_onnxruntime.qconv_onnxruntime_plan(
                 padded, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
                 self.output_scale, self.output_zero_point, self.stride, self.padding, self.dilation, self.groups,
                 self.pre_padding, self.padding_mode, self.post_op, self.post_op_args, self.use_kernels)

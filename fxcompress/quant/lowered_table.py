@@ -17,20 +17,12 @@ from typing import Any, Sequence
 import torch
 
 from fxcompress.errors import InputError
+from fxcompress.oplib.arith import lookup
 from fxcompress.quant.fusion import TABLE_ACTIVATIONS
 from fxcompress.quant.kernels import Support
 from fxcompress.quant.lowered_base import LoweredModule, check_post_op, run_op, summarize
 
-__all__ = ["QuantTable", "lookup_codes"]
-
-
-def lookup_codes(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """``table[codes]`` for uint8 ``codes`` in the memory format they come in (channels-last
-    4-D stays channels-last): one gather over the codes in memory order."""
-    if codes.dim() == 4 and codes.is_contiguous(memory_format=torch.channels_last):
-        nhwc = codes.permute(0, 2, 3, 1)
-        return torch.index_select(table, 0, nhwc.reshape(-1).long()).view(nhwc.shape).permute(0, 3, 1, 2)
-    return torch.index_select(table, 0, codes.reshape(-1).long()).view(codes.shape)
+__all__ = ["QuantTable"]
 
 
 class QuantTable(LoweredModule):
@@ -84,7 +76,7 @@ class QuantTable(LoweredModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
             raise InputError(f"QuantTable expects uint8 activations (quantized upstream), got {x.dtype}")
-        return lookup_codes(self.table, x)
+        return lookup(self.table, x)
 
     def extra_repr(self) -> str:
         args = f"{tuple(self.activation_args)}, " if self.activation_args else ""
